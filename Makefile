@@ -1,0 +1,47 @@
+# One command to start: `make demo`. Tests: `make test`. Both install into .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ccsr-installed
+CLASS ?= giraffe
+
+# Offline: the embedded tiny models are built locally; nothing is downloaded (FIELD-NOTES).
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export YOLO_OFFLINE := 1
+export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
+export CCSR_CACHE ?= $(CURDIR)/.cache/ccsr-tiny
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench lint format clean
+
+install: $(STAMP)
+
+# torch is pinned here (not in pyproject) so GPU users keep their own build: unpinned torch pulls
+# several GB of CUDA wheels, and torch 2.13 has no working torchvision on PyPI (FIELD-NOTES).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/ccsr run --config configs/tiny.yaml --class $(CLASS) --run-dir runs/$(CLASS)
+	$(VENV)/bin/ccsr status runs/$(CLASS) --json > runs/$(CLASS)/status.json
+	@echo "run directory: runs/$(CLASS)  (status: $(VENV)/bin/ccsr status runs/$(CLASS))"
+
+test: install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) -m ccsr.bench
+
+lint: install
+	$(VENV)/bin/ruff check ccsr tests
+	$(VENV)/bin/ruff format --check ccsr tests
+
+format: install
+	$(VENV)/bin/ruff format ccsr tests
+	$(VENV)/bin/ruff check --fix ccsr tests
+
+clean:
+	rm -rf runs .cache .pytest_cache

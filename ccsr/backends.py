@@ -1,0 +1,31 @@
+"""Backends by name. Heavy libraries are imported only when their backend is used.
+
+Each entry is "module:Class"; the class takes the whole resolved ``Config``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ccsr.config import Config
+
+BACKENDS = {
+    "prompter": {
+        "transformers": "ccsr.prompter:TransformersPrompter",
+        "vllm": "ccsr.prompter_vllm:VLLMPrompter",
+    },
+    "generator": {"diffusers": "ccsr.generator:DiffusersGenerator"},
+    "judge": {
+        "transformers": "ccsr.judge:TransformersJudge",
+        "vllm": "ccsr.judge_vllm:VLLMJudge",
+    },
+    "detector": {"yolo_world": "ccsr.detector:YoloWorldDetector"},
+}
+
+
+def load_backend(role: str, cfg: Config) -> Any:
+    name = getattr(cfg, role).backend
+    module, cls = BACKENDS[role][name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg)

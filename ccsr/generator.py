@@ -1,0 +1,81 @@
+"""Generator: Stable Diffusion draws the candidates (paper section 3.2), with a LoRA at a chosen scale."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class DiffusersGenerator:
+    """A diffusers ``StableDiffusionPipeline`` loaded once; LoRAs are loaded once each, scales switched freely."""
+
+    def __init__(self, cfg: Config):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from ccsr.devices import torch_device, torch_dtype
+        from ccsr.tiny import resolve_model
+
+        self.cfg = cfg
+        self.device = torch_device(cfg)
+        self.model_path = resolve_model(cfg.generator.model, cfg.model_cache)
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            self.model_path, torch_dtype=torch_dtype(cfg), safety_checker=None, requires_safety_checker=False
+        ).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._adapters: dict[str, str] = {}  # lora folder -> adapter name
+        self._torch = torch
+
+    def _use_lora(self, lora: str | Path | None, scale: float) -> None:
+        if lora is None:
+            if self._adapters:
+                self.pipe.disable_lora()
+            return
+        key = str(Path(lora).resolve())
+        if key not in self._adapters:
+            if not (Path(key) / LORA_FILE).is_file():
+                raise FileNotFoundError(f"no {LORA_FILE} in LoRA folder {lora}")
+            name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:10]
+            self.pipe.load_lora_weights(key, weight_name=LORA_FILE, adapter_name=name)
+            self._adapters[key] = name
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([self._adapters[key]], adapter_weights=[float(scale)])
+
+    def images(
+        self, prompts: list[str], seeds: list[int], lora: str | Path | None = None, scale: float = 1.0
+    ) -> list[Image.Image]:
+        """One image per (prompt, seed); each image's latents come from its own seeded generator."""
+        if len(prompts) != len(seeds):
+            raise ValueError("prompts and seeds must have the same length")
+        torch = self._torch
+        self._use_lora(lora, scale)
+        gc = self.cfg.generator
+        out: list[Image.Image] = []
+        for start in range(0, len(prompts), gc.batch_size):
+            chunk = slice(start, start + gc.batch_size)
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
+            with torch.inference_mode():
+                result = self.pipe(
+                    prompts[chunk],
+                    height=gc.resolution,
+                    width=gc.resolution,
+                    num_inference_steps=gc.steps,
+                    guidance_scale=gc.guidance_scale,
+                    generator=generators,
+                )
+            out.extend(result.images)
+        return out
+
+    def close(self) -> None:
+        del self.pipe

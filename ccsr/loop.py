@@ -1,0 +1,411 @@
+"""The CCSR loop, stage-major: each stage loads its model once, does all its work for the iteration, frees it.
+
+One iteration k (DESIGN.md, paper section 3):
+  prompts -> candidates -> judge -> filter (best score, detector >= threshold) -> train (LoRA) -> eval.
+
+Every stage and, inside a stage, every unit (one prompt's candidates, one prompt's judgments, one prompt's
+detections) is committed before the next starts, so a restart continues where the previous process stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ccsr.backends import load_backend
+from ccsr.config import Config, resolve_data_path
+from ccsr.devices import free_memory
+from ccsr.rundir import (
+    STAGES,
+    RunDir,
+    append_jsonl,
+    atomic_save_image,
+    atomic_write_json,
+    read_jsonl,
+    write_jsonl,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequested(Exception):
+    """Raised at a unit boundary when a stop was asked for (signal or stop file)."""
+
+
+def derive_seed(base: int, *parts: Any) -> int:
+    """A stable 31-bit seed for one purpose, so every random draw of a run follows from ``cfg.seed``."""
+    text = ":".join(str(p) for p in (base, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass
+class Loop:
+    cfg: Config
+    run: RunDir
+    should_stop: Callable[[], bool] = lambda: False
+    model_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return self.cfg.class_name
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise StopRequested
+
+    @contextmanager
+    def _model_call(self, stage: str):
+        """Time spent inside model code (loading and inference); the rest is orchestration overhead."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.model_seconds[stage] = self.model_seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run_iterations(self, iterations: int) -> None:
+        for k in range(1, iterations + 1):
+            if self.run.iteration_complete(k):
+                continue
+            self.run_iteration(k)
+
+    def run_iteration(self, k: int) -> None:
+        self.run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
+        for stage in STAGES:
+            if self.run.is_done(k, stage):
+                continue
+            self._check_stop()
+            logger.info("iteration %d: %s", k, stage)
+            self.run.event("stage_start", iteration=k, stage=stage)
+            self.model_seconds[stage] = 0.0
+            start = time.perf_counter()
+            info = getattr(self, f"stage_{stage}")(k) or {}
+            seconds = time.perf_counter() - start
+            free_memory()
+            self.stage_seconds[stage] = seconds
+            self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
+            self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
+        self.run.event("iteration_end", iteration=k)
+        logger.info("iteration %d complete", k)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def previous_lora(self, k: int) -> Path | None:
+        """LoRA used to generate iteration k's candidates: the newest one trained before k."""
+        for j in range(k - 1, 0, -1):
+            lora = self.run.lora_dir(j)
+            if (lora / "pytorch_lora_weights.safetensors").is_file():
+                return lora
+        return None
+
+    def all_earlier_prompts(self, k: int) -> list[str]:
+        out = []
+        for j in range(1, k):
+            out += [r["prompt"] for r in read_jsonl(self.run.files(j)["prompts"])]
+        return out
+
+    # --- stage 1: prompts ----------------------------------------------------------------------
+    def _validation_prompts(self, prompter) -> list[dict]:
+        path = self.run.validation_path
+        if path.exists():
+            return read_jsonl(path)
+        pc = self.cfg.prompter
+        if pc.validation_file:
+            lines = resolve_data_path(pc.validation_file).read_text(encoding="utf-8").splitlines()
+            texts = [line.strip() for line in lines if line.strip()]
+        else:
+            from ccsr.prompter import collect_prompts
+
+            with self._model_call("prompts"):
+                batch = collect_prompts(
+                    prompter, self.cfg, self.class_name, pc.n_validation, [], derive_seed(self.cfg.seed, "val")
+                )
+            texts = batch.prompts
+        records = [{"id": f"val-{i:03d}", "class": self.class_name, "prompt": t} for i, t in enumerate(texts)]
+        write_jsonl(path, records)  # frozen for the whole run, never trained on
+        return records
+
+    def stage_prompts(self, k: int) -> dict:
+        from ccsr.prompter import collect_prompts, diversity
+
+        with self._model_call("prompts"):
+            prompter = load_backend("prompter", self.cfg)
+        validation = self._validation_prompts(prompter)
+        avoid = self.all_earlier_prompts(k) + [r["prompt"] for r in validation]
+        with self._model_call("prompts"):
+            batch = collect_prompts(
+                prompter,
+                self.cfg,
+                self.class_name,
+                self.cfg.prompter.n_prompts,
+                avoid,
+                derive_seed(self.cfg.seed, "prompts", k),
+            )
+        prompter.close()
+        records = [
+            {"id": f"{k:03d}-{i:03d}", "class": self.class_name, "prompt": p} for i, p in enumerate(batch.prompts)
+        ]
+        write_jsonl(self.run.files(k)["prompts"], records)
+        div = diversity(batch.prompts)
+        logger.info("iteration %d: %d prompts, dropped %s, diversity %s", k, len(records), batch.dropped, div)
+        return {"count": len(records), "dropped": batch.dropped, "attempts": batch.attempts, "diversity": div}
+
+    # --- stage 2: candidates -------------------------------------------------------------------
+    def stage_candidates(self, k: int) -> dict:
+        files = self.run.files(k)
+        prompts = read_jsonl(files["prompts"])
+        done = {r["prompt_id"] for r in read_jsonl(files["candidates"])}
+        todo = [p for p in prompts if p["id"] not in done]
+        lora = self.previous_lora(k)
+        scale = self.cfg.generator.generation_scale
+        n = self.cfg.generator.num_candidates
+        out_dir = self.run.iteration_dir(k) / "candidates"
+        if todo:
+            with self._model_call("candidates"):
+                generator = load_backend("generator", self.cfg)
+            for p in tqdm(todo, desc=f"iter {k} candidates", unit="prompt"):
+                self._check_stop()
+                seeds = [derive_seed(self.cfg.seed, "candidate", k, p["id"], j) for j in range(n)]
+                with self._model_call("candidates"):
+                    images = generator.images([p["prompt"]] * n, seeds, lora=lora, scale=scale)
+                records = []
+                for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
+                    path = out_dir / f"{p['id']}-{j:02d}.png"
+                    atomic_save_image(path, image)
+                    records.append(
+                        {
+                            "prompt_id": p["id"],
+                            "index": j,
+                            "seed": seed,
+                            "path": str(path.relative_to(self.run.root)),
+                            "lora": str(lora.relative_to(self.run.root)) if lora else None,
+                            "scale": scale if lora else 0.0,
+                        }
+                    )
+                append_jsonl(files["candidates"], records)  # one prompt's candidates: one commit
+            generator.close()
+        return {"count": len(read_jsonl(files["candidates"])), "lora": str(lora) if lora else None}
+
+    # --- stage 3: judge ------------------------------------------------------------------------
+    def stage_judge(self, k: int) -> dict:
+        from PIL import Image
+
+        from ccsr.judge import QuestionSet
+
+        questions = QuestionSet.load(resolve_data_path(self.cfg.judge.questions))
+        files = self.run.files(k)
+        prompts = {p["id"]: p["prompt"] for p in read_jsonl(files["prompts"])}
+        cands = read_jsonl(files["candidates"])
+        done = {(r["prompt_id"], r["index"]) for r in read_jsonl(files["judgments"])}
+        by_prompt: dict[str, list[dict]] = {}
+        for c in cands:
+            if (c["prompt_id"], c["index"]) not in done:
+                by_prompt.setdefault(c["prompt_id"], []).append(c)
+        if by_prompt:
+            with self._model_call("judge"):
+                judge = load_backend("judge", self.cfg)
+            for pid, group in tqdm(by_prompt.items(), desc=f"iter {k} judge", unit="prompt"):
+                self._check_stop()
+                images = [Image.open(self.run.root / c["path"]).convert("RGB") for c in group]
+                rendered = questions.render(self.class_name, prompts[pid])
+                with self._model_call("judge"):
+                    results = judge.answer(images, [rendered] * len(images))
+                records = []
+                for c, res in zip(group, results, strict=True):
+                    answers = questions.apply_dependencies(res.answers)
+                    records.append(
+                        {
+                            "prompt_id": pid,
+                            "index": c["index"],
+                            "answers": answers,
+                            "score": questions.score(answers),
+                            "p_yes": res.p_yes,
+                        }
+                    )
+                append_jsonl(files["judgments"], records)
+            judge.close()
+        judged = read_jsonl(files["judgments"])
+        nan = sum(a == "nan" for r in judged for a in r["answers"])
+        return {"count": len(judged), "nan_answers": nan}
+
+    # --- stage 4: filter -----------------------------------------------------------------------
+    def _best_tied(self, judgments: list[dict], questions) -> list[dict]:
+        """Images tied at the best score of their prompt (paper), optionally narrowed by signed P(yes)."""
+        best = max(r["score"] for r in judgments)
+        tied = [r for r in judgments if r["score"] == best]
+        if self.cfg.judge.tie_break == "p_yes" and len(tied) > 1:
+            from ccsr.judge import signed_p_yes
+
+            keyed = [(signed_p_yes(questions, r["answers"], r["p_yes"]), r) for r in tied]
+            top = max(v for v, _ in keyed)
+            tied = [r for v, r in keyed if v == top]
+        return tied
+
+    def stage_filter(self, k: int) -> dict:
+        from PIL import Image
+
+        from ccsr.judge import QuestionSet
+
+        questions = QuestionSet.load(resolve_data_path(self.cfg.judge.questions))
+        files = self.run.files(k)
+        prompts = {p["id"]: p["prompt"] for p in read_jsonl(files["prompts"])}
+        paths = {(c["prompt_id"], c["index"]): c["path"] for c in read_jsonl(files["candidates"])}
+        judgments: dict[str, list[dict]] = {}
+        for r in read_jsonl(files["judgments"]):
+            judgments.setdefault(r["prompt_id"], []).append(r)
+        done = {r["prompt_id"] for r in read_jsonl(files["detections"])}
+        todo = [pid for pid in prompts if pid in judgments and pid not in done]
+        if todo:
+            with self._model_call("filter"):
+                detector = load_backend("detector", self.cfg)
+            for pid in tqdm(todo, desc=f"iter {k} detect", unit="prompt"):
+                self._check_stop()
+                tied = self._best_tied(judgments[pid], questions)
+                images = [Image.open(self.run.root / paths[(pid, r["index"])]).convert("RGB") for r in tied]
+                with self._model_call("filter"):
+                    conf = detector.confidence(images, self.class_name)
+                records = [
+                    {"prompt_id": pid, "index": r["index"], "score": r["score"], "confidence": round(float(c), 6)}
+                    for r, c in zip(tied, conf, strict=True)
+                ]
+                append_jsonl(files["detections"], records)
+            detector.close()
+
+        threshold = self.cfg.detector.threshold
+        detections: dict[str, list[dict]] = {}
+        for r in read_jsonl(files["detections"]):
+            detections.setdefault(r["prompt_id"], []).append(r)
+        pairs = []
+        for pid, prompt in prompts.items():
+            passing = [d for d in detections.get(pid, []) if d["confidence"] >= threshold]
+            if not passing:
+                continue  # no confident detection: this prompt yields no pair (recorded, not an error)
+            top = max(passing, key=lambda d: (d["confidence"], -d["index"]))
+            pairs.append(
+                {
+                    "prompt_id": pid,
+                    "index": top["index"],
+                    "prompt": prompt,
+                    "path": paths[(pid, top["index"])],
+                    "score": top["score"],
+                    "confidence": top["confidence"],
+                }
+            )
+        write_jsonl(files["pairs"], pairs)
+        self._write_dataset(k)
+        logger.info("iteration %d: %d of %d prompts yield a pair", k, len(pairs), len(prompts))
+        return {"count": len(pairs), "prompts_without_pair": len(prompts) - len(pairs)}
+
+    def training_pairs(self, k: int) -> list[dict]:
+        if self.cfg.trainer.train_on == "newest":
+            return read_jsonl(self.run.files(k)["pairs"])
+        return [p for j in range(1, k + 1) for p in read_jsonl(self.run.files(j)["pairs"])]
+
+    def _write_dataset(self, k: int) -> None:
+        """The training set as an image folder with metadata.jsonl (diffusers scripts, datasets' imagefolder)."""
+        final = self.run.files(k)["dataset"]
+        tmp = final.with_name(f".dataset.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        meta = []
+        for p in self.training_pairs(k):
+            name = f"{p['prompt_id']}.png"
+            src = self.run.root / p["path"]
+            try:
+                os.link(src, tmp / name)
+            except OSError:
+                shutil.copyfile(src, tmp / name)
+            meta.append({"file_name": name, "text": p["prompt"]})
+        write_jsonl(tmp / "metadata.jsonl", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    # --- stage 5: train ------------------------------------------------------------------------
+    def stage_train(self, k: int) -> dict:
+        from ccsr.trainer import TrainPair, train_lora
+
+        pairs = self.training_pairs(k)
+        if not pairs:
+            logger.warning("iteration %d: no pairs, training skipped", k)
+            self.run.event("train_skipped", iteration=k, reason="no pairs")
+            return {"skipped": True, "reason": "no pairs"}
+        init = self.previous_lora(k) if self.cfg.trainer.init_from == "previous" else None
+        train_pairs = [
+            TrainPair(prompt=p["prompt"], image_path=self.run.root / p["path"], score=float(p["score"]))
+            for p in pairs
+        ]
+        with self._model_call("train"):
+            result = train_lora(
+                self.cfg, train_pairs, self.run.lora_dir(k), init_lora=init, encode_cache_dir=self.run.encode_cache
+            )
+        return {
+            "pairs": len(pairs),
+            "steps": result.steps,
+            "final_loss": result.final_loss,
+            "init_lora": str(init) if init else None,
+        }
+
+    # --- stage 6: eval -------------------------------------------------------------------------
+    def stage_eval(self, k: int) -> dict:
+        from ccsr.evaluator import CLIPScorer, summarise
+
+        lora = self.run.lora_dir(k)
+        if not (lora / "pytorch_lora_weights.safetensors").is_file():
+            return {"skipped": True, "reason": "no LoRA this iteration"}
+        ec = self.cfg.evaluator
+        validation = read_jsonl(self.run.validation_path)
+        eval_dir = self.run.iteration_dir(k) / "eval"
+        jobs = [(v, seed) for v in validation for seed in ec.seeds]
+        prompts = [v["prompt"] for v, _ in jobs]
+        seeds = [derive_seed(self.cfg.seed, "eval", v["id"], s) for v, s in jobs]
+        images_by_scale = {}
+        with self._model_call("eval"):
+            generator = load_backend("generator", self.cfg)
+            for scale in tqdm(ec.scales, desc=f"iter {k} eval", unit="scale"):
+                self._check_stop()
+                images_by_scale[scale] = generator.images(prompts, seeds, lora=lora, scale=scale)
+            generator.close()
+            del generator
+            free_memory()
+            scorer = CLIPScorer(self.cfg)
+            records = []
+            for scale, images in images_by_scale.items():
+                scores = scorer.clip_scores(images, prompts)
+                for (v, s), seed, image, score in zip(jobs, seeds, images, scores, strict=True):
+                    path = eval_dir / f"scale-{scale:g}" / f"{v['id']}-s{s}.png"
+                    atomic_save_image(path, image)
+                    records.append(
+                        {
+                            "prompt_id": v["id"],
+                            "seed": s,
+                            "generator_seed": seed,
+                            "scale": scale,
+                            "clip_score": score,
+                            "path": str(path.relative_to(self.run.root)),
+                        }
+                    )
+            scorer.close()
+        write_jsonl(eval_dir / "records.jsonl", records)
+        summary = summarise(records, ec.scales, ec.tie_band)
+        summary["lora"] = str(lora.relative_to(self.run.root))
+        atomic_write_json(self.run.eval_path(k), summary)
+        logger.info(
+            "iteration %d eval: win-rate %.2f at scale %g, CLIP by scale %s",
+            k,
+            summary["win_rate"],
+            summary["best_scale"],
+            summary["clip_score_by_scale"],
+        )
+        return {"win_rate": summary["win_rate"], "best_scale": summary["best_scale"]}

@@ -1,0 +1,227 @@
+"""Prompter: an LLM writes class-conditioned text-to-image prompts (paper section 3.1).
+
+The backend only turns a chat into sampled completions; parsing the completions into prompts, dropping
+near-duplicates and asking again until enough are collected is shared by every backend and lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from ccsr.config import resolve_data_path
+
+if TYPE_CHECKING:
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+# An item marker at the start of a line: "1.", "1)", "#1", "1:", "(1)", "-", "*", "•".
+_ITEM = re.compile(r"^\s*(?:\(?#?\d{1,3}\s*[.):\]]|#\d{1,3}\b|[-*•+])\s+")
+_LABEL = re.compile(r"^\s*(?:\*\*)?(?:prompt|t2i prompt|image prompt)\s*(?:#?\d+)?\s*[:\-]\s*(?:\*\*)?\s*", re.I)
+_CLOSING = re.compile(
+    r"^\s*(?:i hope|hope these|let me know|feel free|these prompts|enjoy|note:|remember|each prompt|"
+    r"these should|i have|i've|happy)",
+    re.I,
+)
+_WORD = re.compile(r"[\w'-]+", re.UNICODE)
+
+
+def _is_preamble(line: str) -> bool:
+    text = line.strip().lower()
+    if text.endswith(":") and len(text.split()) <= 15:
+        return True
+    return bool(re.match(r"^(?:sure|here are|here is|certainly|of course|okay|ok)\b", text))
+
+
+def _clean(text: str, class_name: str) -> str:
+    text = _ITEM.sub("", text, count=1)
+    text = _LABEL.sub("", text)
+    text = text.replace("**", "").replace("__", "")
+    text = re.sub(r"\s+", " ", text).strip()
+    # A "giraffe;" / "Giraffe:" prefix some models put before each prompt.
+    text = re.sub(rf"^{re.escape(class_name)}\s*[;:|]\s*", "", text, flags=re.I)
+    text = text.strip().strip("\"'“”‘’`").strip()
+    return text
+
+
+def parse_prompts(text: str, class_name: str, min_words: int = 3) -> list[str]:
+    """Split one raw LLM completion into prompts.
+
+    Handles numbered lists ("1.", "1)", "#1"), bullets, quoted prompts, a preamble or closing remark, blank
+    lines and prompts wrapped over several lines. Numbers inside a prompt ("f/2.8", "two giraffes") survive.
+    """
+    lines = text.replace("\r\n", "\n").split("\n")
+    numbered = any(_ITEM.match(line) for line in lines)
+    items: list[str] = []
+    current: list[str] | None = None
+    for line in lines:
+        stripped = line.strip()
+        if not stripped:
+            if current is not None:
+                items.append(" ".join(current))
+                current = None
+            continue
+        if numbered:
+            if _ITEM.match(line):
+                if current is not None:
+                    items.append(" ".join(current))
+                current = [stripped]
+            elif current is not None and not _CLOSING.match(stripped):
+                current.append(stripped)  # a prompt wrapped over several lines
+            # else: preamble before the first item, or a closing remark
+        else:
+            if _is_preamble(stripped) or _CLOSING.match(stripped):
+                continue
+            items.append(stripped)
+    if current is not None:
+        items.append(" ".join(current))
+    prompts = []
+    for item in items:
+        if _CLOSING.match(item) or (not numbered and _is_preamble(item)):
+            continue
+        cleaned = _clean(item, class_name)
+        if len(_WORD.findall(cleaned)) >= min_words:
+            prompts.append(cleaned)
+    return prompts
+
+
+def _shingles(text: str) -> set[tuple[str, ...]]:
+    words = [w.lower() for w in _WORD.findall(text)]
+    if len(words) < 2:
+        return {tuple(words)}
+    return {tuple(words[i : i + 2]) for i in range(len(words) - 1)}
+
+
+def similarity(a: str, b: str) -> float:
+    """Jaccard similarity of word bigrams: 1.0 for the same words in the same order, ~0 for unrelated."""
+    sa, sb = _shingles(a), _shingles(b)
+    if not sa or not sb:
+        return 0.0
+    return len(sa & sb) / len(sa | sb)
+
+
+def diversity(prompts: list[str]) -> dict[str, float]:
+    """Mean pairwise similarity (lower is more diverse) and the share of distinct word bigrams."""
+    n = len(prompts)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    mean_sim = sum(similarity(prompts[i], prompts[j]) for i, j in pairs) / len(pairs) if pairs else 0.0
+    grams = [g for p in prompts for g in _shingles(p)]
+    distinct = len(set(grams)) / len(grams) if grams else 0.0
+    return {"mean_pairwise_similarity": round(mean_sim, 4), "distinct_bigrams": round(distinct, 4)}
+
+
+def limit_words(prompt: str, max_words: int) -> str:
+    words = prompt.split()
+    return prompt if len(words) <= max_words else " ".join(words[:max_words])
+
+
+class ChatBackend(Protocol):
+    def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
+        """``num`` sampled completions of one chat."""
+
+
+@dataclass
+class PromptBatch:
+    prompts: list[str]
+    dropped: dict[str, int] = field(default_factory=dict)
+    attempts: int = 0
+    completions: int = 0
+
+
+def build_messages(cfg: Config, class_name: str, n: int) -> list[dict[str, str]]:
+    """System prompt and examples are data files; placeholders are replaced literally (no str.format)."""
+    system = resolve_data_path(cfg.prompter.system_prompt).read_text(encoding="utf-8")
+    examples = resolve_data_path(cfg.prompter.examples).read_text(encoding="utf-8").strip()
+    text = system.replace("{examples}", examples).replace("{n}", str(n)).replace("{class_name}", class_name)
+    return [{"role": "user", "content": text.strip()}]
+
+
+def collect_prompts(
+    backend: ChatBackend, cfg: Config, class_name: str, n: int, avoid: list[str], seed: int
+) -> PromptBatch:
+    """Ask until ``n`` new prompts are collected or ``max_attempts`` calls are spent.
+
+    A prompt is dropped when it is too short, or nearly the same (similarity above the threshold) as one
+    already kept, one of an earlier iteration or a validation prompt (``avoid``).
+    """
+    pc = cfg.prompter
+    batch = PromptBatch(prompts=[], dropped={"near_duplicate": 0, "unparsable": 0})
+    messages = build_messages(cfg, class_name, pc.prompts_per_call)
+    while len(batch.prompts) < n and batch.attempts < pc.max_attempts:
+        num = max(1, min(4, -(-(n - len(batch.prompts)) // pc.prompts_per_call)))
+        completions = backend.sample(messages, num=num, seed=seed * 1000 + batch.attempts)
+        batch.attempts += 1
+        batch.completions += len(completions)
+        for text in completions:
+            found = parse_prompts(text, class_name)
+            if not found:
+                batch.dropped["unparsable"] += 1
+            for prompt in found:
+                prompt = limit_words(prompt, pc.max_words)
+                if cfg.prompter.ensure_class and class_name.lower() not in prompt.lower():
+                    # Class-conditioned: a prompt that lost its subject would train on something else.
+                    prompt = f"{class_name}, {prompt}"
+                if any(similarity(prompt, p) > pc.similarity_threshold for p in batch.prompts + avoid):
+                    batch.dropped["near_duplicate"] += 1
+                    continue
+                if len(batch.prompts) < n:
+                    batch.prompts.append(prompt)
+    if len(batch.prompts) < n:
+        logger.warning(
+            "prompter: %d of %d prompts after %d attempts (dropped: %s)",
+            len(batch.prompts),
+            n,
+            batch.attempts,
+            batch.dropped,
+        )
+    return batch
+
+
+class TransformersPrompter:
+    """Any causal LM folder or hub id with a chat template, through transformers."""
+
+    def __init__(self, cfg: Config):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ccsr.devices import torch_device, torch_dtype
+        from ccsr.tiny import resolve_model
+
+        self.cfg = cfg
+        path = resolve_model(cfg.prompter.model, cfg.model_cache)
+        self.device = torch_device(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.prompter.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(cfg), trust_remote_code=cfg.prompter.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self._torch = torch
+
+    def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
+        torch = self._torch
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = {k: v.to(self.device) for k, v in ids.items()}
+        torch.manual_seed(seed)  # sampling is reproducible for a given seed on a given machine
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(
+                **ids,
+                do_sample=True,
+                temperature=self.cfg.prompter.temperature,
+                top_p=self.cfg.prompter.top_p,
+                max_new_tokens=self.cfg.prompter.max_new_tokens,
+                num_return_sequences=num,
+                pad_token_id=pad,
+            )
+        new = out[:, ids["input_ids"].shape[1] :]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def close(self) -> None:
+        del self.model

@@ -1,0 +1,248 @@
+"""The run directory: the single source of truth of a run.
+
+Layout (``runs/<class-slug>/``)::
+
+    config.yaml                 resolved config (written once, when the run starts)
+    events.jsonl                append-only event log (stage start/end, skips, warnings)
+    ccsr.log                    log file
+    run.lock                    held by the one process working on this run
+    validation_prompts.jsonl    held-out prompts, frozen at the start, never trained on
+    iterations/001/
+        prompts.jsonl candidates.jsonl judgments.jsonl detections.jsonl pairs.jsonl
+        candidates/*.png  dataset/ (image folder + metadata.jsonl)  lora/  eval/  eval.json
+        stages.json             stages finished, with their wall time
+
+Every file is committed atomically (temp name, fsync, rename) or appended a whole line at a time; a torn last
+line of a JSON-lines file (a crash mid-append) is ignored on read and cut off before the next append.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+STAGES = ("prompts", "candidates", "judge", "filter", "train", "eval")
+
+
+class RunDirError(ValueError):
+    """A problem with a run directory or a class name; the message says what and how to fix it."""
+
+
+def validate_class_name(name: str) -> str:
+    """Return the stripped class name or raise RunDirError with the reason."""
+    if name is None or not name.strip():
+        raise RunDirError("class name is empty: pass --class NAME, e.g. --class giraffe")
+    name = name.strip()
+    if len(name) > 100:
+        raise RunDirError(f"class name is {len(name)} characters long; use at most 100")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        raise RunDirError("class name contains control characters; use plain words such as 'giraffe'")
+    if "/" in name or "\\" in name:
+        raise RunDirError(f"class name {name!r} contains a path separator; use plain words such as 'giraffe'")
+    if name in (".", "..") or set(name) <= {"."}:
+        raise RunDirError(f"class name {name!r} is not a name; use plain words such as 'giraffe'")
+    return name
+
+
+def slugify(name: str) -> str:
+    """A filesystem-safe folder name for a class; non-ASCII names keep their letters (NFKC, lowercased)."""
+    name = validate_class_name(name)
+    text = unicodedata.normalize("NFKC", name).lower()
+    slug = re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-_")
+    if not slug:
+        slug = "class-" + str(abs(hash(name)) % 10**8)
+    return slug[:80]
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_save_image(path: Path, image) -> None:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All complete records; a torn (unterminated or unparsable) last line is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        complete = i < len(lines) - 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if complete:
+                raise RunDirError(f"{path}: line {i + 1} is not JSON; move the file away to redo that stage")
+            continue
+        if complete:
+            records.append(obj)
+    return records
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append whole lines and fsync; cut a torn tail left by a crash first so the file stays parsable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+class RunDir:
+    """Paths and small bookkeeping of one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # --- paths ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def events_path(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "ccsr.log"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "run.lock"
+
+    @property
+    def validation_path(self) -> Path:
+        return self.root / "validation_prompts.jsonl"
+
+    @property
+    def encode_cache(self) -> Path:
+        return self.root / "cache" / "encodings"
+
+    def iteration_dir(self, k: int) -> Path:
+        return self.root / "iterations" / f"{k:03d}"
+
+    def files(self, k: int) -> dict[str, Path]:
+        d = self.iteration_dir(k)
+        return {
+            "prompts": d / "prompts.jsonl",
+            "candidates": d / "candidates.jsonl",
+            "judgments": d / "judgments.jsonl",
+            "detections": d / "detections.jsonl",
+            "pairs": d / "pairs.jsonl",
+            "dataset": d / "dataset",
+        }
+
+    def lora_dir(self, k: int) -> Path:
+        return self.iteration_dir(k) / "lora"
+
+    def eval_path(self, k: int) -> Path:
+        return self.iteration_dir(k) / "eval.json"
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+    def iterations(self) -> list[int]:
+        base = self.root / "iterations"
+        if not base.is_dir():
+            return []
+        return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def stages_done(self, k: int) -> dict[str, Any]:
+        return read_json(self.iteration_dir(k) / "stages.json", default={}) or {}
+
+    def is_done(self, k: int, stage: str) -> bool:
+        return stage in self.stages_done(k)
+
+    def mark_done(self, k: int, stage: str, **info: Any) -> None:
+        done = self.stages_done(k)
+        done[stage] = {"finished_at": time.time(), **info}
+        atomic_write_json(self.iteration_dir(k) / "stages.json", done)
+
+    def iteration_complete(self, k: int) -> bool:
+        return all(s in self.stages_done(k) for s in STAGES)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        append_jsonl(self.events_path, [{"time": round(time.time(), 3), "event": kind, **fields}])
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"run directory {self.root} is not writable ({exc.strerror}); pick another --run-dir")
+
+    def inside(self, path: Path) -> Path:
+        """Refuse any path that would escape the run directory (names come from data, never trust them)."""
+        resolved = Path(path).resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise RunDirError(f"refusing to write outside the run directory: {path}")
+        return resolved

@@ -1,0 +1,94 @@
+"""``ccsr status``: what a run directory holds, as one JSON object or a short table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ccsr.rundir import STAGES, RunDir, read_json, read_jsonl
+
+
+def _count(path: Path) -> int:
+    return len(read_jsonl(path)) if path.exists() else 0
+
+
+def run_status(root: str | Path) -> dict[str, Any]:
+    run = RunDir(root)
+    if not run.config_path.is_file():
+        raise FileNotFoundError(f"{root} is not a ccsr run directory (no config.yaml)")
+    cfg = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
+    base_model = cfg.get("generator", {}).get("model")
+    try:
+        from ccsr.tiny import is_tiny, resolve_model
+
+        if is_tiny(base_model):
+            base_model = resolve_model(base_model, cfg.get("model_cache"))
+    except Exception:  # status must work even where the models can't be built
+        pass
+
+    iterations = []
+    stage = "done"
+    completed = 0
+    for k in run.iterations():
+        files = run.files(k)
+        done = run.stages_done(k)
+        lora = run.lora_dir(k)
+        complete = all(s in done for s in STAGES)
+        completed += complete
+        if not complete and stage == "done":
+            stage = next(s for s in STAGES if s not in done)
+        eval_obj = read_json(run.eval_path(k))
+        iterations.append(
+            {
+                "index": k,
+                "complete": complete,
+                "stages_done": [s for s in STAGES if s in done],
+                "stage_seconds": {s: done[s].get("seconds") for s in STAGES if s in done},
+                "prompts": _count(files["prompts"]),
+                "candidates": _count(files["candidates"]),
+                "judged": _count(files["judgments"]),
+                "detections": _count(files["detections"]),
+                "pairs": _count(files["pairs"]),
+                "prompt_stats": {
+                    key: done.get("prompts", {}).get(key) for key in ("dropped", "attempts", "diversity")
+                },
+                "lora": str(lora) if (lora / "pytorch_lora_weights.safetensors").is_file() else None,
+                "files": {name: str(path) for name, path in files.items()},
+                "eval": eval_obj,
+            }
+        )
+    target = cfg.get("iterations", 0)
+    if stage == "done" and completed < target:
+        stage = "pending"
+    return {
+        "run_dir": str(run.root),
+        "class": cfg.get("class_name"),
+        "base_model": base_model,
+        "iterations_target": target,
+        "iterations_completed": completed,
+        "stage": stage,
+        "validation_prompts": _count(run.validation_path),
+        "iterations": iterations,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"run      {status['run_dir']}",
+        f"class    {status['class']}",
+        f"model    {status['base_model']}",
+        f"progress {status['iterations_completed']}/{status['iterations_target']} iterations, stage: {status['stage']}",
+        "",
+        f"{'iter':>4} {'prompts':>7} {'cands':>6} {'judged':>6} {'pairs':>5} {'win-rate':>8} {'scale':>5}  lora",
+    ]
+    for it in status["iterations"]:
+        ev = it["eval"] or {}
+        wr = f"{ev['win_rate']:.2f}" if "win_rate" in ev else "-"
+        sc = f"{ev['best_scale']:g}" if "best_scale" in ev else "-"
+        lines.append(
+            f"{it['index']:>4} {it['prompts']:>7} {it['candidates']:>6} {it['judged']:>6} {it['pairs']:>5} "
+            f"{wr:>8} {sc:>5}  {it['lora'] or '-'}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Embedded default: tiny random-weight models of the real architectures, built offline on first use.
+
+A model named ``ccsr-tiny/<name>`` in a config is built (deterministically, from a fixed seed) into
+``<cache>/<name>`` the first time it is needed, then loaded by the same ``from_pretrained`` / model-file
+code path as a real checkpoint. Any other name is returned unchanged (a hub id or a local folder).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "ccsr-tiny/"
+
+# name -> "module:function"; each builder takes (out_dir: Path, seed: int) and writes a loadable model.
+BUILDERS = {
+    "stable-diffusion": "ccsr.tiny.sd:build_stable_diffusion",
+    "mistral": "ccsr.tiny.llm:build_mistral",
+    "llava-next": "ccsr.tiny.llava:build_llava_next",
+    "clip": "ccsr.tiny.clip:build_clip",
+    "yolo-world": "ccsr.tiny.yolo:build_yolo_world",
+}
+# Bumped when a builder changes so stale caches are rebuilt rather than trusted.
+BUILD_VERSION = "1"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("CCSR_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccsr" / "tiny"
+
+
+def is_tiny(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
+    """Return a loadable path or id for ``name``, building the tiny model first if needed."""
+    if not is_tiny(name):
+        return name
+    key = name[len(PREFIX) :]
+    if key not in BUILDERS:
+        raise ValueError(f"unknown embedded model '{name}' (known: {', '.join(PREFIX + k for k in BUILDERS)})")
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    out = root / f"{key}-v{BUILD_VERSION}"
+    done = out / ".ccsr-built"
+    if done.exists():
+        return str(out)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{key}.lock")):
+        if done.exists():
+            return str(out)
+        tmp = root / f".{key}-v{BUILD_VERSION}.tmp{os.getpid()}"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        logger.info("building embedded tiny model %s in %s", name, out)
+        module, func = BUILDERS[key].split(":")
+        getattr(importlib.import_module(module), func)(tmp, seed=0)
+        (tmp / ".ccsr-built").write_text(BUILD_VERSION)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return str(out)

@@ -1,0 +1,86 @@
+import pytest
+
+from ccsr.config import Config, ConfigError, load_config, parse_override
+
+
+def test_tiny_and_paper_configs_load(repo_root):
+    tiny = load_config(repo_root / "configs" / "tiny.yaml")
+    paper = load_config(repo_root / "configs" / "paper.yaml")
+    assert tiny.generator.num_candidates == 10
+    assert paper.prompter.n_prompts == 100
+    assert paper.detector.threshold == 0.6
+    assert paper.trainer.learning_rate == 1e-4 and paper.trainer.batch_size == 18
+    assert paper.trainer.epochs == 100 and paper.trainer.mixed_precision == "fp16"
+    assert paper.trainer.random_flip and paper.trainer.resolution == 512
+
+
+def test_overrides_apply_with_yaml_types(repo_root):
+    cfg = load_config(
+        repo_root / "configs" / "tiny.yaml",
+        ["seed=7", "detector.threshold=0.5", "evaluator.scales=[0, 1]", "trainer.random_flip=false"],
+    )
+    assert cfg.seed == 7
+    assert cfg.detector.threshold == 0.5
+    assert cfg.evaluator.scales == [0.0, 1.0]
+    assert cfg.trainer.random_flip is False
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("generator:\n  num_candidatez: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "generator.num_candidatez" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("trainer:\n  rank: four\n")
+    with pytest.raises(ConfigError, match="trainer.rank"):
+        load_config(path)
+
+
+def test_unknown_override_key_is_named(repo_root):
+    with pytest.raises(ConfigError, match="judge.nope"):
+        load_config(repo_root / "configs" / "tiny.yaml", ["judge.nope=1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("detector.threshold=1.5", "detector.threshold"),
+        ("generator.num_candidates=0", "generator.num_candidates"),
+        ("prompter.n_prompts=-3", "prompter.n_prompts"),
+        ("evaluator.scales=[0, 2]", "evaluator.scales"),
+        ("judge.mode=shout", "judge.mode"),
+        ("iterations=true", "iterations"),
+    ],
+)
+def test_out_of_range_values_are_rejected(repo_root, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(repo_root / "configs" / "tiny.yaml", [override])
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    with pytest.raises(ConfigError):
+        parse_override("novalue")
+
+
+def test_defaults_roundtrip(tmp_path):
+    from ccsr.config import save_config
+
+    cfg = Config(class_name="zebra crossing")
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg

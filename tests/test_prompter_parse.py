@@ -1,0 +1,123 @@
+"""Parsing of realistic LLM outputs in many styles, near-duplicate filtering, diversity figures."""
+
+from ccsr.prompter import diversity, parse_prompts, similarity
+
+NUMBERED = """Here are 4 prompts:
+
+1. A tall giraffe browsing acacia leaves at sunset, golden hour, 200mm lens, f/2.8, photo-realistic
+2. Two giraffes crossing a dusty road in the Serengeti, midday sun, wide angle, national geographic
+3) A baby giraffe nursing beside its mother, soft morning light, 85mm, shallow depth of field
+#4 A giraffe silhouette against a stormy sky, dramatic clouds, 5.6 aperture, high contrast
+
+I hope these help with your image generation!"""
+
+BULLETS = """Sure! Here you go:
+- "A giraffe drinking at a waterhole, reflections in the water, evening light, 8k"
+* **A close-up of a giraffe's eye with long eyelashes, macro lens, sharp focus**
+• giraffe; a herd of giraffes walking in a line across the savanna, aerial view, drone photo"""
+
+WRAPPED = """1. A majestic giraffe standing under an acacia tree,
+   warm afternoon light, telephoto lens, highly detailed
+2. A giraffe in a misty forest clearing at dawn, soft diffuse light,
+   muted green tones, 35mm film photo
+
+Let me know if you want more."""
+
+PLAIN = """Prompt: a giraffe running through tall grass, motion blur, 1/250 s, sports photography
+Prompt 2: three giraffes resting under a baobab tree, blue hour, calm mood, 50mm"""
+
+
+def test_numbered_list_with_preamble_and_closing():
+    got = parse_prompts(NUMBERED, "giraffe")
+    assert len(got) == 4
+    assert got[0].startswith("A tall giraffe browsing")
+    assert "f/2.8" in got[0]
+    assert got[1].startswith("Two giraffes")
+    assert "5.6 aperture" in got[3]
+    assert not any("hope" in p for p in got)
+
+
+def test_bullets_quotes_markdown_and_class_prefix():
+    got = parse_prompts(BULLETS, "giraffe")
+    assert got == [
+        "A giraffe drinking at a waterhole, reflections in the water, evening light, 8k",
+        "A close-up of a giraffe's eye with long eyelashes, macro lens, sharp focus",
+        "a herd of giraffes walking in a line across the savanna, aerial view, drone photo",
+    ]
+
+
+def test_wrapped_prompts_join_and_closing_remark_is_dropped():
+    got = parse_prompts(WRAPPED, "giraffe")
+    assert got == [
+        "A majestic giraffe standing under an acacia tree, warm afternoon light, telephoto lens, highly detailed",
+        "A giraffe in a misty forest clearing at dawn, soft diffuse light, muted green tones, 35mm film photo",
+    ]
+
+
+def test_plain_lines_with_labels():
+    got = parse_prompts(PLAIN, "giraffe")
+    assert got[0] == "a giraffe running through tall grass, motion blur, 1/250 s, sports photography"
+    assert got[1].startswith("three giraffes resting")
+
+
+def test_garbage_gives_nothing():
+    assert parse_prompts("", "giraffe") == []
+    assert parse_prompts("ok\n\n??", "giraffe") == []
+
+
+def test_similarity_and_diversity():
+    a = "a giraffe at sunset, golden light, 200mm"
+    assert similarity(a, a) == 1.0
+    assert similarity(a, "a zebra in the snow, blue hour, macro lens") < 0.2
+    near = "a giraffe at sunset, golden light, 300mm"
+    assert similarity(a, near) > 0.5
+    d = diversity([a, a])
+    assert d["mean_pairwise_similarity"] == 1.0
+    assert diversity([a, "a zebra in the snow, blue hour"])["mean_pairwise_similarity"] < 0.2
+
+
+class FakeChat:
+    """Stands in for the LLM only to test the collection bookkeeping (retries, de-duplication)."""
+
+    def __init__(self, outputs):
+        self.outputs = list(outputs)
+        self.calls = 0
+
+    def sample(self, messages, num, seed):
+        self.calls += 1
+        return [self.outputs.pop(0) if self.outputs else "" for _ in range(num)]
+
+
+def test_collect_drops_near_duplicates_and_retries(repo_root):
+    from ccsr.config import load_config
+    from ccsr.prompter import collect_prompts
+
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["prompter.max_attempts=3"])
+    first = "1. a giraffe at sunset, golden light, 200mm lens\n2. a giraffe at sunset, golden light, 200mm lens"
+    second = "1. two giraffes in the rain, grey sky, 35mm\n2. a giraffe calf asleep in grass, morning mist"
+    chat = FakeChat([first, second])
+    avoid = ["two giraffes in the rain, grey sky, 35mm"]
+    batch = collect_prompts(chat, cfg, "giraffe", 2, avoid, seed=0)
+    assert batch.prompts == ["a giraffe at sunset, golden light, 200mm lens", "a giraffe calf asleep in grass, morning mist"]
+    assert batch.dropped["near_duplicate"] == 2
+    assert chat.calls == 2
+
+
+def test_collect_gives_up_after_budget(repo_root):
+    from ccsr.config import load_config
+    from ccsr.prompter import collect_prompts
+
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["prompter.max_attempts=2"])
+    chat = FakeChat([])
+    batch = collect_prompts(chat, cfg, "giraffe", 3, [], seed=0)
+    assert batch.prompts == [] and batch.attempts == 2
+    assert batch.dropped["unparsable"] >= 2
+
+
+def test_prompt_with_braces_is_kept_literally(repo_root):
+    from ccsr.config import load_config
+    from ccsr.prompter import build_messages
+
+    cfg = load_config(repo_root / "configs" / "tiny.yaml")
+    msgs = build_messages(cfg, "{n} giraffe {examples}", 5)
+    assert "{n} giraffe {examples}" in msgs[0]["content"]
