@@ -117,6 +117,18 @@ class EvaluatorConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # paper: 50 prompts x 4 seeds
     scales: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.7, 1.0])  # paper fig. 9
     tie_band: float = 0.01  # paper: a difference under 0.01 is a tie
+    judge_and_detect: bool = field(
+        default=True, metadata={"help": "also score eval images with the judge and the detector"}
+    )
+
+
+@dataclass
+class GateConfig:
+    enabled: bool = field(default=True, metadata={"help": "accept a LoRA only if it beats the champion"})
+    metric: str = field(
+        default="win_rate", metadata={"help": "win_rate | clip_score | judge_score | detection_rate"}
+    )
+    margin: float = field(default=0.0, metadata={"help": "the new LoRA must beat the champion by more than this"})
 
 
 @dataclass
@@ -134,6 +146,7 @@ class Config:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -151,6 +164,7 @@ CHOICES = {
     "trainer.init_from": ("previous", "fresh"),
     "trainer.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
     "dtype": ("float32", "float16", "bfloat16"),
+    "gate.metric": ("win_rate", "clip_score", "judge_score", "detection_rate"),
 }
 POSITIVE = (
     "iterations",

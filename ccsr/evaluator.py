@@ -97,10 +97,20 @@ def summarise(records: list[dict], scales: list[float], tie_band: float) -> dict
     keys = sorted(by_scale.get(0.0, {}))
     base = [by_scale[0.0][k] for k in keys]
     per_scale = {}
+    extra: dict[float, list[dict]] = {}
+    for r in records:
+        extra.setdefault(float(r["scale"]), []).append(r)
     for scale in scales:
         scores = [by_scale[float(scale)][k] for k in keys]
         wtl = win_tie_loss(scores, base, tie_band)
+        rows = extra.get(float(scale), [])
+        more = {}
+        if rows and all("judge_score" in r for r in rows):
+            more["judge_score"] = round(sum(r["judge_score"] for r in rows) / len(rows), 4)
+        if rows and all("detected" in r for r in rows):
+            more["detection_rate"] = round(sum(bool(r["detected"]) for r in rows) / len(rows), 4)
         per_scale[f"{scale:g}"] = {
+            **more,
             "clip_score": round(sum(scores) / len(scores), 4) if scores else None,
             "wins": wtl.wins,
             "ties": wtl.ties,

@@ -100,13 +100,25 @@ class Loop:
         logger.info("iteration %d complete", k)
 
     # --- helpers -------------------------------------------------------------------------------
+    def champion(self, before: int) -> dict:
+        """The champion when iteration ``before`` starts: the newest LoRA the gate accepted, or the base."""
+        from ccsr.rundir import read_json
+
+        history = (read_json(self.run.root / "champion.json", default={}) or {}).get("history", [])
+        accepted = [h for h in history if h["accepted"] and h["iteration"] < before]
+        if not accepted:
+            return {"iteration": None, "lora": None, "scale": 0.0, "metric": None}
+        top = accepted[-1]
+        return {
+            "iteration": top["iteration"],
+            "lora": self.run.lora_dir(top["iteration"]),
+            "scale": top["scale"],
+            "metric": top["metric"],
+        }
+
     def previous_lora(self, k: int) -> Path | None:
-        """LoRA used to generate iteration k's candidates: the newest one trained before k."""
-        for j in range(k - 1, 0, -1):
-            lora = self.run.lora_dir(j)
-            if (lora / "pytorch_lora_weights.safetensors").is_file():
-                return lora
-        return None
+        """LoRA used for iteration k's candidates and as its training start: the champion before k."""
+        return self.champion(before=k)["lora"]
 
     def all_earlier_prompts(self, k: int) -> list[str]:
         out = []
@@ -246,7 +258,7 @@ class Loop:
         if self.cfg.judge.tie_break == "p_yes" and len(tied) > 1:
             from ccsr.judge import signed_p_yes
 
-            keyed = [(signed_p_yes(questions, r["answers"], r["p_yes"]), r) for r in tied]
+            keyed = [(signed_p_yes(questions, r["p_yes"], r["answers"]), r) for r in tied]
             top = max(v for v, _ in keyed)
             tied = [r for v, r in keyed if v == top]
         return tied
@@ -363,49 +375,130 @@ class Loop:
 
         lora = self.run.lora_dir(k)
         if not (lora / "pytorch_lora_weights.safetensors").is_file():
+            self._gate(k, None)
             return {"skipped": True, "reason": "no LoRA this iteration"}
         ec = self.cfg.evaluator
         validation = read_jsonl(self.run.validation_path)
         eval_dir = self.run.iteration_dir(k) / "eval"
         jobs = [(v, seed) for v in validation for seed in ec.seeds]
         prompts = [v["prompt"] for v, _ in jobs]
+        # The same seeds at every scale, so scale 0 is exactly the base model's image.
         seeds = [derive_seed(self.cfg.seed, "eval", v["id"], s) for v, s in jobs]
-        images_by_scale = {}
+        records = []
         with self._model_call("eval"):
             generator = load_backend("generator", self.cfg)
             for scale in tqdm(ec.scales, desc=f"iter {k} eval", unit="scale"):
                 self._check_stop()
-                images_by_scale[scale] = generator.images(prompts, seeds, lora=lora, scale=scale)
-            generator.close()
-            del generator
-            free_memory()
-            scorer = CLIPScorer(self.cfg)
-            records = []
-            for scale, images in images_by_scale.items():
-                scores = scorer.clip_scores(images, prompts)
-                for (v, s), seed, image, score in zip(jobs, seeds, images, scores, strict=True):
+                images = generator.images(prompts, seeds, lora=lora, scale=scale)
+                for (v, s), seed, image in zip(jobs, seeds, images, strict=True):
                     path = eval_dir / f"scale-{scale:g}" / f"{v['id']}-s{s}.png"
                     atomic_save_image(path, image)
                     records.append(
                         {
                             "prompt_id": v["id"],
+                            "prompt": v["prompt"],
                             "seed": s,
                             "generator_seed": seed,
                             "scale": scale,
-                            "clip_score": score,
                             "path": str(path.relative_to(self.run.root)),
                         }
                     )
+            generator.close()
+            del generator
+            free_memory()
+            images = [self._open(r["path"]) for r in records]
+            scorer = CLIPScorer(self.cfg)
+            for r, score in zip(records, scorer.clip_scores(images, [r["prompt"] for r in records]), strict=True):
+                r["clip_score"] = score
             scorer.close()
+            if ec.judge_and_detect:
+                self._judge_and_detect(records, images)
         write_jsonl(eval_dir / "records.jsonl", records)
         summary = summarise(records, ec.scales, ec.tie_band)
         summary["lora"] = str(lora.relative_to(self.run.root))
+        summary["gate"] = self._gate(k, summary)
         atomic_write_json(self.run.eval_path(k), summary)
         logger.info(
-            "iteration %d eval: win-rate %.2f at scale %g, CLIP by scale %s",
+            "iteration %d eval: win-rate %.2f at scale %g, CLIP by scale %s; gate: %s",
             k,
             summary["win_rate"],
             summary["best_scale"],
             summary["clip_score_by_scale"],
+            summary["gate"]["reason"],
         )
-        return {"win_rate": summary["win_rate"], "best_scale": summary["best_scale"]}
+        return {"win_rate": summary["win_rate"], "best_scale": summary["best_scale"], "gate": summary["gate"]}
+
+    def _open(self, rel_path: str):
+        from PIL import Image
+
+        return Image.open(self.run.root / rel_path).convert("RGB")
+
+    def _judge_and_detect(self, records: list[dict], images: list) -> None:
+        """CLIP score alone is a weak judge of alignment; add the loop's own judge score and detection rate."""
+        from ccsr.judge import QuestionSet
+
+        questions = QuestionSet.load(resolve_data_path(self.cfg.judge.questions))
+        judge = load_backend("judge", self.cfg)
+        for start in range(0, len(records), self.cfg.judge.batch_size):
+            chunk = slice(start, start + self.cfg.judge.batch_size)
+            rendered = [questions.render(self.class_name, r["prompt"]) for r in records[chunk]]
+            for r, res in zip(records[chunk], judge.answer(images[chunk], rendered), strict=True):
+                r["judge_score"] = questions.score(questions.apply_dependencies(res.answers))
+        judge.close()
+        del judge
+        free_memory()
+        detector = load_backend("detector", self.cfg)
+        confidences = detector.confidence(images, self.class_name)
+        for r, c in zip(records, confidences, strict=True):
+            r["confidence"] = round(float(c), 6)
+            r["detected"] = bool(c >= self.cfg.detector.threshold)
+        detector.close()
+
+    # --- the improvement gate ------------------------------------------------------------------
+    def _gate(self, k: int, summary: dict | None) -> dict:
+        """Accept iteration k's LoRA as the new champion only if it beats the current one by the margin.
+
+        The base model's win-rate against itself is 0 (every pair a tie); for the other metrics the base's
+        value is read at scale 0 of the same evaluation.
+        """
+        from ccsr.rundir import read_json
+
+        gc = self.cfg.gate
+        path = self.run.root / "champion.json"
+        state = read_json(path, default={}) or {}
+        history = [h for h in state.get("history", []) if h["iteration"] != k]  # idempotent on a redo
+        champ = self.champion(before=k)
+        entry = {"iteration": k, "accepted": False, "metric_name": gc.metric, "metric": None, "scale": None}
+        if summary is None:
+            entry["reason"] = "no LoRA this iteration"
+        else:
+            by_scale = summary["by_scale"]
+            scored = {float(s): v.get(gc.metric) for s, v in by_scale.items() if float(s) > 0}
+            scored = {s: v for s, v in scored.items() if v is not None} or {summary["best_scale"]: 0.0}
+            best = max(scored, key=lambda s: (scored[s], -s))
+            entry["metric"], entry["scale"] = scored[best], best
+            if champ["iteration"] is None:
+                reference = 0.0 if gc.metric == "win_rate" else by_scale["0"].get(gc.metric, 0.0)
+            else:
+                reference = champ["metric"]
+            entry["champion_metric"] = reference
+            if not gc.enabled:
+                entry["accepted"], entry["reason"] = True, "gate disabled"
+            elif scored[best] > reference + gc.margin:
+                entry["accepted"] = True
+                entry["reason"] = f"{gc.metric} {scored[best]:.4f} > {reference:.4f} + margin {gc.margin:g}"
+            else:
+                entry["reason"] = f"{gc.metric} {scored[best]:.4f} <= {reference:.4f} + margin {gc.margin:g}"
+        history.append(entry)
+        history.sort(key=lambda h: h["iteration"])
+        accepted = [h for h in history if h["accepted"]]
+        champion = (
+            {"iteration": accepted[-1]["iteration"], "scale": accepted[-1]["scale"], "metric": accepted[-1]["metric"]}
+            if accepted
+            else {"iteration": None, "scale": 0.0, "metric": None}
+        )
+        if champion["iteration"] is not None:
+            champion["lora"] = str(self.run.lora_dir(champion["iteration"]).relative_to(self.run.root))
+        atomic_write_json(path, {"champion": champion, "history": history})
+        self.run.event("gate", **entry)
+        return {k2: entry[k2] for k2 in ("accepted", "reason", "metric", "scale")}

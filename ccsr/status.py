@@ -70,8 +70,16 @@ def run_status(root: str | Path) -> dict[str, Any]:
         "iterations_completed": completed,
         "stage": stage,
         "validation_prompts": _count(run.validation_path),
+        "champion": (read_json(run.root / "champion.json", default={}) or {}).get("champion"),
+        "champion_history": (read_json(run.root / "champion.json", default={}) or {}).get("history", []),
         "iterations": iterations,
     }
+
+
+def _champion_text(champion: dict | None) -> str:
+    if not champion or champion.get("iteration") is None:
+        return "base model"
+    return f"iteration {champion['iteration']} at scale {champion['scale']:g} ({champion.get('lora')})"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -80,6 +88,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"class    {status['class']}",
         f"model    {status['base_model']}",
         f"progress {status['iterations_completed']}/{status['iterations_target']} iterations, stage: {status['stage']}",
+        f"champion {_champion_text(status.get('champion'))}",
         "",
         f"{'iter':>4} {'prompts':>7} {'cands':>6} {'judged':>6} {'pairs':>5} {'win-rate':>8} {'scale':>5}  lora",
     ]

@@ -1,0 +1,194 @@
+"""The whole loop on the embedded tiny models: two iterations, resume, status, reproducibility."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ccsr.cli import main
+from ccsr.rundir import STAGES, read_jsonl
+
+pytestmark = pytest.mark.slow
+
+# Smaller than configs/tiny.yaml so the suite stays fast; same code path.
+SMALL = [
+    "prompter.n_prompts=3",
+    "prompter.n_validation=1",
+    "evaluator.seeds=[0]",
+    "evaluator.scales=[0.0, 0.5, 1.0]",
+    "trainer.epochs=3",
+    "generator.steps=6",
+    "gate.margin=-1",  # accept every LoRA so iteration 2 generates with iteration 1's (gate tests force both)
+]
+
+
+def run_cli(tmp: Path, *extra: str, iterations: int = 2, class_name: str = "giraffe") -> int:
+    args = ["run", "--config", "configs/tiny.yaml", "--class", class_name, "--run-dir", str(tmp)]
+    args += ["--iterations", str(iterations)]
+    for s in SMALL + list(extra):
+        args += ["--set", s]
+    return main(args)
+
+
+def status_json(run_dir: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["status", str(run_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_iterations(tmp_path_factory, repo_root, monkeypatch_module):
+    monkeypatch_module.chdir(repo_root)
+    run_dir = tmp_path_factory.mktemp("run") / "giraffe"
+    assert run_cli(run_dir) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_two_iterations_leave_a_complete_run_dir(two_iterations, capsys):
+    st = status_json(two_iterations, capsys)
+    assert st["class"] == "giraffe"
+    assert st["iterations_completed"] == 2 and st["stage"] == "done"
+    assert Path(st["base_model"], "model_index.json").is_file()
+    assert len(st["iterations"]) == 2
+    for it in st["iterations"]:
+        assert it["prompts"] == 3
+        assert it["candidates"] == 3 * 10
+        assert it["judged"] == 3 * 10
+        for name in ("prompts", "candidates", "judgments", "detections", "pairs"):
+            assert Path(it["files"][name]).is_file(), name
+        assert Path(it["files"]["dataset"], "metadata.jsonl").is_file()
+    first = st["iterations"][0]
+    assert first["pairs"] > 0, "the tiny detector should pass some candidates"
+    assert first["lora"] and Path(first["lora"], "pytorch_lora_weights.safetensors").is_file()
+    ev = first["eval"]
+    for key in ("win_rate", "wins", "ties", "losses", "clip_score_by_scale"):
+        assert key in ev
+    assert set(ev["clip_score_by_scale"]) == {"0", "0.5", "1"}
+    assert ev["wins"] + ev["ties"] + ev["losses"] == 1  # 1 validation prompt x 1 seed
+
+
+def test_records_follow_the_design(two_iterations):
+    it = two_iterations / "iterations" / "001"
+    prompts = read_jsonl(it / "prompts.jsonl")
+    assert all({"id", "class", "prompt"} <= set(p) for p in prompts)
+    assert all("giraffe" in p["prompt"].lower() for p in prompts)
+    cands = read_jsonl(it / "candidates.jsonl")
+    assert len({c["seed"] for c in cands}) == len(cands), "every candidate has its own seed"
+    assert all((two_iterations / c["path"]).is_file() for c in cands)
+    judg = read_jsonl(it / "judgments.jsonl")
+    for j in judg:
+        assert len(j["answers"]) == 10 and set(j["answers"]) <= {"yes", "no", "nan"}
+        assert isinstance(j["score"], int) and -3 <= j["score"] <= 10
+    dets = read_jsonl(it / "detections.jsonl")
+    assert all(0.0 <= d["confidence"] <= 1.0 for d in dets)
+    pairs = read_jsonl(it / "pairs.jsonl")
+    by_prompt = {}
+    for j in judg:
+        by_prompt.setdefault(j["prompt_id"], []).append(j["score"])
+    for p in pairs:
+        assert p["confidence"] >= 0.6
+        assert p["score"] == max(by_prompt[p["prompt_id"]]), "the pair is among the best-scoring images"
+    meta = read_jsonl(it / "dataset" / "metadata.jsonl")
+    assert [m["text"] for m in meta] == [p["prompt"] for p in pairs]
+    assert all((it / "dataset" / m["file_name"]).is_file() for m in meta)
+
+
+def test_second_iteration_generates_with_the_first_lora(two_iterations):
+    cands = read_jsonl(two_iterations / "iterations" / "002" / "candidates.jsonl")
+    assert {c["lora"] for c in cands} == {"iterations/001/lora"}
+    # The second iteration's training set accumulates both iterations' pairs.
+    meta = read_jsonl(two_iterations / "iterations" / "002" / "dataset" / "metadata.jsonl")
+    n1 = len(read_jsonl(two_iterations / "iterations" / "001" / "pairs.jsonl"))
+    n2 = len(read_jsonl(two_iterations / "iterations" / "002" / "pairs.jsonl"))
+    assert len(meta) == n1 + n2
+
+
+def test_lora_loads_in_plain_diffusers(two_iterations, capsys):
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    st = status_json(two_iterations, capsys)
+    pipe = StableDiffusionPipeline.from_pretrained(st["base_model"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        g = torch.Generator().manual_seed(0)
+        out = pipe("a giraffe", height=64, width=64, num_inference_steps=4, generator=g, output_type="np")
+        return out.images[0]
+
+    base = draw()
+    pipe.load_lora_weights(st["iterations"][0]["lora"], adapter_name="ccsr")
+    pipe.set_adapters(["ccsr"], adapter_weights=[0.0])
+    assert np.array_equal(draw(), base), "scale 0 must reproduce the base model exactly"
+    pipe.set_adapters(["ccsr"], adapter_weights=[1.0])
+    assert not np.allclose(draw(), base), "scale 1 must change the output"
+
+
+def test_rerun_of_a_finished_run_redoes_nothing(two_iterations):
+    before = {p: digest(p) for p in two_iterations.rglob("*.jsonl") if p.name != "events.jsonl"}
+    stages = (two_iterations / "iterations" / "001" / "stages.json").read_text()
+    assert run_cli(two_iterations) == 0
+    after = {p: digest(p) for p in two_iterations.rglob("*.jsonl") if p.name != "events.jsonl"}
+    assert before == after
+    assert (two_iterations / "iterations" / "001" / "stages.json").read_text() == stages
+
+
+def test_stop_between_stages_then_resume(tmp_path, repo_root, monkeypatch, two_iterations):
+    """Stop after the judge stage; resuming redoes no finished stage and ends like an uninterrupted run."""
+    from ccsr.config import load_config, save_config
+    from ccsr.loop import Loop, StopRequested
+    from ccsr.rundir import RunDir
+
+    monkeypatch.chdir(repo_root)
+    cfg = load_config("configs/tiny.yaml", SMALL, class_name="giraffe")
+    cfg.iterations = 1
+    run = RunDir(tmp_path / "giraffe")
+    run.root.mkdir()
+    save_config(cfg, run.config_path)
+    loop = Loop(cfg, run, should_stop=lambda: run.is_done(1, "judge"))
+    with pytest.raises(StopRequested):
+        loop.run_iterations(1)
+    assert list(run.stages_done(1)) == ["prompts", "candidates", "judge"]
+    files = run.files(1)
+    kept = {name: (digest(files[name]), files[name].stat().st_mtime_ns) for name in ("prompts", "candidates", "judgments")}
+    done_before = run.stages_done(1)
+
+    Loop(cfg, run).run_iterations(1)
+    assert all(s in run.stages_done(1) for s in STAGES)
+    for name, (sha, mtime) in kept.items():
+        assert (digest(files[name]), files[name].stat().st_mtime_ns) == (sha, mtime), f"{name} was redone"
+    for stage in ("prompts", "candidates", "judge"):
+        assert run.stages_done(1)[stage] == done_before[stage]
+
+    # Same seed, same records as the uninterrupted run of the module fixture (iteration 1).
+    ref = two_iterations / "iterations" / "001"
+    for name in ("prompts.jsonl", "candidates.jsonl", "judgments.jsonl", "detections.jsonl", "pairs.jsonl"):
+        assert read_jsonl(run.iteration_dir(1) / name) == read_jsonl(ref / name), name
+    for c in read_jsonl(ref / "candidates.jsonl"):
+        assert digest(run.root / c["path"]) == digest(two_iterations / c["path"]), "pixels differ"
+
+
+def test_run_refuses_bad_input(tmp_path, repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    capsys.readouterr()
+    assert run_cli(tmp_path / "x", "trainer.rank=zero") == 2
+    err = capsys.readouterr().err
+    assert "trainer.rank" in err and "Traceback" not in err
+    assert run_cli(tmp_path / "y", class_name="../etc") == 2
+    assert "class name" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
