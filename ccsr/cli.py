@@ -110,7 +110,9 @@ def _resume_config(run: RunDir, cfg: Config) -> Config:
     diff = _diff(saved.to_dict(), cfg.to_dict())
     diff.discard("iterations")
     if diff:
-        logger.warning("resuming with the run's saved config; ignoring changed keys: %s", ", ".join(sorted(diff)))
+        logger.warning(
+            "resuming with the run's saved config; ignoring changed keys: %s", ", ".join(sorted(diff))
+        )
     saved.iterations = cfg.iterations
     _set_offline(saved)
     return saved
@@ -141,7 +143,9 @@ def cmd_run(args, daemon: bool = False) -> int:
         lock.acquire(timeout=0)
     except Timeout:
         pid = (run.root / "run.pid").read_text().strip() if (run.root / "run.pid").exists() else "?"
-        raise UserError(f"{run.root} is in use by another ccsr process (pid {pid}); stop it or pick another --run-dir")
+        raise UserError(
+            f"{run.root} is in use by another ccsr process (pid {pid}); stop it or pick another --run-dir"
+        ) from None
     try:
         (run.root / "run.pid").write_text(str(os.getpid()))
         cfg = _resume_config(run, cfg)
@@ -226,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config(p, required=True):
-        p.add_argument("--config", required=required, help="YAML config (configs/tiny.yaml, configs/paper.yaml)")
+        p.add_argument(
+            "--config", required=required, help="YAML config (configs/tiny.yaml, configs/paper.yaml)"
+        )
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
         p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 

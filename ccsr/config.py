@@ -30,7 +30,9 @@ class PrompterConfig:
     model: str = field(default="ccsr-tiny/mistral", metadata={"help": "hub id, local folder or ccsr-tiny/*"})
     n_prompts: int = field(default=100, metadata={"help": "new training prompts per iteration (paper: 100)"})
     n_validation: int = field(default=50, metadata={"help": "held-out validation prompts (paper: 50)"})
-    validation_file: str | None = field(default=None, metadata={"help": "one prompt per line; else generated"})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "one prompt per line; else generated"}
+    )
     temperature: float = 0.7  # paper section 3
     top_p: float = 0.95  # paper section 3
     max_new_tokens: int = 512
@@ -40,7 +42,9 @@ class PrompterConfig:
         default=0.8, metadata={"help": "drop a prompt whose word-trigram Jaccard similarity is above this"}
     )
     max_words: int = field(default=60, metadata={"help": "longer prompts are cut (CLIP reads 77 tokens)"})
-    ensure_class: bool = field(default=True, metadata={"help": "prefix the class name when a prompt lacks it"})
+    ensure_class: bool = field(
+        default=True, metadata={"help": "prefix the class name when a prompt lacks it"}
+    )
     system_prompt: str = "prompts/system_prompt.txt"
     examples: str = "prompts/examples.txt"
     trust_remote_code: bool = False
@@ -75,7 +79,9 @@ class JudgeConfig:
 @dataclass
 class DetectorConfig:
     backend: str = field(default="yolo_world", metadata={"help": "yolo_world"})
-    model: str = field(default="ccsr-tiny/yolo-world", metadata={"help": "folder or .pt of a YOLO-World model"})
+    model: str = field(
+        default="ccsr-tiny/yolo-world", metadata={"help": "folder or .pt of a YOLO-World model"}
+    )
     text_model: str = field(
         default="ccsr-tiny/clip", metadata={"help": "CLIP model whose text tower embeds the class name"}
     )
@@ -128,7 +134,9 @@ class GateConfig:
     metric: str = field(
         default="win_rate", metadata={"help": "win_rate | clip_score | judge_score | detection_rate"}
     )
-    margin: float = field(default=0.0, metadata={"help": "the new LoRA must beat the champion by more than this"})
+    margin: float = field(
+        default=0.0, metadata={"help": "the new LoRA must beat the champion by more than this"}
+    )
 
 
 @dataclass
@@ -277,7 +285,9 @@ def validate(cfg: Config, source: str) -> Config:
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"{source}: '{key}' must be within [0, 1], got {_get(cfg, key)!r}")
     if not 0.0 < cfg.prompter.temperature <= 5.0:
-        raise ConfigError(f"{source}: 'prompter.temperature' must be within (0, 5], got {cfg.prompter.temperature}")
+        raise ConfigError(
+            f"{source}: 'prompter.temperature' must be within (0, 5], got {cfg.prompter.temperature}"
+        )
     if not cfg.evaluator.scales:
         raise ConfigError(f"{source}: 'evaluator.scales' must list at least one LoRA scale")
     for s in cfg.evaluator.scales:

@@ -120,7 +120,9 @@ def summarise(records: list[dict], scales: list[float], tie_band: float) -> dict
         }
     nonzero = [s for s in scales if s > 0] or list(scales)
     # Best scale: highest win-rate against the base, then highest mean CLIP score.
-    best = max(nonzero, key=lambda s: (per_scale[f"{s:g}"]["win_rate"], per_scale[f"{s:g}"]["clip_score"] or 0))
+    best = max(
+        nonzero, key=lambda s: (per_scale[f"{s:g}"]["win_rate"], per_scale[f"{s:g}"]["clip_score"] or 0)
+    )
     top = per_scale[f"{best:g}"]
     return {
         "best_scale": best,

@@ -32,6 +32,7 @@ from ccsr.rundir import (
     atomic_save_image,
     atomic_write_json,
     read_jsonl,
+    sha256_file,
     write_jsonl,
 )
 
@@ -75,6 +76,8 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------------
     def run_iterations(self, iterations: int) -> None:
+        for k in self.run.iterations():
+            self.verify(k)
         for k in range(1, iterations + 1):
             if self.run.iteration_complete(k):
                 continue
@@ -98,6 +101,76 @@ class Loop:
             self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
         self.run.event("iteration_end", iteration=k)
         logger.info("iteration %d complete", k)
+
+    # --- checks on resume -----------------------------------------------------------------------
+    def verify(self, k: int) -> None:
+        """Find damaged or missing work of iteration k and make the loop redo just that.
+
+        Candidate images are checked against their recorded checksums and redrawn from their seeds (the
+        same pixels, so later records stay valid); a LoRA that fails its checksum is retrained; a finished
+        stage whose records are incomplete (a damaged line was dropped) is reopened, and its stage
+        function redoes only the missing units.
+        """
+        done = self.run.stages_done(k)
+        files = self.run.files(k)
+        if "candidates" in done:
+            bad = {
+                c["prompt_id"]
+                for c in read_jsonl(files["candidates"])
+                if c.get("sha256") and sha256_file(self.run.root / c["path"]) != c["sha256"]
+            }
+            if bad:
+                logger.warning(
+                    "iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad)
+                )
+                self.run.event("repair", iteration=k, what="candidates", prompts=sorted(bad))
+                self._redraw(k, bad)
+        lora_sha = done.get("train", {}).get("lora_sha256")
+        if lora_sha and sha256_file(self.run.lora_dir(k) / "pytorch_lora_weights.safetensors") != lora_sha:
+            logger.warning("iteration %d: LoRA fails its checksum; retraining", k)
+            self.run.event("repair", iteration=k, what="lora")
+            shutil.rmtree(self.run.lora_dir(k), ignore_errors=True)
+            self.run.unmark(k, ("train", "eval"))
+        if "eval" in done and not done["eval"].get("skipped") and self.run.eval_path(k).exists():
+            from ccsr.rundir import read_json
+
+            if read_json(self.run.eval_path(k)) is None:
+                self.run.unmark(k, ("eval",))
+        n_prompts = len(read_jsonl(files["prompts"]))
+        expected = {
+            "candidates": n_prompts * self.cfg.generator.num_candidates,
+            "judge": len(read_jsonl(files["candidates"])),
+        }
+        counts = {
+            "candidates": len(read_jsonl(files["candidates"])),
+            "judge": len(read_jsonl(files["judgments"])),
+        }
+        for i, stage in enumerate(STAGES):
+            if stage in expected and stage in done and counts[stage] < expected[stage]:
+                logger.warning("iteration %d: %s records are incomplete; redoing the missing ones", k, stage)
+                self.run.event("repair", iteration=k, what=stage)
+                self.run.unmark(k, STAGES[i:])
+                break
+
+    def _redraw(self, k: int, prompt_ids: set[str]) -> None:
+        files = self.run.files(k)
+        prompts = {p["id"]: p["prompt"] for p in read_jsonl(files["prompts"])}
+        records = read_jsonl(files["candidates"])
+        generator = load_backend("generator", self.cfg)
+        for pid in sorted(prompt_ids):
+            group = sorted((c for c in records if c["prompt_id"] == pid), key=lambda c: c["index"])
+            lora = self.run.root / group[0]["lora"] if group[0].get("lora") else None
+            images = generator.images(
+                [prompts[pid]] * len(group), [c["seed"] for c in group], lora, group[0]["scale"]
+            )
+            for c, image in zip(group, images, strict=True):
+                atomic_save_image(self.run.root / c["path"], image)
+                if sha256_file(self.run.root / c["path"]) != c["sha256"]:
+                    logger.warning("%s: redrawn image differs from the recorded one", c["path"])
+                    c["sha256"] = sha256_file(self.run.root / c["path"])
+        write_jsonl(files["candidates"], records)
+        generator.close()
+        free_memory()
 
     # --- helpers -------------------------------------------------------------------------------
     def champion(self, before: int) -> dict:
@@ -140,7 +213,12 @@ class Loop:
 
             with self._model_call("prompts"):
                 batch = collect_prompts(
-                    prompter, self.cfg, self.class_name, pc.n_validation, [], derive_seed(self.cfg.seed, "val")
+                    prompter,
+                    self.cfg,
+                    self.class_name,
+                    pc.n_validation,
+                    [],
+                    derive_seed(self.cfg.seed, "val"),
                 )
             texts = batch.prompts
         records = [{"id": f"val-{i:03d}", "class": self.class_name, "prompt": t} for i, t in enumerate(texts)]
@@ -165,7 +243,8 @@ class Loop:
             )
         prompter.close()
         records = [
-            {"id": f"{k:03d}-{i:03d}", "class": self.class_name, "prompt": p} for i, p in enumerate(batch.prompts)
+            {"id": f"{k:03d}-{i:03d}", "class": self.class_name, "prompt": p}
+            for i, p in enumerate(batch.prompts)
         ]
         write_jsonl(self.run.files(k)["prompts"], records)
         div = diversity(batch.prompts)
@@ -200,6 +279,7 @@ class Loop:
                             "index": j,
                             "seed": seed,
                             "path": str(path.relative_to(self.run.root)),
+                            "sha256": sha256_file(path),
                             "lora": str(lora.relative_to(self.run.root)) if lora else None,
                             "scale": scale if lora else 0.0,
                         }
@@ -287,7 +367,12 @@ class Loop:
                 with self._model_call("filter"):
                     conf = detector.confidence(images, self.class_name)
                 records = [
-                    {"prompt_id": pid, "index": r["index"], "score": r["score"], "confidence": round(float(c), 6)}
+                    {
+                        "prompt_id": pid,
+                        "index": r["index"],
+                        "score": r["score"],
+                        "confidence": round(float(c), 6),
+                    }
                     for r, c in zip(tied, conf, strict=True)
                 ]
                 append_jsonl(files["detections"], records)
@@ -360,10 +445,15 @@ class Loop:
         ]
         with self._model_call("train"):
             result = train_lora(
-                self.cfg, train_pairs, self.run.lora_dir(k), init_lora=init, encode_cache_dir=self.run.encode_cache
+                self.cfg,
+                train_pairs,
+                self.run.lora_dir(k),
+                init_lora=init,
+                encode_cache_dir=self.run.encode_cache,
             )
         return {
             "pairs": len(pairs),
+            "lora_sha256": sha256_file(self.run.lora_dir(k) / "pytorch_lora_weights.safetensors"),
             "steps": result.steps,
             "final_loss": result.final_loss,
             "init_lora": str(init) if init else None,
@@ -408,7 +498,9 @@ class Loop:
             free_memory()
             images = [self._open(r["path"]) for r in records]
             scorer = CLIPScorer(self.cfg)
-            for r, score in zip(records, scorer.clip_scores(images, [r["prompt"] for r in records]), strict=True):
+            for r, score in zip(
+                records, scorer.clip_scores(images, [r["prompt"] for r in records]), strict=True
+            ):
                 r["clip_score"] = score
             scorer.close()
             if ec.judge_and_detect:
@@ -493,7 +585,11 @@ class Loop:
         history.sort(key=lambda h: h["iteration"])
         accepted = [h for h in history if h["accepted"]]
         champion = (
-            {"iteration": accepted[-1]["iteration"], "scale": accepted[-1]["scale"], "metric": accepted[-1]["metric"]}
+            {
+                "iteration": accepted[-1]["iteration"],
+                "scale": accepted[-1]["scale"],
+                "metric": accepted[-1]["metric"],
+            }
             if accepted
             else {"iteration": None, "scale": 0.0, "metric": None}
         )

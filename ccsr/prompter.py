@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 # An item marker at the start of a line: "1.", "1)", "#1", "1:", "(1)", "-", "*", "•".
 _ITEM = re.compile(r"^\s*(?:\(?#?\d{1,3}\s*[.):\]]|#\d{1,3}\b|[-*•+])\s+")
-_LABEL = re.compile(r"^\s*(?:\*\*)?(?:prompt|t2i prompt|image prompt)\s*(?:#?\d+)?\s*[:\-]\s*(?:\*\*)?\s*", re.I)
+_LABEL = re.compile(
+    r"^\s*(?:\*\*)?(?:prompt|t2i prompt|image prompt)\s*(?:#?\d+)?\s*[:\-]\s*(?:\*\*)?\s*", re.I
+)
 _CLOSING = re.compile(
     r"^\s*(?:i hope|hope these|let me know|feel free|these prompts|enjoy|note:|remember|each prompt|"
     r"these should|i have|i've|happy)",

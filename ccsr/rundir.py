@@ -19,6 +19,7 @@ line of a JSON-lines file (a crash mid-append) is ignored on read and cut off be
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 STAGES = ("prompts", "candidates", "judge", "filter", "train", "eval")
 
@@ -106,33 +109,48 @@ def atomic_save_image(path: Path, image) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file, or ``default`` when it is missing or damaged (a damaged file is never trusted)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("%s is damaged; ignoring it (the work it records will be redone)", path)
+        return default
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete records; a torn (unterminated or unparsable) last line is ignored."""
+    """All intact records. A torn last line (a crash mid-append) or a damaged line is skipped with a warning;
+    the loop then redoes the units whose records are missing."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    data = path.read_bytes()
-    lines = data.split(b"\n")
+    lines = path.read_bytes().split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         complete = i < len(lines) - 1
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if not isinstance(obj, dict):
             if complete:
-                raise RunDirError(f"{path}: line {i + 1} is not JSON; move the file away to redo that stage")
+                logger.warning("%s: line %d is damaged; skipping it", path, i + 1)
             continue
         if complete:
             records.append(obj)
     return records
+
+
+def sha256_file(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -225,6 +243,12 @@ class RunDir:
         done[stage] = {"finished_at": time.time(), **info}
         atomic_write_json(self.iteration_dir(k) / "stages.json", done)
 
+    def unmark(self, k: int, stages: Iterable[str]) -> None:
+        done = self.stages_done(k)
+        for stage in stages:
+            done.pop(stage, None)
+        atomic_write_json(self.iteration_dir(k) / "stages.json", done)
+
     def iteration_complete(self, k: int) -> bool:
         return all(s in self.stages_done(k) for s in STAGES)
 
@@ -238,7 +262,9 @@ class RunDir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise RunDirError(f"run directory {self.root} is not writable ({exc.strerror}); pick another --run-dir")
+            raise RunDirError(
+                f"run directory {self.root} is not writable ({exc.strerror}); pick another --run-dir"
+            ) from None
 
     def inside(self, path: Path) -> Path:
         """Refuse any path that would escape the run directory (names come from data, never trust them)."""

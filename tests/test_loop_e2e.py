@@ -165,7 +165,10 @@ def test_stop_between_stages_then_resume(tmp_path, repo_root, monkeypatch, two_i
         loop.run_iterations(1)
     assert list(run.stages_done(1)) == ["prompts", "candidates", "judge"]
     files = run.files(1)
-    kept = {name: (digest(files[name]), files[name].stat().st_mtime_ns) for name in ("prompts", "candidates", "judgments")}
+    kept = {
+        name: (digest(files[name]), files[name].stat().st_mtime_ns)
+        for name in ("prompts", "candidates", "judgments")
+    }
     done_before = run.stages_done(1)
 
     Loop(cfg, run).run_iterations(1)

@@ -93,12 +93,17 @@ def test_collect_drops_near_duplicates_and_retries(repo_root):
     from ccsr.prompter import collect_prompts
 
     cfg = load_config(repo_root / "configs" / "tiny.yaml", ["prompter.max_attempts=3"])
-    first = "1. a giraffe at sunset, golden light, 200mm lens\n2. a giraffe at sunset, golden light, 200mm lens"
+    first = (
+        "1. a giraffe at sunset, golden light, 200mm lens\n2. a giraffe at sunset, golden light, 200mm lens"
+    )
     second = "1. two giraffes in the rain, grey sky, 35mm\n2. a giraffe calf asleep in grass, morning mist"
     chat = FakeChat([first, second])
     avoid = ["two giraffes in the rain, grey sky, 35mm"]
     batch = collect_prompts(chat, cfg, "giraffe", 2, avoid, seed=0)
-    assert batch.prompts == ["a giraffe at sunset, golden light, 200mm lens", "a giraffe calf asleep in grass, morning mist"]
+    assert batch.prompts == [
+        "a giraffe at sunset, golden light, 200mm lens",
+        "a giraffe calf asleep in grass, morning mist",
+    ]
     assert batch.dropped["near_duplicate"] == 2
     assert chat.calls == 2
 

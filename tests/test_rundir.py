@@ -21,7 +21,8 @@ def test_bad_class_names(bad):
 
 
 @pytest.mark.parametrize(
-    "name, slug", [("Giraffe", "giraffe"), ("zebra crossing", "zebra-crossing"), ("松鼠", "松鼠"), ("Schwan", "schwan")]
+    "name, slug",
+    [("Giraffe", "giraffe"), ("zebra crossing", "zebra-crossing"), ("松鼠", "松鼠"), ("Schwan", "schwan")],
 )
 def test_slugs(name, slug):
     assert slugify(name) == slug

@@ -47,7 +47,9 @@ def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
         return name
     key = name[len(PREFIX) :]
     if key not in BUILDERS:
-        raise ValueError(f"unknown embedded model '{name}' (known: {', '.join(PREFIX + k for k in BUILDERS)})")
+        raise ValueError(
+            f"unknown embedded model '{name}' (known: {', '.join(PREFIX + k for k in BUILDERS)})"
+        )
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / f"{key}-v{BUILD_VERSION}"
     done = out / ".ccsr-built"
