@@ -32,6 +32,8 @@ def _set_offline(cfg: Config) -> None:
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE"):
             os.environ[var] = "1"
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    # Model-loading bars of the libraries drown ccsr's own per-stage bars.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _setup_logging(level: int, log_file: Path | None = None) -> None:
@@ -181,14 +183,17 @@ def cmd_run(args, daemon: bool = False) -> int:
 
 
 def cmd_status(args) -> int:
-    from ccsr.status import format_status, run_status
+    from ccsr.status import find_runs, format_status, format_summary, run_status
 
-    root = Path(args.run_dir)
-    try:
-        status = run_status(root)
-    except FileNotFoundError as exc:
-        raise UserError(str(exc)) from None
-    print(json.dumps(status, indent=2, ensure_ascii=False) if args.json else format_status(status))
+    runs = find_runs(args.run_dir)
+    if not runs:
+        raise UserError(f"{args.run_dir} is not a ccsr run directory and holds none; give runs/<class> or runs/")
+    statuses = [run_status(r) for r in runs]
+    single = len(runs) == 1 and Path(args.run_dir).resolve() == runs[0].resolve()
+    if args.json:
+        print(json.dumps(statuses[0] if single else statuses, indent=2, ensure_ascii=False))
+    else:
+        print(format_status(statuses[0]) if single else format_summary(statuses))
     return 0
 
 

@@ -23,6 +23,7 @@ class DiffusersGenerator:
     def __init__(self, cfg: Config):
         import torch
         from diffusers import StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
 
         from ccsr.devices import torch_device, torch_dtype
         from ccsr.tiny import resolve_model
@@ -30,6 +31,7 @@ class DiffusersGenerator:
         self.cfg = cfg
         self.device = torch_device(cfg)
         self.model_path = resolve_model(cfg.generator.model, cfg.model_cache)
+        diffusers_logging.disable_progress_bar()  # ccsr shows its own per-stage bars
         self.pipe = StableDiffusionPipeline.from_pretrained(
             self.model_path, torch_dtype=torch_dtype(cfg), safety_checker=None, requires_safety_checker=False
         ).to(self.device)

@@ -61,7 +61,9 @@ class Loop:
     def class_name(self) -> str:
         return self.cfg.class_name
 
-    def _check_stop(self) -> None:
+    def _check_stop(self, k: int | None = None, stage: str | None = None, unit: str | None = None) -> None:
+        """Called between units: records a heartbeat, then stops if asked to."""
+        self.run.heartbeat(iteration=k, stage=stage, unit=unit)
         if self.should_stop():
             raise StopRequested
 
@@ -88,7 +90,7 @@ class Loop:
         for stage in STAGES:
             if self.run.is_done(k, stage):
                 continue
-            self._check_stop()
+            self._check_stop(k, stage)
             logger.info("iteration %d: %s", k, stage)
             self.run.event("stage_start", iteration=k, stage=stage)
             self.model_seconds[stage] = 0.0
@@ -265,7 +267,7 @@ class Loop:
             with self._model_call("candidates"):
                 generator = load_backend("generator", self.cfg)
             for p in tqdm(todo, desc=f"iter {k} candidates", unit="prompt"):
-                self._check_stop()
+                self._check_stop(k, "candidates", p["id"])
                 seeds = [derive_seed(self.cfg.seed, "candidate", k, p["id"], j) for j in range(n)]
                 with self._model_call("candidates"):
                     images = generator.images([p["prompt"]] * n, seeds, lora=lora, scale=scale)
@@ -307,7 +309,7 @@ class Loop:
             with self._model_call("judge"):
                 judge = load_backend("judge", self.cfg)
             for pid, group in tqdm(by_prompt.items(), desc=f"iter {k} judge", unit="prompt"):
-                self._check_stop()
+                self._check_stop(k, "judge", pid)
                 images = [Image.open(self.run.root / c["path"]).convert("RGB") for c in group]
                 rendered = questions.render(self.class_name, prompts[pid])
                 with self._model_call("judge"):
@@ -361,7 +363,7 @@ class Loop:
             with self._model_call("filter"):
                 detector = load_backend("detector", self.cfg)
             for pid in tqdm(todo, desc=f"iter {k} detect", unit="prompt"):
-                self._check_stop()
+                self._check_stop(k, "filter", pid)
                 tied = self._best_tied(judgments[pid], questions)
                 images = [Image.open(self.run.root / paths[(pid, r["index"])]).convert("RGB") for r in tied]
                 with self._model_call("filter"):
@@ -478,7 +480,7 @@ class Loop:
         with self._model_call("eval"):
             generator = load_backend("generator", self.cfg)
             for scale in tqdm(ec.scales, desc=f"iter {k} eval", unit="scale"):
-                self._check_stop()
+                self._check_stop(k, "eval", f"scale {scale:g}")
                 images = generator.images(prompts, seeds, lora=lora, scale=scale)
                 for (v, s), seed, image in zip(jobs, seeds, images, strict=True):
                     path = eval_dir / f"scale-{scale:g}" / f"{v['id']}-s{s}.png"

@@ -255,6 +255,10 @@ class RunDir:
     def event(self, kind: str, **fields: Any) -> None:
         append_jsonl(self.events_path, [{"time": round(time.time(), 3), "event": kind, **fields}])
 
+    def heartbeat(self, **where: Any) -> None:
+        """Where the working process is, for ``ccsr status`` (pid, time, iteration, stage, unit)."""
+        atomic_write_json(self.root / "heartbeat.json", {"pid": os.getpid(), "time": round(time.time(), 3), **where})
+
     def check_writable(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
