@@ -170,7 +170,10 @@ def cmd_run(args, daemon: bool = False) -> int:
         try:
             loop.run_iterations(cfg.iterations)
         except StopRequested:
-            run.event("stopped", reason="stop file" if stop_file.exists() else "signal")
+            by_file = stop_file.exists()
+            if by_file:
+                stop_file.unlink()  # consumed: the next start runs
+            run.event("stopped", reason="stop file" if by_file else "signal")
             logger.info("stopped cleanly; run the same command again to continue")
             return 0
         run.event("finished", iterations=cfg.iterations)
