@@ -1,0 +1,576 @@
+"""The judge: a VLM answers the yes/no questions of ``prompts/questions.yaml`` about every candidate image.
+
+Scoring is paper eq. (1): for each question, +1 if (positive and 'yes') or (negative and 'no'), -1 if
+(negative and 'yes'), 0 otherwise ('nan', unparseable, positive and 'no'). Questions that depend on another
+(paper Q4-Q7 on Q3) count as 'nan' when their parent was answered 'no'.
+
+``TransformersJudge`` runs LLaVA-Next. Its default ``logits`` mode reads the answer from the next-token
+probabilities of the Yes/No tokens, and encodes each image only once per image: the image and the prompt text
+before the question form a shared prefix whose KV cache is reused by all questions of that image (on the real
+v1.6 geometry the image is ~2,900 of the ~2,950 tokens of a question, so this saves ~90% of the work).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+ANSWERS = ("yes", "no", "nan")
+POLARITIES = ("positive", "negative")
+PLACEHOLDERS = ("class_name", "prompt")
+_PLACEHOLDER_RE = re.compile(r"\{(class_name|prompt)\}")
+# Anything that looks like a placeholder, to catch typos such as {class} or the paper's {prompt3}.
+_ANY_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_QUESTION_KEYS = ("id", "text", "polarity", "depends_on")
+_TOP_KEYS = ("instruction", "questions")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Question set and eq. (1)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    text: str
+    polarity: str  # "positive": 'yes' is rewarded; "negative": 'yes' is penalised (paper sec. 2.3)
+    depends_on: str | None = None  # id of the question whose 'no' turns this one into 'nan'
+
+
+@dataclass
+class QuestionSet:
+    questions: list[Question]
+    instruction: str = ""
+    source: str = "<memory>"
+    _order: list[int] = field(init=False, repr=False)  # parents before children, for apply_dependencies
+
+    def __post_init__(self) -> None:
+        self._order = self._validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuestionSet:
+        """Read and validate a question file; any problem raises ``ValueError`` naming file and question."""
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{source}: question file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{source}: cannot read question file ({exc})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ValueError(f"{source}: not valid YAML{where}") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<memory>") -> QuestionSet:
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: the top level must be a mapping with keys {', '.join(_TOP_KEYS)}")
+        unknown = sorted(set(data) - set(_TOP_KEYS))
+        if unknown:
+            raise ValueError(f"{source}: unknown key '{unknown[0]}' (known: {', '.join(_TOP_KEYS)})")
+        instruction = data.get("instruction", "") or ""
+        if not isinstance(instruction, str):
+            raise ValueError(f"{source}: 'instruction' must be a string, got {instruction!r}")
+        items = data.get("questions")
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{source}: 'questions' must be a non-empty list")
+        questions = []
+        for i, item in enumerate(items):
+            where = f"{source}: question #{i + 1}"
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}: must be a mapping with keys {', '.join(_QUESTION_KEYS)}")
+            qid = item.get("id")
+            if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid).strip() == "":
+                raise ValueError(f"{where}: missing or empty 'id'")
+            qid = str(qid)
+            where = f"{source}: question {qid}"
+            unknown = sorted(set(item) - set(_QUESTION_KEYS))
+            if unknown:
+                raise ValueError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(_QUESTION_KEYS)})")
+            text = item.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: missing or empty 'text'")
+            polarity = item.get("polarity")
+            if polarity not in POLARITIES:
+                raise ValueError(f"{where}: polarity must be positive or negative, got {polarity!r}")
+            depends_on = item.get("depends_on")
+            if depends_on is not None:
+                depends_on = str(depends_on)
+            questions.append(Question(qid, text, polarity, depends_on))
+        return cls(questions, instruction=instruction, source=source)
+
+    def _validate(self) -> list[int]:
+        src = self.source
+        if not self.questions:
+            raise ValueError(f"{src}: no questions")
+        index: dict[str, int] = {}
+        for i, q in enumerate(self.questions):
+            if q.id in index:
+                raise ValueError(f"{src}: question {q.id}: duplicate id")
+            index[q.id] = i
+            if q.polarity not in POLARITIES:
+                raise ValueError(
+                    f"{src}: question {q.id}: polarity must be positive or negative, got {q.polarity!r}"
+                )
+            for name in _ANY_PLACEHOLDER_RE.findall(q.text):
+                if name not in PLACEHOLDERS:
+                    raise ValueError(
+                        f"{src}: question {q.id}: unknown placeholder {{{name}}} (known: {{class_name}}, {{prompt}})"
+                    )
+        for q in self.questions:
+            if q.depends_on is None:
+                continue
+            if q.depends_on == q.id:
+                raise ValueError(f"{src}: question {q.id}: depends_on names the question itself")
+            if q.depends_on not in index:
+                raise ValueError(f"{src}: question {q.id}: depends_on '{q.depends_on}' is not a question id")
+        # Follow each chain to its root; a chain longer than the set is a cycle.
+        for q in self.questions:
+            seen = [q.id]
+            cur = q
+            while cur.depends_on is not None:
+                cur = self.questions[index[cur.depends_on]]
+                if cur.id in seen:
+                    raise ValueError(
+                        f"{src}: question {q.id}: cyclic depends_on ({' -> '.join([*seen, cur.id])})"
+                    )
+                seen.append(cur.id)
+        for name in PLACEHOLDERS:
+            if not any("{" + name + "}" in q.text for q in self.questions):
+                raise ValueError(
+                    f"{src}: question {self.questions[-1].id}: no question mentions {{{name}}}; at least one must"
+                )
+        # Depth-first order so that every parent is resolved before its children.
+        order: list[int] = []
+        done: set[int] = set()
+
+        def visit(i: int) -> None:
+            if i in done:
+                return
+            parent = self.questions[i].depends_on
+            if parent is not None:
+                visit(index[parent])
+            done.add(i)
+            order.append(i)
+
+        for i in range(len(self.questions)):
+            visit(i)
+        return order
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    @property
+    def ids(self) -> list[str]:
+        return [q.id for q in self.questions]
+
+    def render(self, class_name: str, prompt: str) -> list[str]:
+        """The questions as sent to the model. Substitution is literal and single-pass: a class name or an
+        LLM-written prompt containing braces or '{class_name}' is inserted verbatim, never re-templated."""
+        values = {"class_name": class_name, "prompt": prompt}
+        out = []
+        for q in self.questions:
+            text = _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], q.text)
+            out.append(f"{text} {self.instruction}".rstrip() if self.instruction else text)
+        return out
+
+    def _check_length(self, values: list[Any], what: str) -> None:
+        if len(values) != len(self.questions):
+            raise ValueError(f"{self.source}: got {len(values)} {what} for {len(self.questions)} questions")
+
+    def apply_dependencies(self, answers: list[str]) -> list[str]:
+        """Answers with dependents of a 'no' turned into 'nan' (paper Q4-Q7: "if the answer of the previous
+        question is 'No' answer 'Nan'"). A dependent of a question that was itself turned 'nan' by this rule is
+        'nan' too; a parent that the model left unanswered ('nan') does not void its dependents."""
+        self._check_length(answers, "answers")
+        index = {q.id: i for i, q in enumerate(self.questions)}
+        out = [a if a in ANSWERS else "nan" for a in answers]
+        voided: set[int] = set()
+        for i in self._order:
+            parent = self.questions[i].depends_on
+            if parent is None:
+                continue
+            p = index[parent]
+            if out[p] == "no" or p in voided:
+                out[i] = "nan"
+                voided.add(i)
+        return out
+
+    def score(self, answers: list[str]) -> int:
+        """Paper eq. (1), after the dependency rule."""
+        total = 0
+        for q, a in zip(self.questions, self.apply_dependencies(answers), strict=True):
+            if q.polarity == "positive":
+                total += a == "yes"
+            else:
+                total += 1 if a == "no" else -1 if a == "yes" else 0
+        return total
+
+
+def signed_p_yes(
+    question_set: QuestionSet, p_yes: list[float | None], answers: list[str] | None = None
+) -> float:
+    """Tie-break for images with the same eq. (1) score (``judge.tie_break: p_yes``, not in the paper): the
+    polarity-signed sum of P(yes), +p for positive questions and -p for negative ones. Questions that are
+    'nan' by the dependency rule (decided from ``answers`` if given, else from p_yes > 0.5) and missing
+    probabilities are skipped."""
+    question_set._check_length(p_yes, "probabilities")
+    if answers is None:
+        answers = ["nan" if p is None else "yes" if p > 0.5 else "no" for p in p_yes]
+    resolved = question_set.apply_dependencies(answers)
+    total = 0.0
+    for q, p, a, r in zip(question_set.questions, p_yes, answers, resolved, strict=True):
+        if p is None or (r == "nan" and a != "nan"):
+            continue
+        total += p if q.polarity == "positive" else -p
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Free-text answers
+# ---------------------------------------------------------------------------------------------------------------
+
+# Leading decoration: whitespace, quotes, markdown emphasis/headers/bullets, and labels such as "Answer:".
+_LEAD_RE = re.compile(
+    r"""^(?:[\s"'`*_#>\-•\[\(]+|(?:final\s+)?answer\s*[:\-]\s*|a\s*:\s*|assistant\s*:\s*)+""", re.I
+)
+_WORD_RE = re.compile(r"[A-Za-z]+(?:/[A-Za-z]+)?")
+
+
+def parse_answer(text: str) -> str:
+    """'yes', 'no' or 'nan' from a free-text answer: the first word decides ("Yes, the image shows..." ->
+    'yes'; "**No** - ..." -> 'no'; "N/A" -> 'nan'). Anything else is 'nan' (scores 0 in eq. 1)."""
+    if not isinstance(text, str):
+        return "nan"
+    rest = _LEAD_RE.sub("", text.strip(), count=1)
+    m = _WORD_RE.match(rest)
+    if not m:
+        return "nan"
+    word = m.group(0).lower()
+    if word in ("yes", "yeah", "yep"):
+        return "yes"
+    if word in ("no", "nope"):
+        return "no"
+    # "nan", "N/A", "none", a hedge or a sentence: no usable answer.
+    return "nan"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LLaVA-Next through transformers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeAnswer:
+    """The model's own answers for one image, in question order (the dependency rule is applied by
+    ``QuestionSet.score``), and P(yes)/(P(yes)+P(no)) per question in logits mode (None in generate mode)."""
+
+    answers: list[str]
+    p_yes: list[float | None]
+
+
+# Used when the processor ships no chat template: the LLaVA-1.6-Mistral conversation format.
+LLAVA_MISTRAL_PROMPT = "[INST] <image>\n{question} [/INST]"
+
+
+def answer_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Single-token spellings of yes and no in this vocabulary ("Yes", "yes", " Yes", "▁yes", "Ġyes", ...)."""
+    yes, no = [], []
+    for token, idx in tokenizer.get_vocab().items():
+        word = token.lstrip(" ▁Ġ").lower()
+        if word not in ("yes", "no"):
+            continue
+        # Confirm by decoding, so merges or byte-level tokens that only look alike are not counted.
+        if tokenizer.decode([idx]).strip().lower() != word:
+            continue
+        (yes if word == "yes" else no).append(idx)
+    if not yes or not no:
+        raise ValueError("the judge's tokenizer has no single-token 'yes' or 'no'; use judge.mode=generate")
+    return sorted(yes), sorted(no)
+
+
+class TransformersJudge:
+    """LLaVA-Next (``LlavaNextForConditionalGeneration``) answering yes/no questions about images."""
+
+    def __init__(self, cfg: Config):
+        import torch
+        from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+        from ccsr.devices import torch_device, torch_dtype
+        from ccsr.tiny import resolve_model
+
+        self.cfg = cfg
+        self.mode = cfg.judge.mode
+        self.max_new_tokens = cfg.judge.max_new_tokens
+        self.device = torch_device(cfg)
+        self.dtype = torch_dtype(cfg)
+        path = resolve_model(cfg.judge.model, cfg.model_cache)
+        self.processor = LlavaNextProcessor.from_pretrained(
+            path, trust_remote_code=cfg.judge.trust_remote_code
+        )
+        self.tokenizer = self.processor.tokenizer
+        # Reloaded tokenizers default to right padding; batched generation reads the last position, which must
+        # be a real token (FIELD-NOTES).
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
+        self.model = LlavaNextForConditionalGeneration.from_pretrained(
+            path, dtype=self.dtype, trust_remote_code=cfg.judge.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.image_token = self.processor.image_token
+        self.image_token_id = self.processor.image_token_id
+        self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer) if self.mode == "logits" else ([], [])
+        self._yes = torch.tensor(self.yes_ids, device=self.device, dtype=torch.long)
+        self._no = torch.tensor(self.no_ids, device=self.device, dtype=torch.long)
+        self._answer_ids = torch.cat([self._yes, self._no])
+        # A packed 4-D mask is added to the attention scores by the eager and SDPA kernels; flash attention
+        # takes no arbitrary mask, so it falls back to one row per question over a repeated cache.
+        attn = getattr(self.model.config.text_config, "_attn_implementation", None) or "sdpa"
+        self.suffix_strategy = "packed" if attn in ("sdpa", "eager") else "batched"
+        self._exact_processor: bool | None = None  # None until the first image is checked (see _encode)
+
+    # -- prompt building --------------------------------------------------------------------------------------
+
+    def build_prompt(self, question: str) -> str:
+        if getattr(self.processor, "chat_template", None):
+            conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            ]
+            return self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
+
+    def _add_special_tokens(self, prompt: str) -> bool:
+        # A template that already starts with BOS must not get a second one from the tokenizer.
+        bos = self.tokenizer.bos_token
+        return not (bos is not None and prompt.startswith(bos))
+
+    def _encode(
+        self, image: Image.Image, questions: list[str]
+    ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """Token ids of every full prompt (image tokens expanded) and the processed image, preprocessing the
+        image once. The first image a judge sees is also encoded by the processor itself; if the two
+        encodings ever differ, the judge uses the processor for every question from then on."""
+        prompts = [self.build_prompt(q) for q in questions]
+        add_special = self._add_special_tokens(prompts[0])
+        if self._exact_processor is not True:
+            pixels = self.processor.image_processor(image, return_tensors="pt")
+            n_image = self._image_token_count(image, pixels["image_sizes"])
+            # The image token is a special token, tokenized on its own: expanding it after tokenization gives
+            # the processor's ids without tokenizing ~2,900 copies of it per question.
+            ids = [
+                [t for tok in row for t in ([tok] * n_image if tok == self.image_token_id else [tok])]
+                for row in self.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+            ]
+        if self._exact_processor is None:
+            reference = self.processor(images=image, text=prompts[0], add_special_tokens=add_special)
+            self._exact_processor = list(reference["input_ids"][0]) != ids[0]
+            if self._exact_processor:
+                logger.warning("judge: own prompt encoding differs from the processor's; using the processor")
+        if self._exact_processor:
+            encoded = [self.processor(images=image, text=p, add_special_tokens=add_special) for p in prompts]
+            ids = [list(e["input_ids"][0]) for e in encoded]
+            pixels = self.processor(images=image, text=prompts[0], return_tensors="pt")
+        image_inputs = {
+            "pixel_values": pixels["pixel_values"].to(self.device, self.dtype),
+            "image_sizes": pixels["image_sizes"].to(self.device),
+        }
+        return ids, image_inputs
+
+    def _image_token_count(self, image: Image.Image, image_sizes: torch.Tensor) -> int:
+        try:
+            return int(
+                self.processor._get_num_multimodal_tokens(image_sizes=image_sizes.tolist())[
+                    "num_image_tokens"
+                ][0]
+            )
+        except (
+            AttributeError,
+            KeyError,
+            TypeError,
+        ):  # a processor without that helper: count from its output
+            text = self.build_prompt("?")
+            ids = self.processor(images=image, text=text, add_special_tokens=self._add_special_tokens(text))
+            return list(ids["input_ids"][0]).count(self.image_token_id)
+
+    # -- answering --------------------------------------------------------------------------------------------
+
+    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+        """``questions[i]`` are the rendered questions for ``images[i]``."""
+        import torch
+
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
+        out = []
+        with torch.inference_mode():
+            for image, qs in zip(images, questions, strict=True):
+                image = image.convert("RGB")
+                if self.mode == "logits":
+                    out.append(self._answer_logits(image, qs))
+                else:
+                    out.append(self._answer_generate(image, qs))
+        return out
+
+    def _decide(self, logits: torch.Tensor) -> JudgeAnswer:
+        """Rows of next-token logits -> answers and P(yes)/(P(yes)+P(no)).
+
+        The decision is the best-scoring single token among the yes/no spellings, so it equals greedy
+        decoding's first token whenever that token is one of them. P(yes) sums all spellings; the shared
+        softmax normaliser cancels in the ratio, so it is a sigmoid of the log-sum-exp difference."""
+        import torch
+
+        logits = logits.float()
+        best = self._answer_ids[logits[:, self._answer_ids].argmax(dim=1)]
+        is_yes = torch.isin(best, self._yes)
+        p_yes = torch.sigmoid(logits[:, self._yes].logsumexp(1) - logits[:, self._no].logsumexp(1))
+        return JudgeAnswer(
+            answers=["yes" if y else "no" for y in is_yes.tolist()],
+            p_yes=[float(p) for p in p_yes.tolist()],
+        )
+
+    def _answer_logits(self, image: Image.Image, questions: list[str]) -> JudgeAnswer:
+        import torch
+
+        ids, image_inputs = self._encode(image, questions)
+        # The shared prefix: every token common to all prompts (chat header + image tokens + ...), but at least
+        # one suffix token per question so each one has its own last position. Suffixes are slices of each
+        # full tokenization, never separate tokenizations (tokens can merge across the boundary).
+        n_prefix = min(len(x) for x in ids) - 1
+        for x in ids[1:]:
+            n_prefix = min(
+                n_prefix,
+                next((j for j, (a, b) in enumerate(zip(ids[0], x, strict=False)) if a != b), n_prefix),
+            )
+        last_image = max(j for j, t in enumerate(ids[0]) if t == self.image_token_id)
+        if n_prefix <= last_image:  # the image must sit entirely in the prefix
+            return self._decide(self._full_forward(ids, image_inputs))
+        prefix = torch.tensor([ids[0][:n_prefix]], device=self.device)
+        out = self.model(
+            input_ids=prefix,
+            attention_mask=torch.ones_like(prefix),
+            **image_inputs,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        suffixes = [x[n_prefix:] for x in ids]
+        if self.suffix_strategy == "packed":
+            logits = self._packed_suffix_forward(out.past_key_values, n_prefix, suffixes)
+        else:
+            logits = self._batched_suffix_forward(out.past_key_values, n_prefix, suffixes)
+        return self._decide(logits)
+
+    def _packed_suffix_forward(self, cache: Any, n_prefix: int, suffixes: list[list[int]]) -> torch.Tensor:
+        """All suffixes in ONE row after the batch-1 prefix cache: each suffix token sees the whole prefix and
+        the earlier tokens of its own suffix (block-diagonal causal mask), and its rotary position restarts at
+        the end of the prefix, exactly as in that question's full sequence. No copy of the cache is made."""
+        import torch
+
+        lengths = [len(s) for s in suffixes]
+        total = sum(lengths)
+        packed = torch.tensor([[t for s in suffixes for t in s]], device=self.device)
+        position_ids = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None] + n_prefix
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), torch.tensor(lengths))
+        seq = seq.to(self.device)
+        local = position_ids[0] - n_prefix
+        allowed = (seq[:, None] == seq[None, :]) & (local[None, :] <= local[:, None])
+        allowed = torch.cat(
+            [torch.ones(total, n_prefix, dtype=torch.bool, device=self.device), allowed], dim=1
+        )
+        # Additive float mask: both the eager and the SDPA kernels add it to the scores.
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        out = self.model(
+            input_ids=packed,
+            attention_mask=mask[None, None],
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=ends,
+        )
+        return out.logits[0]
+
+    def _batched_suffix_forward(self, cache: Any, n_prefix: int, suffixes: list[list[int]]) -> torch.Tensor:
+        """One right-padded row per question over the prefix cache repeated per row. The mask must span prefix
+        and suffix: a suffix-only mask is accepted silently and gives wrong answers (FIELD-NOTES)."""
+        import torch
+
+        lengths = [len(s) for s in suffixes]
+        width = max(lengths)
+        pad = self.tokenizer.pad_token_id
+        rows = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=self.device)
+        suffix_mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=self.device)
+        mask = torch.cat(
+            [torch.ones(len(suffixes), n_prefix, dtype=torch.long, device=self.device), suffix_mask], 1
+        )
+        cache.batch_repeat_interleave(len(suffixes))  # in place
+        out = self.model(input_ids=rows, attention_mask=mask, past_key_values=cache, use_cache=True)
+        ends = torch.tensor(lengths, device=self.device) - 1
+        return out.logits[torch.arange(len(suffixes), device=self.device), ends]
+
+    def _full_forward(self, ids: list[list[int]], image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Reference path without prefix reuse: one left-padded row per question, image repeated."""
+        import torch
+
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        rows = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        n = len(ids)
+        out = self.model(
+            input_ids=rows,
+            attention_mask=mask,
+            pixel_values=image_inputs["pixel_values"].expand(n, *image_inputs["pixel_values"].shape[1:]),
+            image_sizes=image_inputs["image_sizes"].expand(n, -1),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    def _answer_generate(self, image: Image.Image, questions: list[str]) -> JudgeAnswer:
+        """Free text (greedy, ``judge.max_new_tokens``) parsed by ``parse_answer``: the paper's way, kept for
+        models whose yes/no is not a single token or to read what the model actually says."""
+        import torch
+
+        ids, image_inputs = self._encode(image, questions)
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        rows = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
+        n = len(ids)
+        generated = self.model.generate(
+            input_ids=rows,
+            attention_mask=mask,
+            pixel_values=image_inputs["pixel_values"].expand(n, *image_inputs["pixel_values"].shape[1:]),
+            image_sizes=image_inputs["image_sizes"].expand(n, -1),
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=pad,
+        )
+        texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        return JudgeAnswer(answers=[parse_answer(t) for t in texts], p_yes=[None] * n)
+
+    def close(self) -> None:
+        from ccsr.devices import free_memory
+
+        for name in ("model", "processor", "tokenizer"):
+            if hasattr(self, name):
+                delattr(self, name)
+        free_memory()

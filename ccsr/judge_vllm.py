@@ -1,0 +1,119 @@
+"""The judge on vLLM (GPU boxes; ``pip install ccsr[vllm]``). Same ``answer()`` contract as ``TransformersJudge``.
+
+Each question is one request of one generated token with the top-20 log-probabilities. vLLM's automatic
+prefix caching shares the KV blocks of the image prefix between the ten questions of an image (the image is
+part of the block hash), which is what ``TransformersJudge`` does by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from ccsr.judge import LLAVA_MISTRAL_PROMPT, JudgeAnswer, answer_token_ids
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+TOP_LOGPROBS = 20  # yes and no spellings are near the top whenever the model answers at all
+
+
+class VLLMJudge:
+    def __init__(self, cfg: Config):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise ImportError(
+                "judge.backend=vllm needs vLLM (a CUDA-only package): pip install 'ccsr[vllm]' on a GPU box"
+            ) from None
+        from transformers import AutoProcessor
+
+        from ccsr.tiny import resolve_model
+
+        path = resolve_model(cfg.judge.model, cfg.model_cache)
+        self.mode = cfg.judge.mode
+        self.llm = LLM(
+            model=path,
+            trust_remote_code=cfg.judge.trust_remote_code,
+            enable_prefix_caching=True,
+            limit_mm_per_prompt={"image": 1},
+            dtype=cfg.dtype if cfg.dtype != "float32" else "auto",
+            seed=cfg.seed,
+        )
+        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.judge.trust_remote_code)
+        self.yes_ids, self.no_ids = answer_token_ids(self.llm.get_tokenizer())
+        if self.mode == "logits":
+            self.params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=TOP_LOGPROBS)
+        else:
+            self.params = SamplingParams(max_tokens=cfg.judge.max_new_tokens, temperature=0.0)
+
+    def build_prompt(self, question: str) -> str:
+        if getattr(self.processor, "chat_template", None):
+            conversation = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+            ]
+            return self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
+
+    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+        from ccsr.judge import parse_answer
+
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
+        requests = [
+            {"prompt": self.build_prompt(q), "multi_modal_data": {"image": image.convert("RGB")}}
+            for image, qs in zip(images, questions, strict=True)
+            for q in qs
+        ]
+        # One call for everything: vLLM schedules and batches, and keeps the output order of the inputs.
+        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        results, k = [], 0
+        for qs in questions:
+            answers: list[str] = []
+            p_yes: list[float | None] = []
+            for _ in qs:
+                completion = outputs[k].outputs[0]
+                k += 1
+                if self.mode == "logits":
+                    answer, p = self._decide(completion)
+                else:
+                    answer, p = parse_answer(completion.text), None
+                answers.append(answer)
+                p_yes.append(p)
+            results.append(JudgeAnswer(answers=answers, p_yes=p_yes))
+        return results
+
+    def _decide(self, completion: Any) -> tuple[str, float | None]:
+        """Answer and P(yes)/(P(yes)+P(no)) from the first token's top log-probabilities. The decision is the
+        greedy token when it is a yes/no spelling, else the more likely spelling among the top ones."""
+        top = completion.logprobs[0]  # token id -> Logprob(logprob, rank, decoded_token)
+        yes = [top[t].logprob for t in self.yes_ids if t in top]
+        no = [top[t].logprob for t in self.no_ids if t in top]
+        p = None
+        if yes or no:
+            p_y = sum(math.exp(x) for x in yes)
+            p_n = sum(math.exp(x) for x in no)
+            p = p_y / (p_y + p_n)
+        chosen = completion.token_ids[0]
+        if chosen in self.yes_ids:
+            return "yes", p
+        if chosen in self.no_ids:
+            return "no", p
+        if not (yes or no):
+            return "nan", None
+        return ("yes" if max(yes, default=-math.inf) > max(no, default=-math.inf) else "no"), p
+
+    def close(self) -> None:
+        from ccsr.devices import free_memory
+
+        for name in ("llm", "processor"):
+            if hasattr(self, name):
+                delattr(self, name)
+        free_memory()

@@ -1,0 +1,191 @@
+"""The LLaVA-Next judge on the real tiny model: the fast prefix-reuse path against plain greedy decoding."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ccsr.config import Config, resolve_data_path
+from ccsr.judge import JudgeAnswer, QuestionSet, TransformersJudge, answer_token_ids
+
+N_IMAGES = 20
+
+
+@pytest.fixture(scope="session")
+def llava_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tiny-models"))
+
+
+def _config(cache: str, **judge) -> Config:
+    cfg = Config(device="cpu", model_cache=cache)
+    for key, value in judge.items():
+        setattr(cfg.judge, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def judge(llava_cache):
+    j = TransformersJudge(_config(llava_cache))
+    yield j
+    j.close()
+
+
+@pytest.fixture(scope="session")
+def question_set() -> QuestionSet:
+    return QuestionSet.load(resolve_data_path("prompts/questions.yaml"))
+
+
+def noise_images(n: int, seed: int = 123) -> list[Image.Image]:
+    """Random noise of varied sizes and aspect ratios (hitting every grid pinpoint) and brightness."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(n):
+        w, h = (int(x) for x in rng.integers(16, 160, size=2))
+        pixels = rng.uniform(0, 255, size=3) + rng.normal(0, rng.uniform(5, 90), size=(h, w, 3))
+        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype("uint8")))
+    return images
+
+
+@pytest.fixture(scope="session")
+def images() -> list[Image.Image]:
+    return noise_images(N_IMAGES)
+
+
+@pytest.fixture(scope="session")
+def rendered(question_set) -> list[list[str]]:
+    prompts = [f"A photo of a giraffe number {i} {{class_name}} in the savanna" for i in range(N_IMAGES)]
+    return [question_set.render("giraffe", p) for p in prompts]
+
+
+@pytest.fixture(scope="session")
+def fast_answers(judge, images, rendered) -> list[JudgeAnswer]:
+    return judge.answer(images, rendered)
+
+
+def _p_yes(judge, logits: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return torch.sigmoid(logits[..., judge.yes_ids].logsumexp(-1) - logits[..., judge.no_ids].logsumexp(-1))
+
+
+def _reference(judge, image, question):
+    """The unbatched, uncached reference: the processor's own encoding and one plain forward."""
+    prompt = judge.build_prompt(question)
+    inputs = judge.processor(
+        images=image.convert("RGB"), text=prompt, add_special_tokens=False, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        logits = judge.model(**inputs).logits[0, -1]
+    return inputs, int(logits.argmax()), _p_yes(judge, logits).item()
+
+
+def _reference_batch(judge, image, questions):
+    """All questions of one image as full left-padded sequences (no prefix reuse), the processor's encoding."""
+    prompts = [judge.build_prompt(q) for q in questions]
+    inputs = judge.processor(
+        images=[image.convert("RGB")] * len(prompts),
+        text=prompts,
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        logits = judge.model(**inputs).logits[:, -1]
+    return logits.argmax(-1).tolist(), _p_yes(judge, logits).tolist()
+
+
+def test_yes_no_tokens(judge):
+    yes, no = answer_token_ids(judge.tokenizer)
+    to_tokens = judge.tokenizer.convert_ids_to_tokens
+    assert {"▁Yes", "Yes", "▁yes", "yes"} <= set(to_tokens(yes))
+    assert {"▁No", "No", "▁no", "no"} <= set(to_tokens(no))
+
+
+def _check(judge, greedy: int, p_ref: float, answer: str, p: float) -> int:
+    assert p == pytest.approx(p_ref, abs=1e-4)
+    if greedy in judge.yes_ids or greedy in judge.no_ids:
+        assert answer == ("yes" if greedy in judge.yes_ids else "no")
+        return 1
+    return 0
+
+
+def test_fast_path_equals_greedy_first_token(judge, images, rendered, fast_answers):
+    decided = 0
+    for image, questions, fast in zip(images, rendered, fast_answers, strict=True):
+        assert len(fast.answers) == len(fast.p_yes) == 10
+        greedy, p_ref = _reference_batch(judge, image, questions)
+        for k in range(10):
+            decided += _check(judge, greedy[k], p_ref[k], fast.answers[k], fast.p_yes[k])
+    # The tiny model is built to answer with a yes/no token essentially always.
+    assert decided >= 0.95 * N_IMAGES * 10
+
+
+def test_fast_path_equals_unbatched_single_question(judge, images, rendered, fast_answers):
+    for image, questions, fast in list(zip(images, rendered, fast_answers, strict=True))[:4]:
+        for k, question in enumerate(questions):
+            _, greedy, p_ref = _reference(judge, image, question)
+            _check(judge, greedy, p_ref, fast.answers[k], fast.p_yes[k])
+
+
+def test_greedy_generate_first_token(judge, images, rendered, fast_answers):
+    # generate() itself (not only the argmax of one forward) for a few images.
+    for image, questions, fast in list(zip(images, rendered, fast_answers, strict=True))[:3]:
+        for question, answer in zip(questions[:4], fast.answers[:4], strict=True):
+            inputs, _, _ = _reference(judge, image, question)
+            with torch.inference_mode():
+                out = judge.model.generate(**inputs, do_sample=False, max_new_tokens=1)
+            first = int(out[0, -1])
+            assert first in judge.yes_ids + judge.no_ids
+            assert answer == ("yes" if first in judge.yes_ids else "no")
+
+
+def test_answers_vary_between_images(fast_answers, question_set):
+    flat = [a for r in fast_answers for a in r.answers]
+    assert 0.1 < flat.count("yes") / len(flat) < 0.9
+    assert len({question_set.score(r.answers) for r in fast_answers}) >= 2
+
+
+def test_batched_suffix_strategy_agrees(judge, images, rendered, fast_answers):
+    judge.suffix_strategy = "batched"
+    try:
+        batched = judge.answer(images[:5], rendered[:5])
+    finally:
+        judge.suffix_strategy = "packed"
+    for a, b in zip(batched, fast_answers[:5], strict=False):
+        assert a.answers == b.answers
+        assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
+
+
+def test_generate_mode(llava_cache, images, rendered, fast_answers):
+    judge = TransformersJudge(_config(llava_cache, mode="generate"))
+    try:
+        out = judge.answer(images[:4], rendered[:4])
+    finally:
+        judge.close()
+    for free, fast in zip(out, fast_answers[:4], strict=False):
+        assert free.p_yes == [None] * 10
+        assert free.answers == fast.answers  # the tiny model says "Yes</s>" / "No</s>"
+
+
+def test_answer_checks_lengths(judge, images, rendered):
+    with pytest.raises(ValueError, match="2 images but 1 question lists"):
+        judge.answer(images[:2], rendered[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (GPU extra)")
+def test_vllm_judge_matches_transformers(llava_cache, images, rendered, fast_answers):
+    from ccsr.judge_vllm import VLLMJudge
+
+    judge = VLLMJudge(_config(llava_cache, backend="vllm"))
+    try:
+        out = judge.answer(images[:4], rendered[:4])
+    finally:
+        judge.close()
+    for a, b in zip(out, fast_answers[:4], strict=False):
+        assert len(a.answers) == 10
+        assert a.p_yes == pytest.approx(b.p_yes, abs=2e-2)
