@@ -1,0 +1,754 @@
+"""LoRA fine-tuning of the UNet on the optimal (prompt, image) pairs: step 5 of the loop (paper section 3).
+
+The paper's recipe (rank 4 on the attention projections, lr 1e-4 constant, batch 18, 100 epochs, 512 px,
+random horizontal flip, fp16 mixed precision) lives in :class:`ccsr.config.TrainerConfig`; this module reads
+top to bottom: load the frozen pipeline parts, add a peft LoRA to the UNet, encode the data (once, when
+``cache_latents`` is on), run the denoising loss, checkpoint, write a diffusers-format LoRA.
+
+Reproducibility does not depend on where a run was interrupted: every random draw of optimizer step ``s``
+comes from a generator seeded by ``(cfg.seed, s, micro_batch)`` and the data order of epoch ``e`` from
+``(cfg.seed, e)``, so a resumed run draws exactly what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ccsr.devices import torch_device
+from ccsr.tiny import resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "default"
+CHECKPOINTS_DIR = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+RESULT_FILE = "train_result.json"
+# Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
+# still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
+_FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")
+
+
+@dataclass
+class TrainPair:
+    prompt: str
+    image_path: Path
+    score: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    lora_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small helpers: seeding, hashing, atomic files
+
+
+def _generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator for one (seed, keys) tuple; CPU so the draws are the same on every device."""
+    import numpy as np
+    import torch
+
+    state = np.random.SeedSequence([seed % 2**63, *keys]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) % 2**63)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sha256_text(*parts: Any) -> str:
+    return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _load_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, center-crop a square, scale to [-1, 1]; shape (3, R, R)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = resolution / min(w, h)
+        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        left = (size[0] - resolution) // 2
+        top = (size[1] - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class _Encoder:
+    """The frozen halves of the pipeline: VAE latent distributions of images and CLIP embeddings of captions."""
+
+    def __init__(self, model_path: str, vae, text_encoder, tokenizer, resolution: int, device, dtype):
+        self.model_path = model_path
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.device = device
+        self.dtype = dtype
+
+    def latent_distribution(self, paths: list[Path], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE's diagonal Gaussian, float32 on the CPU; an image is flipped before encoding."""
+        import torch
+
+        pixels = []
+        for path, flip in zip(paths, flips, strict=True):
+            x = _load_pixels(path, self.resolution)
+            pixels.append(torch.flip(x, dims=[2]) if flip else x)
+        with torch.no_grad():
+            batch = torch.stack(pixels).to(self.device, self.dtype)
+            dist = self.vae.encode(batch).latent_dist
+        return dist.mean.float().cpu(), dist.std.float().cpu()
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        import torch
+
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return hidden.float().cpu()
+
+
+class _EncodingCache:
+    """Latent distributions (both flips) and caption embeddings of every pair, computed once.
+
+    The distribution is cached, not a sample, so each step still draws a fresh latent exactly as the uncached
+    path does; the flipped image gets its own encoding because the VAE does not commute with a flip. Files are
+    keyed by content (image bytes, resolution, model, dtype) so later iterations reuse them.
+    """
+
+    def __init__(
+        self,
+        encoder: _Encoder,
+        pairs: list[TrainPair],
+        image_hashes: list[str],
+        flips: bool,
+        cache_dir: Path | None,
+        batch_size: int,
+    ):
+        import torch
+        from safetensors.torch import load_file
+        from tqdm.auto import tqdm
+
+        self.flips = flips
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        salt = (encoder.model_path, encoder.resolution, str(encoder.dtype))
+        latent_keys = [_sha256_text("latent", h, *salt) for h in image_hashes]
+        text_keys = [_sha256_text("text", p.prompt, encoder.model_path, str(encoder.dtype)) for p in pairs]
+
+        def load(kind: str, key: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+            if cache_dir is None:
+                return None
+            path = cache_dir / f"{kind}-{key}.safetensors"
+            if not path.exists():
+                return None
+            try:
+                tensors = load_file(str(path))
+            except Exception as exc:  # a torn or foreign file is recomputed, never trusted
+                logger.warning("ignoring unreadable encoding cache file %s (%s)", path, exc)
+                return None
+            return tensors if all(n in tensors for n in names) else None
+
+        latent_names = ("mean", "std", "mean_flip", "std_flip") if flips else ("mean", "std")
+        latents: list[dict[str, torch.Tensor] | None] = [load("latent", k, latent_names) for k in latent_keys]
+        texts: list[dict[str, torch.Tensor] | None] = [load("text", k, ("embedding",)) for k in text_keys]
+        todo_latent = [i for i, t in enumerate(latents) if t is None]
+        todo_text = [i for i, t in enumerate(texts) if t is None]
+        logger.info(
+            "encoding cache: %d/%d images and %d/%d captions to encode",
+            len(todo_latent),
+            len(pairs),
+            len(todo_text),
+            len(pairs),
+        )
+        progress = tqdm(total=len(todo_latent) + len(todo_text), desc="encoding", disable=not todo_latent)
+        for start in range(0, len(todo_latent), batch_size):
+            chunk = todo_latent[start : start + batch_size]
+            paths = [pairs[i].image_path for i in chunk]
+            mean, std = encoder.latent_distribution(paths, [False] * len(chunk))
+            if flips:
+                mean_f, std_f = encoder.latent_distribution(paths, [True] * len(chunk))
+            for j, i in enumerate(chunk):
+                entry = {"mean": mean[j].clone(), "std": std[j].clone()}
+                if flips:
+                    entry.update(mean_flip=mean_f[j].clone(), std_flip=std_f[j].clone())
+                latents[i] = entry
+                if cache_dir is not None:
+                    _atomic_save_tensors(entry, cache_dir / f"latent-{latent_keys[i]}.safetensors")
+            progress.update(len(chunk))
+        for start in range(0, len(todo_text), batch_size):
+            chunk = todo_text[start : start + batch_size]
+            hidden = encoder.text_embeddings([pairs[i].prompt for i in chunk])
+            for j, i in enumerate(chunk):
+                texts[i] = {"embedding": hidden[j].clone()}
+                if cache_dir is not None:
+                    _atomic_save_tensors(texts[i], cache_dir / f"text-{text_keys[i]}.safetensors")
+            progress.update(len(chunk))
+        progress.close()
+        self.mean = torch.stack([t["mean"] for t in latents])
+        self.std = torch.stack([t["std"] for t in latents])
+        if flips:
+            self.mean_flip = torch.stack([t["mean_flip"] for t in latents])
+            self.std_flip = torch.stack([t["std_flip"] for t in latents])
+        self.text = torch.stack([t["embedding"] for t in texts])
+
+    def batch(self, indices: list[int], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        import torch
+
+        idx = torch.tensor(indices, dtype=torch.long)
+        mean, std = self.mean[idx], self.std[idx]
+        if any(flips):
+            flip = torch.tensor(flips).view(-1, 1, 1, 1)
+            mean = torch.where(flip, self.mean_flip[idx], mean)
+            std = torch.where(flip, self.std_flip[idx], std)
+        return mean, std, self.text[idx]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA weights in and out
+
+
+def _load_lora_into_adapter(unet, lora_dir: Path, rank: int) -> None:
+    """Set the adapter's weights from a diffusers-format (or kohya-format) LoRA folder or file."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    lora_dir = Path(lora_dir)
+    if lora_dir.is_dir() and not (lora_dir / LORA_WEIGHTS_NAME).exists():
+        raise ValueError(f"init LoRA folder {lora_dir} has no {LORA_WEIGHTS_NAME}")
+    if not lora_dir.exists():
+        raise ValueError(f"init LoRA {lora_dir} does not exist")
+    kwargs = {} if lora_dir.is_dir() else {"weight_name": lora_dir.name}
+    source = str(lora_dir if lora_dir.is_dir() else lora_dir.parent)
+    state_dict, network_alphas = StableDiffusionPipeline.lora_state_dict(source, **kwargs)
+    unet_sd = {k[len("unet.") :]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    if not unet_sd:
+        raise ValueError(f"init LoRA {lora_dir} holds no UNet weights")
+    if network_alphas:
+        logger.warning(
+            "init LoRA %s carries kohya alphas; they are ignored (trainer.alpha is used)", lora_dir
+        )
+    peft_sd = convert_unet_state_dict_to_peft(unet_sd)
+    ranks = {v.shape[0] for k, v in peft_sd.items() if ".lora_A." in k}
+    if ranks != {rank}:
+        raise ValueError(f"init LoRA {lora_dir} has rank {sorted(ranks)}, but trainer.rank is {rank}")
+    result = set_peft_model_state_dict(unet, peft_sd, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", [])
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if unexpected or missing:
+        raise ValueError(
+            f"init LoRA {lora_dir} does not match trainer.target_modules "
+            f"({len(unexpected)} unexpected, {len(missing)} missing keys, e.g. {(unexpected + missing)[0]})"
+        )
+
+
+def _adapter_state(unet) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_lora(unet, out_dir: Path) -> Path:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` (diffusers format) atomically; return its path."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp_dir = out_dir / f".lora.tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # The adapter metadata carries lora_alpha: without it a loader assumes alpha == rank.
+    metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(tmp_dir),
+        unet_lora_layers={k: v.detach().float().contiguous() for k, v in layers.items()},
+        safe_serialization=True,
+        unet_lora_adapter_metadata=metadata,
+    )
+    _fsync(tmp_dir / LORA_WEIGHTS_NAME)
+    os.replace(tmp_dir / LORA_WEIGHTS_NAME, out_dir / LORA_WEIGHTS_NAME)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir / LORA_WEIGHTS_NAME
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[len("step-") :])
+    except ValueError:
+        return None
+
+
+def _write_checkpoint(
+    root: Path, step: int, adapter: dict, optimizer, lr_scheduler, state: dict, kept: int
+) -> Path:
+    """``root/step-<n>/``: files fsynced, ``complete.json`` (checksums) last, then one rename."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(adapter, str(tmp / "adapter.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    checksums = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync(path)
+        checksums[path.name] = _sha256_file(path)
+    (tmp / "complete.json").write_text(json.dumps({"step": step, "sha256": checksums}, indent=1))
+    _fsync(tmp / "complete.json")
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    complete = sorted((p for p in root.iterdir() if _checkpoint_step(p) is not None), key=_checkpoint_step)
+    for old in complete[:-kept]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _valid_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint's state if it is complete, intact and from the same training setup, else None."""
+    marker = path / "complete.json"
+    if not marker.exists():
+        logger.warning("skipping checkpoint %s: no complete.json (torn write)", path)
+        return None
+    try:
+        sums = json.loads(marker.read_text(encoding="utf-8"))["sha256"]
+        for name, digest in sums.items():
+            if _sha256_file(path / name) != digest:
+                logger.warning("skipping checkpoint %s: checksum mismatch in %s", path, name)
+                return None
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("skipping checkpoint %s: unreadable (%s)", path, exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        logger.warning("skipping checkpoint %s: written for a different training setup", path)
+        return None
+    return state
+
+
+def _latest_checkpoint(root: Path, fingerprint: str) -> tuple[Path, dict] | None:
+    if not root.is_dir():
+        return None
+    steps = sorted((p for p in root.iterdir() if _checkpoint_step(p) is not None), key=_checkpoint_step)
+    for path in reversed(steps):
+        state = _valid_checkpoint(path, fingerprint)
+        if state is not None:
+            return path, state
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the trainer
+
+
+def _loss_weights(pairs: list[TrainPair], reward_weighted: bool) -> list[float]:
+    """Per-pair loss weights. Reward-weighted: proportional to max(score, 0), mean 1 (Lee et al. 2023, eq. 2)."""
+    if not reward_weighted:
+        return [1.0] * len(pairs)
+    clipped = [max(float(p.score), 0.0) for p in pairs]
+    total = sum(clipped)
+    if total == 0.0:
+        logger.warning("reward-weighted loss: every score is <= 0, falling back to uniform weights")
+        return [1.0] * len(pairs)
+    return [c * len(pairs) / total for c in clipped]
+
+
+def _validate(cfg: Config, pairs: list[TrainPair]) -> None:
+    t = cfg.trainer
+    if not pairs:
+        raise ValueError("train_lora needs at least one (prompt, image) pair")
+    if t.prior_weight:
+        raise ValueError(
+            "trainer.prior_weight (prior-preservation loss) is not implemented yet; set it to 0.0"
+        )
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ValueError(f"trainer.max_steps must be > 0 or null, got {t.max_steps}")
+    if t.checkpoint_every < 0:
+        raise ValueError(f"trainer.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    missing = [str(p.image_path) for p in pairs if not Path(p.image_path).is_file()]
+    if missing:
+        raise ValueError(f"training image not found: {missing[0]} ({len(missing)} missing in total)")
+
+
+def _fingerprint(
+    cfg: Config, model_path: str, pairs: list[TrainPair], image_hashes: list[str], init_hash: str | None
+) -> str:
+    trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in _FINGERPRINT_EXCLUDED}
+    payload = {
+        "model": model_path,
+        "seed": cfg.seed,
+        "trainer": trainer,
+        "pairs": [[p.prompt, h, float(p.score)] for p, h in zip(pairs, image_hashes, strict=True)],
+        "init_lora": init_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _init_lora_hash(init_lora: Path | None) -> str | None:
+    if init_lora is None:
+        return None
+    path = Path(init_lora)
+    return _sha256_file(path / LORA_WEIGHTS_NAME if path.is_dir() else path) if path.exists() else None
+
+
+def _rewrite_log(path: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint we resume from: they are about to be redone."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    _atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def train_lora(
+    cfg: Config,
+    pairs: list[TrainPair],
+    out_dir: Path,
+    init_lora: Path | None = None,
+    encode_cache_dir: Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune a LoRA on the UNet of ``cfg.generator.model`` and write it to ``out_dir``.
+
+    Resumes from the newest intact checkpoint in ``out_dir/checkpoints`` written for the same setup (model,
+    seed, trainer settings, pairs, init LoRA); returns at once if ``out_dir`` already holds the finished
+    result of that setup. ``on_step(step, loss)`` is called after every optimizer step (and its checkpoint):
+    the loop uses it for progress and stop requests (an exception raised there stops training, resumable).
+    """
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    _validate(cfg, pairs)
+    t = cfg.trainer
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    model_path = resolve_model(cfg.generator.model, cfg.model_cache)
+    image_hashes = [_sha256_file(Path(p.image_path)) for p in pairs]
+    fingerprint = _fingerprint(cfg, model_path, pairs, image_hashes, _init_lora_hash(init_lora))
+
+    result_file = out_dir / RESULT_FILE
+    if result_file.exists() and (out_dir / LORA_WEIGHTS_NAME).exists():
+        done = json.loads(result_file.read_text(encoding="utf-8"))
+        if done.get("fingerprint") == fingerprint:
+            logger.info("LoRA in %s is already trained for this setup; nothing to do", out_dir)
+            return TrainResult(out_dir, done["steps"], done["final_loss"], done["seconds"])
+
+    device = torch_device(cfg)
+    mixed_precision = t.mixed_precision
+    if device.type == "cpu" and mixed_precision == "fp16":
+        logger.warning("trainer.mixed_precision=fp16 needs a GPU; training in float32 on the CPU")
+        mixed_precision = "no"
+    # Multi-process training (accelerate launch / torchrun) goes through the same object; see FIELD-NOTES.
+    # Gradient accumulation is done by hand below (the micro-batch stream is indexed by step for exact
+    # resume), so accelerate must not also divide the loss by the accumulation count in backward().
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+
+    # ---- model: frozen pipeline parts, LoRA on the UNet attention projections (paper: rank 4)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, subfolder="tokenizer")
+    # Frozen weights in the mixed-precision dtype (the trainable LoRA weights are cast back to float32 below).
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=weight_dtype)
+    vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=weight_dtype)
+    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{model_path}: unsupported scheduler prediction_type {prediction_type!r}")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+    for module in (text_encoder, vae, unet):
+        module.to(device)
+    text_encoder.eval()
+    vae.eval()
+
+    lora_config = LoraConfig(
+        r=t.rank, lora_alpha=t.alpha, init_lora_weights="gaussian", target_modules=list(t.target_modules)
+    )
+    # peft's gaussian init of lora_A draws from the global generator: seed it without disturbing the caller.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
+    if init_lora is not None:
+        _load_lora_into_adapter(unet, Path(init_lora), t.rank)
+        logger.info("LoRA initialised from %s", init_lora)
+    cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay float32 under fp16/bf16
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    # A list, not a generator: clip_grad_norm_ on an exhausted iterator silently clips nothing (FIELD-NOTES).
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    n = len(pairs)
+    batch_size = min(t.batch_size, n)
+    batches_per_epoch = math.ceil(n / batch_size)
+    accum = t.gradient_accumulation_steps
+    total_steps = t.max_steps or math.ceil(t.epochs * batches_per_epoch / accum)
+    lr_scheduler = get_scheduler(
+        t.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=t.lr_warmup_steps,
+        num_training_steps=total_steps,
+    )
+    # The lr scheduler is stepped by hand, once per optimizer step, so it does not depend on process count.
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    # ---- resume
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out_dir / CHECKPOINTS_DIR
+    start_step = 0
+    resumed = _latest_checkpoint(ckpt_root, fingerprint)
+    if resumed is not None:
+        path, state = resumed
+        set_peft_model_state_dict(
+            accelerator.unwrap_model(unet),
+            load_file(str(path / "adapter.safetensors")),
+            adapter_name=ADAPTER_NAME,
+        )
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
+        torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
+        start_step = state["step"]
+        logger.info("resuming LoRA training from %s (step %d of %d)", path, start_step, total_steps)
+    if accelerator.is_main_process:
+        _rewrite_log(out_dir / TRAIN_LOG, start_step)
+        # Checkpoints past the resume point are torn, corrupt or from another setup: they would only confuse
+        # the rotation (and a later resume), and the steps they cover are about to be redone.
+        if ckpt_root.is_dir():
+            for path in ckpt_root.iterdir():
+                step_of = _checkpoint_step(path)
+                if path.name.startswith(".step-") or (step_of is not None and step_of > start_step):
+                    shutil.rmtree(path, ignore_errors=True)
+
+    # ---- data
+    encoder = _Encoder(model_path, vae, text_encoder, tokenizer, t.resolution, device, weight_dtype)
+    cache = None
+    if t.cache_latents and start_step < total_steps:
+        cache = _EncodingCache(
+            encoder,
+            pairs,
+            image_hashes,
+            t.random_flip,
+            Path(encode_cache_dir) if encode_cache_dir is not None else None,
+            batch_size,
+        )
+    weights = torch.tensor(_loss_weights(pairs, t.reward_weighted))
+    scaling_factor = vae.config.scaling_factor
+    permutations: dict[int, list[int]] = {}
+
+    def micro_batch(m: int) -> list[int]:
+        epoch, position = divmod(m, batches_per_epoch)
+        if epoch not in permutations:
+            permutations[epoch] = torch.randperm(n, generator=_generator(cfg.seed, 0, epoch)).tolist()
+        return permutations[epoch][position * batch_size : (position + 1) * batch_size]
+
+    # ---- loop
+    log_file = out_dir / TRAIN_LOG
+    progress = tqdm(
+        total=total_steps, initial=start_step, desc="LoRA", disable=not accelerator.is_local_main_process
+    )
+    loss_value = float("nan")
+    for step in range(start_step, total_steps):
+        lr = lr_scheduler.get_last_lr()[0]
+        step_loss = 0.0
+        for micro in range(accum):
+            indices = micro_batch(step * accum + micro)
+            g = _generator(cfg.seed, 1, step, micro)
+            # The order of draws is fixed; the cached and uncached paths consume identical random numbers.
+            flips = (
+                (torch.rand(len(indices), generator=g) < 0.5).tolist()
+                if t.random_flip
+                else [False] * len(indices)
+            )
+            if cache is not None:
+                mean, std, text = cache.batch(indices, flips)
+            else:
+                mean, std = encoder.latent_distribution([pairs[i].image_path for i in indices], flips)
+                text = encoder.text_embeddings([pairs[i].prompt for i in indices])
+            latents = (mean + std * torch.randn(mean.shape, generator=g)) * scaling_factor
+            noise = torch.randn(latents.shape, generator=g)
+            if t.noise_offset:
+                noise = noise + t.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=g
+            )
+            latents, noise, text = latents.to(device), noise.to(device), text.to(device, weight_dtype)
+            timesteps = timesteps.to(device)
+
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if prediction_type == "epsilon":
+                target = noise
+            else:
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            sync = micro == accum - 1
+            with accelerator.no_sync(unet) if not sync else nullcontext():
+                with accelerator.autocast():
+                    pred = unet(noisy.to(weight_dtype), timesteps, text, return_dict=False)[0]
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                sample_weights = weights[indices].to(device)
+                if t.snr_gamma is not None:
+                    # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+                    snr = compute_snr(noise_scheduler, timesteps)
+                    clipped = torch.clamp(snr, max=t.snr_gamma)
+                    sample_weights = sample_weights * (
+                        clipped / (snr if prediction_type == "epsilon" else snr + 1)
+                    )
+                loss = (per_sample * sample_weights).mean()
+                accelerator.backward(loss / accum)
+            step_loss += loss.detach().item() / accum
+        if t.max_grad_norm and t.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        loss_value = step_loss
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        if accelerator.is_main_process:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": done, "loss": loss_value, "lr": lr}) + "\n")
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < total_steps:
+                state = {
+                    "step": done,
+                    "fingerprint": fingerprint,
+                    "micro_batches_done": done * accum,
+                    "epoch": (done * accum) // batches_per_epoch,
+                    "batch_in_epoch": (done * accum) % batches_per_epoch,
+                    "seed": cfg.seed,
+                    "loss": loss_value,
+                }
+                _write_checkpoint(
+                    ckpt_root,
+                    done,
+                    _adapter_state(accelerator.unwrap_model(unet)),
+                    optimizer,
+                    lr_scheduler,
+                    state,
+                    t.checkpoints_kept,
+                )
+        if on_step is not None:
+            on_step(done, loss_value)
+    progress.close()
+
+    if resumed is not None and start_step >= total_steps:
+        loss_value = float(resumed[1].get("loss", float("nan")))
+    seconds = time.perf_counter() - started
+    if accelerator.is_main_process:
+        save_lora(accelerator.unwrap_model(unet), out_dir)
+        result = {
+            "fingerprint": fingerprint,
+            "steps": total_steps,
+            "final_loss": loss_value,
+            "seconds": seconds,
+        }
+        _atomic_write_text(result_file, json.dumps(result, indent=1))
+    accelerator.wait_for_everyone()
+    logger.info(
+        "LoRA trained: %d steps, final loss %.4f, %.1f s -> %s", total_steps, loss_value, seconds, out_dir
+    )
+    return TrainResult(lora_dir=out_dir, steps=total_steps, final_loss=loss_value, seconds=seconds)

@@ -1,0 +1,302 @@
+"""LoRA trainer on the real tiny SD: cached == uncached, resume == uninterrupted, targets, loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ccsr.config import Config
+from ccsr.trainer import LORA_WEIGHTS_NAME, TrainPair, _generator, train_lora
+
+RESOLUTION = 32  # the VAE downsamples 8x: 4x4 latents, enough for the UNet's one down block
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="session")
+def sd_models(tmp_path_factory) -> dict[str, Path]:
+    from ccsr.tiny.sd import build_stable_diffusion
+
+    root = tmp_path_factory.mktemp("sd")
+    models = {}
+    for prediction_type in ("epsilon", "v_prediction"):
+        out = root / prediction_type
+        build_stable_diffusion(out, seed=0, prediction_type=prediction_type)
+        models[prediction_type] = out
+    return models
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> list[TrainPair]:
+    """Eight noise images of mixed sizes and aspect ratios (the resize + center crop is exercised)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    sizes = [(48, 32), (32, 40), (32, 32), (64, 48)]
+    out = []
+    for i in range(8):
+        w, h = sizes[i % len(sizes)]
+        path = root / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        out.append(
+            TrainPair(prompt=f"a photo of a red object number {i}", image_path=path, score=float(i % 4))
+        )
+    return out
+
+
+def make_cfg(model: Path, **trainer) -> Config:
+    cfg = Config()
+    cfg.device = "cpu"
+    cfg.generator.model = str(model)
+    defaults = {"resolution": RESOLUTION, "batch_size": 4, "max_steps": 4, "learning_rate": 1e-3}
+    for key, value in {**defaults, **trainer}.items():
+        setattr(cfg.trainer, key, value)
+    return cfg
+
+
+def lora_tensors(lora_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(lora_dir / LORA_WEIGHTS_NAME))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def reference_run(sd_models, pairs, tmp_path_factory) -> Path:
+    """An uninterrupted 6-step run with checkpoints every 2 steps: the baseline of the resume tests."""
+    out = tmp_path_factory.mktemp("reference")
+    cfg = make_cfg(sd_models["epsilon"], max_steps=6, checkpoint_every=2)
+    train_lora(cfg, pairs, out)
+    return out
+
+
+def test_cached_and_uncached_paths_agree(sd_models, pairs, tmp_path, caplog):
+    cache_dir = tmp_path / "encodings"
+    cached = train_lora(
+        make_cfg(sd_models["epsilon"], max_steps=3), pairs, tmp_path / "c", encode_cache_dir=cache_dir
+    )
+    uncached = train_lora(
+        make_cfg(sd_models["epsilon"], max_steps=3, cache_latents=False), pairs, tmp_path / "u"
+    )
+    # Same batches, flips, latent samples, noise and timesteps: the losses and the LoRA agree to float noise.
+    losses_c = [r["loss"] for r in read_log(cached.lora_dir)]
+    losses_u = [r["loss"] for r in read_log(uncached.lora_dir)]
+    np.testing.assert_allclose(losses_c, losses_u, rtol=1e-5)
+    # The VAE sees different batch compositions on the two paths (float noise ~1e-7), which Adam's
+    # normalised update can lift to ~1e-6 on near-zero gradients.
+    assert max_diff(lora_tensors(cached.lora_dir), lora_tensors(uncached.lora_dir)) < 1e-5
+    # One latent file (both flips) per image and one text file per caption, reused by a later run.
+    assert len(list(cache_dir.glob("latent-*.safetensors"))) == len(pairs)
+    assert len(list(cache_dir.glob("text-*.safetensors"))) == len(pairs)
+    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+        again = train_lora(
+            make_cfg(sd_models["epsilon"], max_steps=3), pairs, tmp_path / "c2", encode_cache_dir=cache_dir
+        )
+    assert "0/8 images and 0/8 captions to encode" in caplog.text
+    assert max_diff(lora_tensors(again.lora_dir), lora_tensors(cached.lora_dir)) == 0.0
+
+
+def test_flip_uses_its_own_encoding(sd_models, pairs, tmp_path):
+    """With flips off, the same seed gives a different run: the flip really reaches the latents."""
+    flipped = train_lora(make_cfg(sd_models["epsilon"], max_steps=1), pairs, tmp_path / "f")
+    plain = train_lora(make_cfg(sd_models["epsilon"], max_steps=1, random_flip=False), pairs, tmp_path / "p")
+    assert read_log(flipped.lora_dir)[0]["loss"] != read_log(plain.lora_dir)[0]["loss"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(sd_models, pairs, reference_run, tmp_path):
+    cfg = make_cfg(sd_models["epsilon"], max_steps=6, checkpoint_every=2)
+
+    def stop_at_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_lora(cfg, pairs, tmp_path, on_step=stop_at_5)
+    assert not (tmp_path / LORA_WEIGHTS_NAME).exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    result = train_lora(cfg, pairs, tmp_path)
+    assert result.steps == 6
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(reference_run)) < 1e-6
+    # Steps 5 (logged before the crash) and 6 were redone from step 4, and logged once.
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(
+        [r["loss"] for r in read_log(tmp_path)], [r["loss"] for r in read_log(reference_run)], rtol=1e-6
+    )
+
+
+def test_torn_and_corrupt_checkpoints_are_skipped(sd_models, pairs, reference_run, tmp_path, caplog):
+    cfg = make_cfg(sd_models["epsilon"], max_steps=6, checkpoint_every=2, checkpoints_kept=3)
+
+    def stop_at_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_lora(cfg, pairs, tmp_path, on_step=stop_at_5)
+    ckpts = tmp_path / "checkpoints"
+    # step-4 corrupted after it was committed; step-5 torn mid-write (no complete.json).
+    adapter = ckpts / "step-4" / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
+    shutil.copytree(ckpts / "step-2", ckpts / "step-5")
+    (ckpts / "step-5" / "complete.json").unlink()
+    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+        train_lora(cfg, pairs, tmp_path)
+    assert "skipping checkpoint" in caplog.text and "step-5" in caplog.text and "checksum" in caplog.text
+    assert "step 2 of 6" in caplog.text
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step-2",
+        "step-4",
+    ]  # torn step-5 cleared, step-4 redone
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(reference_run)) < 1e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_target_follows_the_scheduler_config(sd_models, pairs, tmp_path, prediction_type):
+    """Step 1 (LoRA B = 0, so the UNet is the base) recomputed by hand with the trainer's draw order."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from ccsr.trainer import _load_pixels
+
+    model = sd_models[prediction_type]
+    cfg = make_cfg(model, max_steps=1, batch_size=2)
+    result = train_lora(cfg, pairs, tmp_path)
+    logged = read_log(result.lora_dir)[0]["loss"]
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    assert scheduler.config.prediction_type == prediction_type
+
+    indices = torch.randperm(len(pairs), generator=_generator(cfg.seed, 0, 0)).tolist()[:2]
+    g = _generator(cfg.seed, 1, 0, 0)
+    flips = (torch.rand(2, generator=g) < 0.5).tolist()
+    pixels = []
+    for i, flip in zip(indices, flips, strict=True):
+        x = _load_pixels(pairs[i].image_path, RESOLUTION)
+        pixels.append(torch.flip(x, dims=[2]) if flip else x)
+    with torch.no_grad():
+        dist = vae.encode(torch.stack(pixels)).latent_dist
+        latents = (
+            dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        ) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (2,), generator=g)
+        ids = tokenizer(
+            [pairs[i].prompt for i in indices],
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+    eps_loss = torch.nn.functional.mse_loss(pred, noise).item()
+    v_loss = torch.nn.functional.mse_loss(pred, scheduler.get_velocity(latents, noise, t)).item()
+    expected, other = (eps_loss, v_loss) if prediction_type == "epsilon" else (v_loss, eps_loss)
+    assert logged == pytest.approx(expected, rel=1e-5)
+    assert logged != pytest.approx(other, rel=1e-3)
+
+
+def test_lora_loads_in_plain_pipeline(sd_models, pairs, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    result = train_lora(make_cfg(sd_models["epsilon"], max_steps=4, learning_rate=1e-2), pairs, tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_models["epsilon"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def draw():
+        return pipe(
+            pairs[0].prompt,
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    base = draw()
+    pipe.load_lora_weights(result.lora_dir, adapter_name="ccsr")
+    pipe.set_adapters(["ccsr"], adapter_weights=[0.0])
+    assert np.array_equal(draw(), base)
+    pipe.set_adapters(["ccsr"], adapter_weights=[1.0])
+    assert np.abs(draw() - base).max() > 1e-4
+
+
+def test_init_lora_is_loaded_and_continued(sd_models, pairs, reference_run, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from ccsr.trainer import _load_lora_into_adapter
+
+    # Loading into a fresh adapter reproduces the file exactly.
+    unet = UNet2DConditionModel.from_pretrained(sd_models["epsilon"], subfolder="unet")
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    _load_lora_into_adapter(unet, reference_run, rank=4)
+    loaded = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    original = {k.removeprefix("unet."): v for k, v in lora_tensors(reference_run).items()}
+    assert max_diff(loaded, original) == 0.0
+
+    # Continuing: a small step away from the init LoRA, far from a fresh one.
+    cfg = make_cfg(sd_models["epsilon"], max_steps=1, learning_rate=1e-5)
+    train_lora(cfg, pairs, tmp_path / "continued", init_lora=reference_run)
+    assert 0 < max_diff(lora_tensors(tmp_path / "continued"), lora_tensors(reference_run)) < 1e-4
+    with pytest.raises(ValueError, match="rank"):
+        train_lora(make_cfg(sd_models["epsilon"], rank=8), pairs, tmp_path / "bad", init_lora=reference_run)
+
+
+def test_options_and_result_reuse(sd_models, pairs, tmp_path):
+    """Min-SNR, noise offset, accumulation, checkpointing and reward weights run; a finished run is reused."""
+    cfg = make_cfg(
+        sd_models["v_prediction"],
+        max_steps=2,
+        batch_size=3,
+        snr_gamma=5.0,
+        noise_offset=0.05,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        reward_weighted=True,
+        lr_scheduler="cosine",
+        lr_warmup_steps=1,
+    )
+    first = train_lora(cfg, pairs, tmp_path)
+    assert first.steps == 2 and np.isfinite(first.final_loss)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2] and log[0]["lr"] == 0.0 < log[1]["lr"]
+    again = train_lora(cfg, pairs, tmp_path)
+    assert (again.steps, again.final_loss, again.seconds) == (first.steps, first.final_loss, first.seconds)
+
+    epochs = make_cfg(sd_models["epsilon"], max_steps=None, epochs=2, batch_size=3)
+    assert train_lora(epochs, pairs, tmp_path / "epochs").steps == 2 * 3  # ceil(8 / 3) = 3 batches an epoch
+
+    with pytest.raises(ValueError, match="prior_weight"):
+        train_lora(make_cfg(sd_models["epsilon"], prior_weight=0.5), pairs, tmp_path / "prior")
+    with pytest.raises(ValueError, match="not found"):
+        train_lora(make_cfg(sd_models["epsilon"]), [TrainPair("x", tmp_path / "missing.png")], tmp_path / "m")
