@@ -7,7 +7,9 @@ top to bottom: load the frozen pipeline parts, add a peft LoRA to the UNet, enco
 
 Reproducibility does not depend on where a run was interrupted: every random draw of optimizer step ``s``
 comes from a generator seeded by ``(cfg.seed, s, micro_batch)`` and the data order of epoch ``e`` from
-``(cfg.seed, e)``, so a resumed run draws exactly what the uninterrupted run drew.
+``(cfg.seed, e)``, so a resumed run draws exactly what the uninterrupted run drew. Nor does it depend on
+the number of processes (``accelerate launch`` / torchrun, see ``ccsr.train_cli``): each process draws the
+whole global batch's numbers and keeps its slice, so only the float summation order differs.
 """
 
 from __future__ import annotations
@@ -190,14 +192,17 @@ class _EncodingCache:
         flips: bool,
         cache_dir: Path | None,
         batch_size: int,
+        write: bool = True,
     ):
         import torch
         from safetensors.torch import load_file
         from tqdm.auto import tqdm
 
         self.flips = flips
-        if cache_dir is not None:
-            cache_dir.mkdir(parents=True, exist_ok=True)
+        # Only the main process writes (the others load what it wrote, see train_lora).
+        writer_dir = cache_dir if write else None
+        if writer_dir is not None:
+            writer_dir.mkdir(parents=True, exist_ok=True)
         salt = (encoder.model_path, encoder.resolution, str(encoder.dtype))
         latent_keys = [_sha256_text("latent", h, *salt) for h in image_hashes]
         text_keys = [_sha256_text("text", p.prompt, encoder.model_path, str(encoder.dtype)) for p in pairs]
@@ -227,7 +232,9 @@ class _EncodingCache:
             len(todo_text),
             len(pairs),
         )
-        progress = tqdm(total=len(todo_latent) + len(todo_text), desc="encoding", disable=not todo_latent)
+        progress = tqdm(
+            total=len(todo_latent) + len(todo_text), desc="encoding", disable=not (todo_latent and write)
+        )
         for start in range(0, len(todo_latent), batch_size):
             chunk = todo_latent[start : start + batch_size]
             paths = [pairs[i].image_path for i in chunk]
@@ -239,16 +246,16 @@ class _EncodingCache:
                 if flips:
                     entry.update(mean_flip=mean_f[j].clone(), std_flip=std_f[j].clone())
                 latents[i] = entry
-                if cache_dir is not None:
-                    _atomic_save_tensors(entry, cache_dir / f"latent-{latent_keys[i]}.safetensors")
+                if writer_dir is not None:
+                    _atomic_save_tensors(entry, writer_dir / f"latent-{latent_keys[i]}.safetensors")
             progress.update(len(chunk))
         for start in range(0, len(todo_text), batch_size):
             chunk = todo_text[start : start + batch_size]
             hidden = encoder.text_embeddings([pairs[i].prompt for i in chunk])
             for j, i in enumerate(chunk):
                 texts[i] = {"embedding": hidden[j].clone()}
-                if cache_dir is not None:
-                    _atomic_save_tensors(texts[i], cache_dir / f"text-{text_keys[i]}.safetensors")
+                if writer_dir is not None:
+                    _atomic_save_tensors(texts[i], writer_dir / f"text-{text_keys[i]}.safetensors")
             progress.update(len(chunk))
         progress.close()
         self.mean = torch.stack([t["mean"] for t in latents])
@@ -492,6 +499,61 @@ def _rewrite_log(path: Path, last_step: int) -> None:
     _atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# several processes (accelerate launch / torchrun): data parallel over the global batch
+
+
+def _shard(size: int, num_processes: int, process_index: int) -> tuple[int, int]:
+    """[lo, hi) of this process's share of a global batch of ``size``: contiguous, sizes differ by at most 1."""
+    return size * process_index // num_processes, size * (process_index + 1) // num_processes
+
+
+def _all_reduce_gradients(accelerator, params: list[torch.Tensor]) -> None:
+    """Sum the gradients of ``params`` over processes, in one collective on one flat buffer.
+
+    Each process's loss is its share of the global-batch mean (sum over its samples / global batch size), so
+    the sum over processes is the single-process gradient. An explicit sum rather than DDP's bucketed mean:
+    shares may be unequal (batch 18 on 4 processes, the short last batch of an epoch) or empty, and the LoRA
+    gradient is a few MB at most, so overlapping communication with backward buys nothing.
+    """
+    import torch
+
+    for p in params:
+        if p.grad is None:  # a parameter no sample reached: its gradient is zero, not missing
+            p.grad = torch.zeros_like(p)
+    flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="sum")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def _adapter_digest(unet) -> str:
+    """sha256 over the adapter's tensors (names, dtypes, shapes and bytes), in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_adapter_state(unet).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _check_ranks_in_sync(accelerator, unet) -> list[str]:
+    """Every process's adapter digest (process order); raise if they differ, i.e. the replicas diverged."""
+    from accelerate.utils import gather_object
+
+    digests = gather_object([_adapter_digest(unet)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"LoRA weights differ across processes after training: {digests}")
+    return digests
+
+
+def _tracker_config(cfg: Config) -> dict[str, Any]:
+    """Scalar trainer settings for the tracker's hyper-parameter table (it accepts no lists or None)."""
+    values = {f"trainer.{k}": v for k, v in asdict(cfg.trainer).items()}
+    values.update({"seed": cfg.seed, "generator.model": cfg.generator.model})
+    return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
+
+
 def train_lora(
     cfg: Config,
     pairs: list[TrainPair],
@@ -506,10 +568,16 @@ def train_lora(
     seed, trainer settings, pairs, init LoRA); returns at once if ``out_dir`` already holds the finished
     result of that setup. ``on_step(step, loss)`` is called after every optimizer step (and its checkpoint):
     the loop uses it for progress and stop requests (an exception raised there stops training, resumable).
+
+    Under ``accelerate launch --multi_gpu --num_processes P`` (or torchrun) every process takes a contiguous
+    share of each global batch of ``trainer.batch_size``, gradients are summed over processes before the
+    optimizer step, and only the main process writes files (LoRA, checkpoints, logs, encoding cache); see
+    docs/performance.md for what matches the single-process run exactly and what only to float rounding.
     """
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params, compute_snr
@@ -538,11 +606,25 @@ def train_lora(
     if device.type == "cpu" and mixed_precision == "fp16":
         logger.warning("trainer.mixed_precision=fp16 needs a GPU; training in float32 on the CPU")
         mixed_precision = "no"
-    # Multi-process training (accelerate launch / torchrun) goes through the same object; see FIELD-NOTES.
-    # Gradient accumulation is done by hand below (the micro-batch stream is indexed by step for exact
-    # resume), so accelerate must not also divide the loss by the accumulation count in backward().
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+    # Multi-process training (accelerate launch / torchrun) goes through the same object; on a CPU-only box
+    # `accelerate launch --cpu --num_processes 2` silently runs one process, `--multi_gpu` with cpu=True runs
+    # two on gloo (FIELD-NOTES). Gradient accumulation is done by hand below (the micro-batch stream is
+    # indexed by step for exact resume), so accelerate must not also divide the loss in backward().
+    # TensorBoard is an optional extra: logged through accelerate's tracker only when it is importable.
+    tracking = is_tensorboard_available()
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device.type == "cpu",
+        log_with="tensorboard" if tracking else None,
+        project_config=ProjectConfiguration(
+            project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")
+        )
+        if tracking
+        else None,
+    )
     device = accelerator.device
+    num_processes, process_index = accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
@@ -594,17 +676,20 @@ def train_lora(
         num_training_steps=total_steps,
     )
     # The lr scheduler is stepped by hand, once per optimizer step, so it does not depend on process count.
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    # The UNet is not wrapped in DDP: gradients are summed explicitly (_all_reduce_gradients says why), and
+    # every replica starts from the same weights (seeded LoRA init, same init/checkpoint files).
+    optimizer = accelerator.prepare(optimizer)
 
     # ---- resume
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_root = out_dir / CHECKPOINTS_DIR
     start_step = 0
     resumed = _latest_checkpoint(ckpt_root, fingerprint)
     if resumed is not None:
         path, state = resumed
         set_peft_model_state_dict(
-            accelerator.unwrap_model(unet),
+            unet,
             load_file(str(path / "adapter.safetensors")),
             adapter_name=ADAPTER_NAME,
         )
@@ -613,7 +698,8 @@ def train_lora(
         torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch_cpu"])
         start_step = state["step"]
         logger.info("resuming LoRA training from %s (step %d of %d)", path, start_step, total_steps)
-    if accelerator.is_main_process:
+    accelerator.wait_for_everyone()  # every process has read its checkpoint before the main one prunes
+    if is_main:
         _rewrite_log(out_dir / TRAIN_LOG, start_step)
         # Checkpoints past the resume point are torn, corrupt or from another setup: they would only confuse
         # the rotation (and a later resume), and the steps they cover are about to be redone.
@@ -627,14 +713,16 @@ def train_lora(
     encoder = _Encoder(model_path, vae, text_encoder, tokenizer, t.resolution, device, weight_dtype)
     cache = None
     if t.cache_latents and start_step < total_steps:
-        cache = _EncodingCache(
-            encoder,
-            pairs,
-            image_hashes,
-            t.random_flip,
-            Path(encode_cache_dir) if encode_cache_dir is not None else None,
-            batch_size,
-        )
+        cache_dir = Path(encode_cache_dir) if encode_cache_dir is not None else None
+        # With a cache folder the main process encodes and writes first, the others then load its files
+        # (bit-identical to its in-memory tensors); without one, every process encodes for itself.
+        with accelerator.main_process_first() if cache_dir is not None else nullcontext():
+            cache = _EncodingCache(
+                encoder, pairs, image_hashes, t.random_flip, cache_dir, batch_size, write=is_main
+            )
+    # Per-sample latent shape, for drawing the whole global batch's noise on every process.
+    downscale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_shape = (vae.config.latent_channels, t.resolution // downscale, t.resolution // downscale)
     weights = torch.tensor(_loss_weights(pairs, t.reward_weighted))
     scaling_factor = vae.config.scaling_factor
     permutations: dict[int, list[int]] = {}
@@ -647,58 +735,72 @@ def train_lora(
 
     # ---- loop
     log_file = out_dir / TRAIN_LOG
-    progress = tqdm(
-        total=total_steps, initial=start_step, desc="LoRA", disable=not accelerator.is_local_main_process
-    )
+    if tracking:
+        accelerator.init_trackers("lora", config=_tracker_config(cfg))
+    # Steps, loss, lr and ETA (tqdm's remaining-time estimate) on the main process only.
+    progress = tqdm(total=total_steps, initial=start_step, desc="LoRA", unit="step", disable=not is_main)
     loss_value = float("nan")
     for step in range(start_step, total_steps):
         lr = lr_scheduler.get_last_lr()[0]
         step_loss = 0.0
         for micro in range(accum):
             indices = micro_batch(step * accum + micro)
+            size = len(indices)
             g = _generator(cfg.seed, 1, step, micro)
-            # The order of draws is fixed; the cached and uncached paths consume identical random numbers.
-            flips = (
-                (torch.rand(len(indices), generator=g) < 0.5).tolist()
-                if t.random_flip
-                else [False] * len(indices)
-            )
-            if cache is not None:
-                mean, std, text = cache.batch(indices, flips)
-            else:
-                mean, std = encoder.latent_distribution([pairs[i].image_path for i in indices], flips)
-                text = encoder.text_embeddings([pairs[i].prompt for i in indices])
-            latents = (mean + std * torch.randn(mean.shape, generator=g)) * scaling_factor
-            noise = torch.randn(latents.shape, generator=g)
+            # The order of draws is fixed and covers the whole global batch on every process, each then
+            # keeping its slice: a sample gets the same flip, latent draw, noise and timestep whatever the
+            # process count, and the cached and uncached paths consume identical random numbers.
+            flips = (torch.rand(size, generator=g) < 0.5).tolist() if t.random_flip else [False] * size
+            latent_draw = torch.randn((size, *latent_shape), generator=g)
+            noise = torch.randn((size, *latent_shape), generator=g)
             if t.noise_offset:
-                noise = noise + t.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=g
-            )
-            latents, noise, text = latents.to(device), noise.to(device), text.to(device, weight_dtype)
-            timesteps = timesteps.to(device)
+                noise = noise + t.noise_offset * torch.randn((size, latent_shape[0], 1, 1), generator=g)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=g)
 
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if prediction_type == "epsilon":
-                target = noise
+            lo, hi = _shard(size, num_processes, process_index)
+            mine = indices[lo:hi]
+            if not mine:
+                # More processes than samples in this batch: a zero loss still gives every parameter a
+                # (zero) gradient, so the collective below and a GradScaler see the same thing everywhere.
+                accelerator.backward(sum(p.sum() for p in params) * 0.0)
+                continue
+            if cache is not None:
+                mean, std, text = cache.batch(mine, flips[lo:hi])
             else:
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            sync = micro == accum - 1
-            with accelerator.no_sync(unet) if not sync else nullcontext():
-                with accelerator.autocast():
-                    pred = unet(noisy.to(weight_dtype), timesteps, text, return_dict=False)[0]
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                sample_weights = weights[indices].to(device)
-                if t.snr_gamma is not None:
-                    # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    clipped = torch.clamp(snr, max=t.snr_gamma)
-                    sample_weights = sample_weights * (
-                        clipped / (snr if prediction_type == "epsilon" else snr + 1)
-                    )
-                loss = (per_sample * sample_weights).mean()
-                accelerator.backward(loss / accum)
+                mean, std = encoder.latent_distribution([pairs[i].image_path for i in mine], flips[lo:hi])
+                text = encoder.text_embeddings([pairs[i].prompt for i in mine])
+            if tuple(mean.shape[1:]) != latent_shape:
+                raise RuntimeError(f"VAE latents are {tuple(mean.shape[1:])}, expected {latent_shape}")
+            latents = ((mean + std * latent_draw[lo:hi]) * scaling_factor).to(device)
+            noise_mine = noise[lo:hi].to(device)
+            t_mine = timesteps[lo:hi].to(device)
+            text = text.to(device, weight_dtype)
+
+            noisy = noise_scheduler.add_noise(latents, noise_mine, t_mine)
+            if prediction_type == "epsilon":
+                target = noise_mine
+            else:
+                target = noise_scheduler.get_velocity(latents, noise_mine, t_mine)
+            with accelerator.autocast():
+                pred = unet(noisy.to(weight_dtype), t_mine, text, return_dict=False)[0]
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            sample_weights = weights[mine].to(device)
+            if t.snr_gamma is not None:
+                # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+                snr = compute_snr(noise_scheduler, t_mine)
+                clipped = torch.clamp(snr, max=t.snr_gamma)
+                sample_weights = sample_weights * (
+                    clipped / (snr if prediction_type == "epsilon" else snr + 1)
+                )
+            # This process's part of the global-batch mean; summed over processes it is that mean.
+            loss = (per_sample * sample_weights).sum() / size
+            accelerator.backward(loss / accum)
             step_loss += loss.detach().item() / accum
+        if num_processes > 1:
+            _all_reduce_gradients(accelerator, params)
+            step_loss = accelerator.reduce(
+                torch.tensor([step_loss], dtype=torch.float64, device=device)
+            ).item()
         if t.max_grad_norm and t.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
@@ -708,8 +810,10 @@ def train_lora(
         done = step + 1
         loss_value = step_loss
         progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}")
-        if accelerator.is_main_process:
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if tracking:
+            accelerator.log({"loss": loss_value, "lr": lr}, step=done)
+        if is_main:
             with open(log_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": done, "loss": loss_value, "lr": lr}) + "\n")
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < total_steps:
@@ -725,7 +829,7 @@ def train_lora(
                 _write_checkpoint(
                     ckpt_root,
                     done,
-                    _adapter_state(accelerator.unwrap_model(unet)),
+                    _adapter_state(unet),
                     optimizer,
                     lr_scheduler,
                     state,
@@ -734,18 +838,27 @@ def train_lora(
         if on_step is not None:
             on_step(done, loss_value)
     progress.close()
+    if tracking:
+        # Not accelerator.end_training(): it also destroys the process group, which the caller may reuse.
+        for tracker in accelerator.trackers:
+            tracker.finish()
 
     if resumed is not None and start_step >= total_steps:
         loss_value = float(resumed[1].get("loss", float("nan")))
+    # The replicas never exchange weights, only gradients: check they really ended identical.
+    rank_digests = _check_ranks_in_sync(accelerator, unet) if num_processes > 1 else None
     seconds = time.perf_counter() - started
-    if accelerator.is_main_process:
-        save_lora(accelerator.unwrap_model(unet), out_dir)
+    if is_main:
+        save_lora(unet, out_dir)
         result = {
             "fingerprint": fingerprint,
             "steps": total_steps,
             "final_loss": loss_value,
             "seconds": seconds,
+            "num_processes": num_processes,
         }
+        if rank_digests is not None:
+            result["rank_adapter_sha256"] = rank_digests
         _atomic_write_text(result_file, json.dumps(result, indent=1))
     accelerator.wait_for_everyone()
     logger.info(
