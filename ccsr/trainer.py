@@ -334,6 +334,8 @@ def save_lora(unet, out_dir: Path) -> Path:
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     # The adapter metadata carries lora_alpha: without it a loader assumes alpha == rank.
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    # Sets (target_modules) iterate in a per-process hash order: sort them so the same weights give the same bytes.
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
     StableDiffusionPipeline.save_lora_weights(
         save_directory=str(tmp_dir),
         unet_lora_layers={k: v.detach().float().contiguous() for k, v in layers.items()},
