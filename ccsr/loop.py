@@ -78,6 +78,7 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------------
     def run_iterations(self, iterations: int) -> None:
+        self.run.clean_temp()
         for k in self.run.iterations():
             self.verify(k)
         for k in range(1, iterations + 1):
@@ -102,7 +103,18 @@ class Loop:
             self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
             self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
         self.run.event("iteration_end", iteration=k)
+        self.refresh_report()
         logger.info("iteration %d complete", k)
+
+    def refresh_report(self) -> None:
+        """The HTML report is a view of the run dir; failing to draw it must never stop the loop."""
+        from ccsr.report import write_report
+
+        try:
+            path = write_report(self.run.root)
+            logger.info("report: %s", path)
+        except Exception as exc:  # noqa: BLE001 - a broken view is logged, the work is already committed
+            logger.warning("report not refreshed: %s", exc)
 
     # --- checks on resume -----------------------------------------------------------------------
     def verify(self, k: int) -> None:

@@ -44,8 +44,11 @@ def validate_class_name(name: str) -> str:
     name = name.strip()
     if len(name) > 100:
         raise RunDirError(f"class name is {len(name)} characters long; use at most 100")
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
-        raise RunDirError("class name contains control characters; use plain words such as 'giraffe'")
+    # Cs: lone surrogates, what Python makes of command-line bytes that are not valid UTF-8.
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in name):
+        raise RunDirError(
+            "class name contains control or undecodable characters; use plain words such as 'giraffe'"
+        )
     if "/" in name or "\\" in name:
         raise RunDirError(f"class name {name!r} contains a path separator; use plain words such as 'giraffe'")
     if name in (".", "..") or set(name) <= {"."}:
@@ -59,7 +62,10 @@ def slugify(name: str) -> str:
     text = unicodedata.normalize("NFKC", name).lower()
     slug = re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-_")
     if not slug:
-        slug = "class-" + str(abs(hash(name)) % 10**8)
+        # A stable digest, not hash(): str hashes change per process and the default run dir must not.
+        import hashlib
+
+        slug = "class-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:10]
     return slug[:80]
 
 
@@ -255,17 +261,43 @@ class RunDir:
     def event(self, kind: str, **fields: Any) -> None:
         append_jsonl(self.events_path, [{"time": round(time.time(), 3), "event": kind, **fields}])
 
+    def clean_temp(self) -> int:
+        """Remove temp files and folders (``.NAME.tmpPID``) left by a killed process; call with the lock held."""
+        import shutil
+
+        removed = 0
+        for path in sorted(self.root.rglob(".*.tmp*"), key=lambda p: len(p.parts), reverse=True):
+            if not re.search(r"\.tmp\d+$", path.name):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted process", removed)
+        return removed
+
     def heartbeat(self, **where: Any) -> None:
         """Where the working process is, for ``ccsr status`` (pid, time, iteration, stage, unit)."""
-        atomic_write_json(self.root / "heartbeat.json", {"pid": os.getpid(), "time": round(time.time(), 3), **where})
+        atomic_write_json(
+            self.root / "heartbeat.json", {"pid": os.getpid(), "time": round(time.time(), 3), **where}
+        )
 
     def check_writable(self) -> None:
+        """Create the run directory and prove a file can be written there; on failure leave nothing behind."""
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-test{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
+            for folder in missing:  # deepest first: only the folders this call made, and only if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
             raise RunDirError(
                 f"run directory {self.root} is not writable ({exc.strerror}); pick another --run-dir"
             ) from None

@@ -44,3 +44,15 @@ def test_summarise_picks_best_scale():
     assert s["best_scale"] == 0.5 and s["win_rate"] == 1.0 and s["wins"] == 2
     assert s["by_scale"]["0"]["ties"] == 2
     assert s["clip_score_by_scale"] == {"0": 20.0, "0.5": 21.0, "1": 19.0}
+
+
+def test_clean_temp_removes_only_temp_names(tmp_path):
+    from ccsr.rundir import RunDir
+
+    (tmp_path / "iterations" / "001" / ".dataset.tmp123").mkdir(parents=True)
+    (tmp_path / "iterations" / "001" / ".dataset.tmp123" / "a.png").write_bytes(b"x")
+    (tmp_path / ".config.yaml.tmp99").write_text("x")
+    (tmp_path / "keep.tmp").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    assert RunDir(tmp_path).clean_temp() == 2
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [".hidden", "keep.tmp"]
