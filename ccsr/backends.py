@@ -26,6 +26,9 @@ BACKENDS = {
 
 
 def load_backend(role: str, cfg: Config) -> Any:
+    from ccsr.devices import keep_cpu_threads
+
     name = getattr(cfg, role).backend
     module, cls = BACKENDS[role][name].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    with keep_cpu_threads():  # some libraries change torch's thread count on import
+        return getattr(importlib.import_module(module), cls)(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,6 +26,23 @@ def torch_dtype(cfg: Config) -> torch.dtype:
     if torch_device(cfg).type == "cpu" and dtype == torch.float16:
         return torch.float32  # half matmuls are slow or missing on CPU
     return dtype
+
+
+@contextmanager
+def keep_cpu_threads():
+    """Restore torch's CPU thread count after code that changes it.
+
+    ultralytics sets ``torch.set_num_threads(cores - 1)`` on import and on every predict; CPU results depend on
+    the thread count (reduction order), so a resumed run would draw different pixels than an uninterrupted one.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
 
 
 def free_memory() -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
-from ccsr.devices import free_memory
+from ccsr.devices import free_memory, keep_cpu_threads
 from ccsr.rundir import (
     STAGES,
     RunDir,
@@ -72,7 +72,8 @@ class Loop:
         """Time spent inside model code (loading and inference); the rest is orchestration overhead."""
         start = time.perf_counter()
         try:
-            yield
+            with keep_cpu_threads():
+                yield
         finally:
             self.model_seconds[stage] = self.model_seconds.get(stage, 0.0) + time.perf_counter() - start
 
