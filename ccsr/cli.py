@@ -1,93 +1,275 @@
 """Command line: ``ccsr run | daemon | status | generate | validate``.
 
 Bad input of any kind ends in one line on stderr naming the problem and the fix, exit code 2, no traceback
-(``--debug`` shows it).
+(``--debug`` shows it), and nothing written: every check runs before the run directory is created. A full
+disk ends the same way (one line, exit code 1); atomic commits leave no temp or torn files behind, so the
+same command continues once there is space again.
+
+Nothing here imports a hub library (huggingface_hub, transformers, diffusers, ultralytics) at module level:
+the offline switches are read by those libraries at import time and are set only once the config is known.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import NoReturn
 
-from ccsr.config import Config, ConfigError, load_config, save_config
-from ccsr.rundir import RunDir, RunDirError, slugify
+from ccsr.config import Config, ConfigError, load_config, resolve_data_path, save_config
+from ccsr.rundir import RunDir, RunDirError, slugify, validate_class_name
 
 logger = logging.getLogger("ccsr")
 
 EXIT_BAD_INPUT = 2
+EXIT_DISK_FULL = 1
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE")
 
 
 class UserError(Exception):
     """Anything the user can fix; printed as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too (usage text stays behind ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"ccsr: error: {message} (see {self.prog} --help)\n")
+
+
 def _set_offline(cfg: Config) -> None:
-    """Offline switches must be set before the hub libraries are imported (FIELD-NOTES)."""
-    if cfg.offline:
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE"):
+    """Set the hub/ultralytics offline switches when the config asks for it or every model is local.
+
+    The libraries read these variables when they are imported (FIELD-NOTES: importing ultralytics without
+    YOLO_OFFLINE does DNS look-ups), so this runs before any of them is imported. For an in-process caller
+    that imported huggingface_hub already, its module-level flag is switched too.
+    """
+    if cfg.offline or all_models_local(cfg):
+        for var in OFFLINE_VARS:
             os.environ[var] = "1"
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = True
     os.environ.setdefault("YOLO_VERBOSE", "False")
     # Model-loading bars of the libraries drown ccsr's own per-stage bars.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class _RunLogHandler(RotatingFileHandler):
+    """The run's log file. A failed write (a full disk) stays quiet: the next commit reports it as one line,
+    instead of logging printing a traceback for every log record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handleError(record)
 
 
 def _setup_logging(level: int, log_file: Path | None = None) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    if not any(getattr(h, "_ccsr", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(fmt)
-        handler._ccsr = True
-        root.addHandler(handler)
+    _remove_log_handlers()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    handler._ccsr = True
+    root.addHandler(handler)
     if log_file is not None:
-        from logging.handlers import RotatingFileHandler
-
-        fh = RotatingFileHandler(log_file, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
+        fh = _RunLogHandler(log_file, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._ccsr = True
         root.addHandler(fh)
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _remove_log_handlers() -> None:
+    """Undo ``_setup_logging`` when ``main`` returns, for in-process callers (tests, notebooks): the log file
+    belongs to one run and the captured sys.stderr may be closed by the time anything logs again."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_ccsr", False)]:
+        root.removeHandler(handler)
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+
+
+# --- cheap checks of the models a config names (file names only: no weights are loaded) ---------------
+# key -> (what a local folder must be, a file it must hold, accepted config.json model_type prefixes)
+MODEL_FOLDERS = {
+    "prompter.model": ("a causal language model folder", "config.json", ()),
+    "generator.model": ("a diffusers Stable Diffusion folder", "model_index.json", ()),
+    "judge.model": ("a LLaVA-Next folder", "config.json", ("llava",)),
+    "detector.text_model": ("a CLIP folder", "config.json", ("clip",)),
+    "evaluator.model": ("a CLIP folder", "config.json", ("clip",)),
+}
+# A hub id is ``name`` or ``org/name``; anything else that does not exist locally is a missing path.
+_HUB_ID_RE = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _value(cfg: Config, key: str) -> str | None:
+    section, field_name = key.split(".")
+    return getattr(getattr(cfg, section), field_name)
+
+
+def _is_local(name: str) -> bool:
+    from ccsr.tiny import is_tiny
+
+    if is_tiny(name):
+        return True
+    path = Path(name).expanduser()
+    return path.exists() or not _HUB_ID_RE.match(name) or name.startswith(("./", "../", "~"))
+
+
+def _is_local_detector(name: str) -> bool:
+    # ultralytics knows no hub ids: a name is a path, or a bare asset name (yolov8s-worldv2.pt) it downloads.
+    from ccsr.tiny import is_tiny
+
+    return is_tiny(name) or Path(name).expanduser().exists() or "/" in name or os.sep in name
+
+
+# Backends that load no model file (the shapes world measures images itself); their model keys are unused.
+_MODEL_FREE_BACKENDS = ("shapes", "shapes-random")
+
+
+def _models_in_use(cfg: Config) -> list[str]:
+    """The model keys the configured backends will load (folder-checked ones first, then detector.model)."""
+    keys = ["generator.model", "evaluator.model"]
+    for role, role_keys in (
+        ("prompter", ["prompter.model"]),
+        ("judge", ["judge.model"]),
+        ("detector", ["detector.text_model", "detector.model"]),
+    ):
+        if getattr(cfg, role).backend not in _MODEL_FREE_BACKENDS:
+            keys += role_keys
+    return keys
+
+
+def all_models_local(cfg: Config) -> bool:
+    """True when no model of the config is a hub id or a download, so the run never needs the network."""
+    return all(
+        _is_local_detector(_value(cfg, key)) if key == "detector.model" else _is_local(_value(cfg, key))
+        for key in _models_in_use(cfg)
+    )
+
+
+def _check_readable(key: str, path: Path) -> None:
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
+        raise UserError(f"{key}: {path} cannot be read (permission denied); fix its permissions")
+
+
+def _check_tiny(key: str, name: str) -> None:
+    from ccsr.tiny import BUILDERS, PREFIX
+
+    if name[len(PREFIX) :] not in BUILDERS:
+        known = ", ".join(PREFIX + k for k in BUILDERS)
+        raise UserError(
+            f"{key}: unknown embedded model {name!r}; use one of {known}, a local folder or a hub id"
+        )
+
+
+def _check_folder(key: str, name: str) -> None:
+    from ccsr.tiny import is_tiny
+
+    what, required, model_types = MODEL_FOLDERS[key]
+    if is_tiny(name):
+        return _check_tiny(key, name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        if _is_local(name):
+            raise UserError(f"{key}: {name} does not exist; give {what} or a hub id")
+        return  # a hub id: resolved (or refused, offline) by the library when the model is loaded
+    if not path.is_dir():
+        raise UserError(f"{key}: {name} is a file; give {what} (holding {required})")
+    _check_readable(key, path)
+    if not (path / required).is_file():
+        raise UserError(f"{key}: {name} holds no {required}, so it is not {what}; point it at {what}")
+    if model_types:
+        try:
+            model_type = str(json.loads((path / required).read_text(encoding="utf-8")).get("model_type", ""))
+        except (OSError, ValueError, AttributeError):
+            raise UserError(
+                f"{key}: {path / required} is not a readable JSON config; fix or replace it"
+            ) from None
+        if not model_type.startswith(model_types):
+            raise UserError(
+                f"{key}: {name} holds a {model_type or 'untyped'} model, not {what}; point it at {what}"
+            )
+
+
+def _check_detector(cfg: Config) -> None:
+    """YOLO-World: a ``.pt`` file, or a folder holding one (ultralytics' own format)."""
+    from ccsr.tiny import is_tiny
+
+    key, name = "detector.model", cfg.detector.model
+    if is_tiny(name):
+        return _check_tiny(key, name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        # ultralytics downloads a bare asset name such as yolov8s-worldv2.pt; offline that cannot work.
+        if _is_local_detector(name) or cfg.offline:
+            raise UserError(
+                f"{key}: {name} does not exist; give a local YOLO-World .pt file"
+                + (" (offline: true forbids ultralytics' download)" if cfg.offline else "")
+            )
+        return
+    _check_readable(key, path)
+    if path.is_dir():
+        found = len(list(path.glob("*.pt")))
+        if found != 1:
+            raise UserError(
+                f"{key}: {name} holds {found or 'no'} .pt files; give a YOLO-World .pt file or a folder with one"
+            )
+    elif path.suffix != ".pt":
+        raise UserError(f"{key}: {name} is not a .pt file; give a YOLO-World .pt file or a folder with one")
+
+
 def check_models(cfg: Config) -> None:
-    """A model named by a path must exist; ids and ccsr-tiny/* names are resolved when used."""
-    for section in ("prompter", "generator", "judge", "detector", "evaluator"):
-        name = getattr(cfg, section).model
-        looks_like_path = name.startswith(("/", "./", "../", "~")) or os.sep in name and Path(name).exists()
-        if looks_like_path and not Path(name).expanduser().exists():
-            raise UserError(f"{section}.model: folder {name} does not exist; give a local folder or a hub id")
+    """Every model a config names must be a known embedded model, a hub id, or a local folder of the right
+    kind. Judged from the files a folder holds, without loading weights; hub ids are not looked up."""
+    for key in _models_in_use(cfg):
+        if key == "detector.model":
+            _check_detector(cfg)
+        else:
+            _check_folder(key, _value(cfg, key))
 
 
-def check_questions(cfg: Config) -> None:
-    from ccsr.config import resolve_data_path
+def check_data_files(cfg: Config) -> None:
+    """The prompter's data files and the question set must exist and the question set must validate."""
     from ccsr.judge import QuestionSet
 
+    for key in ("prompter.system_prompt", "prompter.examples", "prompter.validation_file"):
+        value = _value(cfg, key)
+        if value is not None and not resolve_data_path(value).is_file():
+            raise UserError(f"{key}: file {value} not found; give an existing file (see prompts/)")
     try:
         QuestionSet.load(resolve_data_path(cfg.judge.questions))
-    except FileNotFoundError:
-        raise UserError(f"judge.questions: file {cfg.judge.questions} not found") from None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except ValueError as exc:  # QuestionSet names the file, the question and the problem
+        raise UserError(f"judge.questions: {exc}") from None
+
+
+def check_config(cfg: Config) -> None:
+    check_models(cfg)
+    check_data_files(cfg)
 
 
 def _load(args) -> Config:
     class_name = getattr(args, "class_name", None)
     if class_name is not None:
-        try:
-            class_name = slugify(class_name) and class_name.strip()
-        except RunDirError as exc:
-            raise UserError(str(exc)) from None
+        class_name = validate_class_name(class_name)  # kept as given; its slug only names the folder
+    iterations = getattr(args, "iterations", None)
+    if iterations is not None and iterations <= 0:
+        raise UserError(f"--iterations must be > 0, got {iterations}; pass e.g. --iterations 1")
     cfg = load_config(args.config, args.set or [], class_name=class_name)
-    if getattr(args, "iterations", None) is not None:
-        if args.iterations <= 0:
-            raise UserError("--iterations must be > 0")
-        cfg.iterations = args.iterations
+    if iterations is not None:
+        cfg.iterations = iterations
     _set_offline(cfg)
     return cfg
 
@@ -137,8 +319,7 @@ def cmd_run(args, daemon: bool = False) -> int:
     cfg = _load(args)
     if not cfg.class_name:
         raise UserError("no class: pass --class NAME (e.g. --class giraffe)")
-    check_models(cfg)
-    check_questions(cfg)
+    check_config(cfg)
     run = _open_run(args, cfg)
     lock = FileLock(str(run.lock_path))
     try:
@@ -190,7 +371,9 @@ def cmd_status(args) -> int:
 
     runs = find_runs(args.run_dir)
     if not runs:
-        raise UserError(f"{args.run_dir} is not a ccsr run directory and holds none; give runs/<class> or runs/")
+        raise UserError(
+            f"{args.run_dir} is not a ccsr run directory and holds none; give runs/<class> or runs/"
+        )
     statuses = [run_status(r) for r in runs]
     single = len(runs) == 1 and Path(args.run_dir).resolve() == runs[0].resolve()
     if args.json:
@@ -200,25 +383,44 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _output_paths(out: Path, num: int) -> list[Path]:
+    """Where ``ccsr generate`` writes; its folder is made (and checked) before any model is loaded."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path such as {out / 'image.png'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"--out {out}: cannot create its folder ({exc.strerror}); pick another path"
+        ) from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: folder {out.parent} is not writable; pick another path")
+    if num == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(num)]
+
+
 def cmd_generate(args) -> int:
     cfg = _load(args)
     check_models(cfg)
-    if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-        raise UserError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in that folder")
+    if args.lora:
+        from ccsr.generator import LORA_FILE
+
+        if not Path(args.lora).is_dir():
+            raise UserError(f"--lora {args.lora}: folder not found; give a folder holding {LORA_FILE}")
+        if not (Path(args.lora) / LORA_FILE).is_file():
+            raise UserError(f"--lora {args.lora}: no {LORA_FILE} in that folder; give a trained LoRA folder")
     if args.num <= 0:
-        raise UserError("--num must be > 0")
+        raise UserError(f"--num must be > 0, got {args.num}")
+    paths = _output_paths(Path(args.out), args.num)
     _setup_logging(logging.DEBUG if args.debug else logging.INFO)
     from ccsr.generator import DiffusersGenerator
+    from ccsr.rundir import atomic_save_image
 
     gen = DiffusersGenerator(cfg)
     seeds = [args.seed + i for i in range(args.num)]
     images = gen.images([args.prompt] * args.num, seeds, lora=args.lora, scale=args.scale)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from ccsr.rundir import atomic_save_image
-
-    for i, image in enumerate(images):
-        path = out if args.num == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}")
+    for path, image in zip(paths, images, strict=True):
         atomic_save_image(path, image)
         print(path)
     return 0
@@ -226,23 +428,26 @@ def cmd_generate(args) -> int:
 
 def cmd_validate(args) -> int:
     cfg = _load(args)
-    check_models(cfg)
-    check_questions(cfg)
+    check_config(cfg)
     print(f"{args.config}: ok")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccsr", description="Class-conditional self-rewarding loop")
+    parser = _Parser(prog="ccsr", description="Class-conditional self-rewarding loop")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_debug(p):
+        # SUPPRESS: a subcommand's default must not overwrite ``ccsr --debug <command>``.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     def add_config(p, required=True):
         p.add_argument(
             "--config", required=required, help="YAML config (configs/tiny.yaml, configs/paper.yaml)"
         )
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        add_debug(p)
 
     for name, help_text in (
         ("run", "run or resume the loop in the foreground"),
@@ -257,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what a run directory holds")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_debug(p)
 
     p = sub.add_parser("generate", help="draw images with the base model or a LoRA")
     add_config(p)
@@ -271,6 +476,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without running anything")
     add_config(p)
     return parser
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc``, if any (libraries such as torch wrap it in their own error)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        if "No space left on device" in str(exc):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +511,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ccsr: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None or args.debug:
+            raise
+        where = f" ({full.filename})" if full.filename else ""
+        print(
+            f"ccsr: error: disk full while writing{where}: {full.strerror}; free some space and run the same "
+            "command again to continue (committed work is kept)",
+            file=sys.stderr,
+        )
+        return EXIT_DISK_FULL
+    finally:
+        _remove_log_handlers()
 
 
 if __name__ == "__main__":

@@ -161,12 +161,12 @@ class Config:
 
 
 CHOICES = {
-    "prompter.backend": ("transformers", "vllm"),
+    "prompter.backend": ("transformers", "vllm", "shapes"),
     "generator.backend": ("diffusers",),
-    "judge.backend": ("transformers", "vllm"),
+    "judge.backend": ("transformers", "vllm", "shapes", "shapes-random"),
     "judge.mode": ("logits", "generate"),
     "judge.tie_break": ("none", "p_yes"),
-    "detector.backend": ("yolo_world",),
+    "detector.backend": ("yolo_world", "shapes"),
     "trainer.mixed_precision": ("no", "fp16", "bf16"),
     "trainer.train_on": ("all", "newest"),
     "trainer.init_from": ("previous", "fresh"),
@@ -204,6 +204,25 @@ UNIT_INTERVAL = (
     "prompter.top_p",
     "generator.generation_scale",
 )
+NON_NEGATIVE = (
+    "seed",
+    "generator.guidance_scale",
+    "trainer.lr_warmup_steps",
+    "trainer.checkpoint_every",
+    "trainer.noise_offset",
+    "trainer.prior_weight",
+    "trainer.max_grad_norm",
+)
+POSITIVE_OR_NONE = ("trainer.max_steps", "trainer.snr_gamma")
+MODEL_KEYS = (
+    "prompter.model",
+    "generator.model",
+    "judge.model",
+    "detector.model",
+    "detector.text_model",
+    "evaluator.model",
+)
+DEVICES = ("auto", "cpu", "mps", "cuda")  # or cuda:N
 
 
 def _type_name(tp: Any) -> str:
@@ -281,9 +300,34 @@ def validate(cfg: Config, source: str) -> Config:
     for key in POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {_get(cfg, key)!r}")
+    for key in POSITIVE_OR_NONE:
+        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0 (or null for none), got {_get(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
     for key in UNIT_INTERVAL:
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"{source}: '{key}' must be within [0, 1], got {_get(cfg, key)!r}")
+    if not 0.0 < cfg.prompter.gpu_memory_utilization <= 1.0:
+        raise ConfigError(
+            f"{source}: 'prompter.gpu_memory_utilization' must be within (0, 1], "
+            f"got {cfg.prompter.gpu_memory_utilization!r}"
+        )
+    for key in MODEL_KEYS:
+        if not _get(cfg, key).strip():
+            raise ConfigError(
+                f"{source}: '{key}' is empty; give a hub id, a local folder or ccsr-tiny/<name>"
+            )
+    device, _, index = cfg.device.partition(":")
+    if (
+        device not in DEVICES
+        or (index and not (device == "cuda" and index.isdigit()))
+        or cfg.device.endswith(":")
+    ):
+        raise ConfigError(f"{source}: 'device' must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
+    if any(s < 0 for s in cfg.evaluator.seeds):
+        raise ConfigError(f"{source}: 'evaluator.seeds' must be >= 0, got {cfg.evaluator.seeds!r}")
     if not 0.0 < cfg.prompter.temperature <= 5.0:
         raise ConfigError(
             f"{source}: 'prompter.temperature' must be within (0, 5], got {cfg.prompter.temperature}"

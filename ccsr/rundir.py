@@ -170,10 +170,18 @@ def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
             with open(path, "r+b") as f:
                 f.truncate(cut)
     payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    committed = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        # A unit is all of its records or none: a write cut short (ENOSPC) may hold whole lines of some of
+        # them, which readers would take as committed. Shrinking a file needs no free space.
+        with open(path, "r+b") as f:
+            f.truncate(committed)
+        raise
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
