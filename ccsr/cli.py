@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import sys
+from contextlib import contextmanager
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn
@@ -313,14 +314,11 @@ def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def cmd_run(args, daemon: bool = False) -> int:
+@contextmanager
+def _run_lock(run: RunDir):
+    """One process per run directory. An OS file lock dies with its process, so a crash leaves no stale lock."""
     from filelock import FileLock, Timeout
 
-    cfg = _load(args)
-    if not cfg.class_name:
-        raise UserError("no class: pass --class NAME (e.g. --class giraffe)")
-    check_config(cfg)
-    run = _open_run(args, cfg)
     lock = FileLock(str(run.lock_path))
     try:
         lock.acquire(timeout=0)
@@ -331,6 +329,18 @@ def cmd_run(args, daemon: bool = False) -> int:
         ) from None
     try:
         (run.root / "run.pid").write_text(str(os.getpid()))
+        yield
+    finally:
+        lock.release()
+
+
+def cmd_run(args, daemon: bool = False) -> int:
+    cfg = _load(args)
+    if not cfg.class_name:
+        raise UserError("no class: pass --class NAME (e.g. --class giraffe)")
+    check_config(cfg)
+    run = _open_run(args, cfg)
+    with _run_lock(run):
         cfg = _resume_config(run, cfg)
         _setup_logging(logging.DEBUG if args.debug else logging.INFO, run.log_path)
         from ccsr.loop import Loop, StopRequested
@@ -362,8 +372,6 @@ def cmd_run(args, daemon: bool = False) -> int:
 
         print(format_status(run_status(run.root)))
         return 0
-    finally:
-        lock.release()
 
 
 def cmd_status(args) -> int:
@@ -400,9 +408,31 @@ def _output_paths(out: Path, num: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(num)]
 
 
+def _champion_of(run_dir: Path) -> tuple[Path | None, float]:
+    from ccsr.rundir import read_json
+
+    champion = (read_json(run_dir / "champion.json", default={}) or {}).get("champion") or {}
+    if champion.get("iteration") is None:
+        return None, 0.0
+    return run_dir / champion["lora"], float(champion["scale"])
+
+
 def cmd_generate(args) -> int:
+    if args.run:
+        run_dir = Path(args.run)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--run {run_dir}: not a ccsr run directory (no config.yaml)")
+        args.config = args.config or str(run_dir / "config.yaml")
+    elif not args.config:
+        raise UserError("give --config CONFIG, or --run RUN_DIR to draw with that run's champion")
     cfg = _load(args)
     check_models(cfg)
+    scales = args.scale
+    if args.lora is None and args.run:
+        args.lora, champion_scale = _champion_of(Path(args.run))
+        scales = scales or [champion_scale]
+        logging.getLogger("ccsr").info("champion: %s at scale %g", args.lora or "base model", scales[0])
+    scales = scales or [1.0]
     if args.lora:
         from ccsr.generator import LORA_FILE
 
@@ -410,6 +440,8 @@ def cmd_generate(args) -> int:
             raise UserError(f"--lora {args.lora}: folder not found; give a folder holding {LORA_FILE}")
         if not (Path(args.lora) / LORA_FILE).is_file():
             raise UserError(f"--lora {args.lora}: no {LORA_FILE} in that folder; give a trained LoRA folder")
+    if any(not 0.0 <= sc <= 1.0 for sc in scales):
+        raise UserError(f"--scale must be within [0, 1], got {scales}")
     if args.num <= 0:
         raise UserError(f"--num must be > 0, got {args.num}")
     paths = _output_paths(Path(args.out), args.num)
@@ -419,10 +451,75 @@ def cmd_generate(args) -> int:
 
     gen = DiffusersGenerator(cfg)
     seeds = [args.seed + i for i in range(args.num)]
-    images = gen.images([args.prompt] * args.num, seeds, lora=args.lora, scale=args.scale)
-    for path, image in zip(paths, images, strict=True):
-        atomic_save_image(path, image)
+    rows = [gen.images([args.prompt] * args.num, seeds, lora=args.lora, scale=sc) for sc in scales]
+    for i, path in enumerate(paths):
+        # Several scales: one side-by-side strip per seed, scales left to right.
+        atomic_save_image(path, rows[0][i] if len(scales) == 1 else _strip([row[i] for row in rows]))
         print(path)
+    return 0
+
+
+def _strip(images):
+    from PIL import Image
+
+    w, h = images[0].size
+    out = Image.new("RGB", (w * len(images), h))
+    for i, image in enumerate(images):
+        out.paste(image, (i * w, 0))
+    return out
+
+
+def cmd_eval(args) -> int:
+    from ccsr.loop import Loop
+    from ccsr.rundir import atomic_write_json
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a ccsr run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    _set_offline(cfg)
+    run = RunDir(run_dir)
+    trained = [
+        k for k in run.iterations() if (run.lora_dir(k) / "pytorch_lora_weights.safetensors").is_file()
+    ]
+    if not trained:
+        raise UserError(f"{run_dir}: no iteration has a LoRA yet")
+    k = args.iteration if args.iteration is not None else trained[-1]
+    if k not in trained:
+        raise UserError(f"--iteration {k}: no LoRA for that iteration (iterations with one: {trained})")
+    scales = args.scales or cfg.evaluator.scales
+    if any(not 0.0 <= sc <= 1.0 for sc in scales):
+        raise UserError(f"--scales must be within [0, 1], got {scales}")
+    _setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    with _run_lock(run):
+        tag = "-".join(f"{sc:g}" for sc in sorted(set(scales)))
+        out_dir = run.iteration_dir(k) / f"eval-scales-{tag}"
+        summary = Loop(cfg, run).evaluate(k, scales, out_dir)
+        atomic_write_json(out_dir / "eval.json", summary)  # the loop's eval.json and gate stay untouched
+    print(json.dumps(summary, indent=2))
+    print(f"written: {out_dir / 'eval.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ccsr.report import write_report
+
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        raise UserError(f"{args.run_dir}: not a ccsr run directory (no config.yaml)")
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ccsr.export import export_kohya
+
+    lora = Path(args.lora)
+    if not (lora / "pytorch_lora_weights.safetensors").is_file() and not lora.is_file():
+        raise UserError(f"{lora}: no pytorch_lora_weights.safetensors; give a LoRA folder written by ccsr")
+    try:
+        print(export_kohya(lora, Path(args.out)))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 
@@ -464,17 +561,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_debug(p)
 
-    p = sub.add_parser("generate", help="draw images with the base model or a LoRA")
-    add_config(p)
+    p = sub.add_parser("generate", help="draw images with the base model, a LoRA or a run's champion")
+    add_config(p, required=False)
+    p.add_argument(
+        "--run", help="a run directory: its config, and its champion LoRA when --lora is not given"
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--lora", help="folder holding pytorch_lora_weights.safetensors")
-    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--scale", type=float, nargs="+", help="LoRA scale(s); several give a side-by-side strip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1)
     p.add_argument("--out", required=True, help="output PNG path")
 
     p = sub.add_parser("validate", help="check a config without running anything")
     add_config(p)
+
+    p = sub.add_parser("eval", help="evaluate an iteration's LoRA again, at chosen scales")
+    p.add_argument("run_dir")
+    p.add_argument("--iteration", type=int, help="default: the newest iteration with a LoRA")
+    p.add_argument("--scales", type=float, nargs="+", help="LoRA scales (0 is always added: the base)")
+    add_debug(p)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (static, opens from disk)")
+    p.add_argument("run_dir")
+    add_debug(p)
+
+    p = sub.add_parser("export", help="convert a LoRA for other tools")
+    p.add_argument("lora", help="LoRA folder (pytorch_lora_weights.safetensors)")
+    p.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: for ComfyUI / A1111")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    add_debug(p)
     return parser
 
 
@@ -500,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         "status": cmd_status,
         "generate": cmd_generate,
         "validate": cmd_validate,
+        "eval": cmd_eval,
+        "report": cmd_report,
+        "export": cmd_export,
     }
     try:
         return handlers[args.command](args)

@@ -476,23 +476,42 @@ class Loop:
 
     # --- stage 6: eval -------------------------------------------------------------------------
     def stage_eval(self, k: int) -> dict:
-        from ccsr.evaluator import CLIPScorer, summarise
-
         lora = self.run.lora_dir(k)
         if not (lora / "pytorch_lora_weights.safetensors").is_file():
             self._gate(k, None)
             return {"skipped": True, "reason": "no LoRA this iteration"}
+        summary = self.evaluate(k, self.cfg.evaluator.scales, self.run.iteration_dir(k) / "eval")
+        summary["gate"] = self._gate(k, summary)
+        atomic_write_json(self.run.eval_path(k), summary)
+        logger.info(
+            "iteration %d eval: win-rate %.2f at scale %g, CLIP by scale %s; gate: %s",
+            k,
+            summary["win_rate"],
+            summary["best_scale"],
+            summary["clip_score_by_scale"],
+            summary["gate"]["reason"],
+        )
+        return {"win_rate": summary["win_rate"], "best_scale": summary["best_scale"], "gate": summary["gate"]}
+
+    def evaluate(self, k: int, scales: list[float], eval_dir: Path) -> dict:
+        """Held-out prompts x fixed seeds at each LoRA scale of iteration k's LoRA; scale 0 is the base model.
+
+        Writes the images and ``records.jsonl`` under ``eval_dir`` and returns the summary (no gate decision).
+        """
+        from ccsr.evaluator import CLIPScorer, summarise
+
+        lora = self.run.lora_dir(k)
         ec = self.cfg.evaluator
+        scales = sorted({0.0, *map(float, scales)})  # win/tie/loss needs the base
         validation = read_jsonl(self.run.validation_path)
-        eval_dir = self.run.iteration_dir(k) / "eval"
         jobs = [(v, seed) for v in validation for seed in ec.seeds]
         prompts = [v["prompt"] for v, _ in jobs]
         # The same seeds at every scale, so scale 0 is exactly the base model's image.
         seeds = [derive_seed(self.cfg.seed, "eval", v["id"], s) for v, s in jobs]
         records = []
         with self._model_call("eval"):
-            generator = load_backend("generator", self.cfg)
-            for scale in tqdm(ec.scales, desc=f"iter {k} eval", unit="scale"):
+            generator = load_backend("generator", self.cfg)  # loaded once; the LoRA once; scales switched
+            for scale in tqdm(scales, desc=f"iter {k} eval", unit="scale"):
                 self._check_stop(k, "eval", f"scale {scale:g}")
                 images = generator.images(prompts, seeds, lora=lora, scale=scale)
                 for (v, s), seed, image in zip(jobs, seeds, images, strict=True):
@@ -521,19 +540,9 @@ class Loop:
             if ec.judge_and_detect:
                 self._judge_and_detect(records, images)
         write_jsonl(eval_dir / "records.jsonl", records)
-        summary = summarise(records, ec.scales, ec.tie_band)
+        summary = summarise(records, scales, ec.tie_band)
         summary["lora"] = str(lora.relative_to(self.run.root))
-        summary["gate"] = self._gate(k, summary)
-        atomic_write_json(self.run.eval_path(k), summary)
-        logger.info(
-            "iteration %d eval: win-rate %.2f at scale %g, CLIP by scale %s; gate: %s",
-            k,
-            summary["win_rate"],
-            summary["best_scale"],
-            summary["clip_score_by_scale"],
-            summary["gate"]["reason"],
-        )
-        return {"win_rate": summary["win_rate"], "best_scale": summary["best_scale"], "gate": summary["gate"]}
+        return summary
 
     def _open(self, rel_path: str):
         from PIL import Image

@@ -87,7 +87,20 @@ _SENTENCES = (
     "Here are 10 prompts:",
     "Sure! Here are some prompts for you.",
 )
-_ANSWERS = ("Yes", "No", "Yes.", "No.", "yes", "no", "(Yes)", "(No)", "(yes)", "(no)", "Answer: Yes", "Answer: No")
+_ANSWERS = (
+    "Yes",
+    "No",
+    "Yes.",
+    "No.",
+    "yes",
+    "no",
+    "(Yes)",
+    "(No)",
+    "(yes)",
+    "(no)",
+    "Answer: Yes",
+    "Answer: No",
+)
 
 
 def corpus_lines() -> list[str]:

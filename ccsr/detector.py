@@ -1,0 +1,105 @@
+"""Detector: YOLO-World's confidence that an image shows the class (paper section 3.3, filter step).
+
+The class name is embedded offline with the CLIP text tower through transformers (``detector.text_model``:
+``openai/clip-vit-base-patch32`` for the real YOLO-World, ``ccsr-tiny/clip`` for the tiny one) and handed to
+the model as its text features. ultralytics' own ``set_classes`` would instead install OpenAI's ``clip``
+package from git and download its weights, which fails offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+# Low enough that the best box of an image survives the predictor's confidence filter, so the maximum can be
+# read; the paper's threshold (0.6) is applied by the loop, not here.
+READ_CONFIDENCE = 0.001
+
+
+def find_model_file(path: str | Path) -> Path:
+    """A YOLO-World ``.pt`` file, or a folder holding exactly one."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".pt":
+        return path
+    if path.is_dir():
+        files = sorted(path.glob("*.pt"))
+        if len(files) == 1:
+            return files[0]
+        raise FileNotFoundError(f"detector.model: expected one .pt file in {path}, found {len(files)}")
+    raise FileNotFoundError(
+        f"detector.model: {path} is not a .pt file or a folder with one; download the YOLO-World weights "
+        "(e.g. yolov8s-worldv2.pt) and give their local path"
+    )
+
+
+class YoloWorldDetector:
+    """ultralytics YOLO-World with class embeddings set offline; one class at a time, images in batches."""
+
+    def __init__(self, cfg: Config):
+        from ultralytics import YOLOWorld
+
+        from ccsr.devices import torch_device
+        from ccsr.tiny import resolve_model
+
+        self.cfg = cfg
+        self.device = torch_device(cfg)
+        # Loading a .pt file unpickles it, which can run arbitrary code. Only files the user named in the
+        # config (or the project's own tiny build) are loaded, never anything found in a run directory.
+        self.model_file = find_model_file(resolve_model(cfg.detector.model, cfg.model_cache))
+        self.text_model = resolve_model(cfg.detector.text_model, cfg.model_cache)
+        self.yolo = YOLOWorld(str(self.model_file))
+        self._embeddings: dict = {}
+        self._current: str | None = None
+        logger.info("detector: %s, class text from %s, on %s", self.model_file, self.text_model, self.device)
+
+    def _embedding(self, class_name: str):
+        if class_name not in self._embeddings:
+            from ccsr.tiny.yolo import text_embeddings
+
+            self._embeddings[class_name] = text_embeddings(self.text_model, [class_name], device=self.device)[
+                0
+            ]
+        return self._embeddings[class_name]
+
+    def _set_class(self, class_name: str) -> None:
+        if self._current == class_name:
+            return
+        from ccsr.tiny.yolo import set_class_embedding
+
+        feats = self._embedding(class_name)
+        set_class_embedding(self.yolo.model, feats, class_name)
+        predictor = self.yolo.predictor
+        if predictor is not None:
+            # The predictor runs its own (fused) copy of the model: give it the class too.
+            set_class_embedding(predictor.model.model, feats, class_name)
+            predictor.model.names = {0: class_name}
+        self._current = class_name
+
+    def confidence(self, images: list[Image.Image], class_name: str) -> list[float]:
+        """Per image, the highest confidence of a ``class_name`` box, 0.0 when there is none."""
+        if not images:
+            return []
+        self._set_class(class_name)
+        results = self.yolo.predict(
+            [im.convert("RGB") for im in images],
+            conf=READ_CONFIDENCE,
+            imgsz=self.cfg.detector.image_size,
+            device=str(self.device),
+            verbose=False,
+        )
+        return [float(r.boxes.conf.max()) if len(r.boxes) else 0.0 for r in results]
+
+    def close(self) -> None:
+        from ccsr.devices import free_memory
+
+        del self.yolo
+        self._embeddings.clear()
+        free_memory()
