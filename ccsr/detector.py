@@ -87,14 +87,17 @@ class YoloWorldDetector:
         """Per image, the highest confidence of a ``class_name`` box, 0.0 when there is none."""
         if not images:
             return []
+        from ccsr.devices import keep_cpu_threads
+
         self._set_class(class_name)
-        results = self.yolo.predict(
-            [im.convert("RGB") for im in images],
-            conf=READ_CONFIDENCE,
-            imgsz=self.cfg.detector.image_size,
-            device=str(self.device),
-            verbose=False,
-        )
+        with keep_cpu_threads():  # ultralytics resets torch's thread count on every predict
+            results = self.yolo.predict(
+                [im.convert("RGB") for im in images],
+                conf=READ_CONFIDENCE,
+                imgsz=self.cfg.detector.image_size,
+                device=str(self.device),
+                verbose=False,
+            )
         return [float(r.boxes.conf.max()) if len(r.boxes) else 0.0 for r in results]
 
     def close(self) -> None:
