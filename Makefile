@@ -12,7 +12,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
 export CCSR_CACHE ?= $(CURDIR)/.cache/ccsr-tiny
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test bench lint format clean e2e proof
 
 install: $(STAMP)
 
@@ -34,6 +34,18 @@ test: install
 
 bench: install
 	$(PY) -m ccsr.bench
+
+# The demo plus the HTML report and, when Debian's chromium is installed, a screenshot of it.
+e2e: install
+	rm -rf runs/e2e-$(CLASS)
+	$(VENV)/bin/ccsr run --config configs/tiny.yaml --class $(CLASS) --run-dir runs/e2e-$(CLASS) --iterations 2
+	$(VENV)/bin/ccsr status runs/e2e-$(CLASS) --json > runs/e2e-$(CLASS)/status.json
+	$(VENV)/bin/ccsr report runs/e2e-$(CLASS)
+	@if [ -x /usr/bin/chromium ]; then /usr/bin/chromium --headless --no-sandbox --disable-gpu \
+	  --disable-background-networking --disable-component-update --disable-sync --no-first-run \
+	  --user-data-dir=$$(mktemp -d) --screenshot=$(CURDIR)/runs/e2e-$(CLASS)/report/screenshot.png \
+	  --window-size=1280,2000 file://$(CURDIR)/runs/e2e-$(CLASS)/report.html; \
+	  echo "screenshot: runs/e2e-$(CLASS)/report/screenshot.png"; fi
 
 lint: install
 	$(VENV)/bin/ruff check ccsr tests
