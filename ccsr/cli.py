@@ -368,10 +368,10 @@ def cmd_run(args, daemon: bool = False) -> int:
             logger.info("stopped cleanly; run the same command again to continue")
             return 0
         run.event("finished", iterations=cfg.iterations)
-        from ccsr.status import format_status, run_status
+    from ccsr.status import format_status, run_status
 
-        print(format_status(run_status(run.root)))
-        return 0
+    print(format_status(run_status(run.root)))  # after the lock is released: the process is done
+    return 0
 
 
 def cmd_status(args) -> int:
