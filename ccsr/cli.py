@@ -355,7 +355,12 @@ def cmd_run(args, daemon: bool = False) -> int:
         if daemon:
             signal.signal(signal.SIGTERM, request_stop)
             signal.signal(signal.SIGINT, request_stop)
-        loop = Loop(cfg, run, should_stop=lambda: stop["flag"] or stop_file.exists())
+        loop = Loop(
+            cfg,
+            run,
+            should_stop=lambda: stop["flag"] or stop_file.exists(),
+            backoff_seconds=60.0 if daemon else 0.0,
+        )
         run.event("start", pid=os.getpid(), iterations=cfg.iterations, daemon=daemon)
         logger.info("run %s: class %r, %d iterations", run.root, cfg.class_name, cfg.iterations)
         try:

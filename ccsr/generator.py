@@ -60,24 +60,39 @@ class DiffusersGenerator:
         """One image per (prompt, seed); each image's latents come from its own seeded generator."""
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
-        torch = self._torch
         self._use_lora(lora, scale)
-        gc = self.cfg.generator
         out: list[Image.Image] = []
-        for start in range(0, len(prompts), gc.batch_size):
-            chunk = slice(start, start + gc.batch_size)
-            generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
-            with torch.inference_mode():
-                result = self.pipe(
-                    prompts[chunk],
-                    height=gc.resolution,
-                    width=gc.resolution,
-                    num_inference_steps=gc.steps,
-                    guidance_scale=gc.guidance_scale,
-                    generator=generators,
-                )
-            out.extend(result.images)
+        batch = self.cfg.generator.batch_size
+        start = 0
+        while start < len(prompts):
+            chunk = slice(start, start + batch)
+            try:
+                out.extend(self._draw(prompts[chunk], seeds[chunk]))
+            except self._torch.cuda.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                # Each image keeps its own seeded generator, so a smaller batch draws from the same seeds.
+                batch = max(1, batch // 2)
+                logger.warning("out of GPU memory: retrying with batch size %d", batch)
+                self._torch.cuda.empty_cache()
+                continue
+            start += len(prompts[chunk])
         return out
+
+    def _draw(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        torch = self._torch
+        gc = self.cfg.generator
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        with torch.inference_mode():
+            result = self.pipe(
+                prompts,
+                height=gc.resolution,
+                width=gc.resolution,
+                num_inference_steps=gc.steps,
+                guidance_scale=gc.guidance_scale,
+                generator=generators,
+            )
+        return result.images
 
     def close(self) -> None:
         del self.pipe

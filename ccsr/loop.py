@@ -54,6 +54,8 @@ class Loop:
     cfg: Config
     run: RunDir
     should_stop: Callable[[], bool] = lambda: False
+    # The daemon waits this long (doubling, at most an hour) after an iteration that got no usable prompt.
+    backoff_seconds: float = 0.0
     model_seconds: dict[str, float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -82,10 +84,28 @@ class Loop:
         self.run.clean_temp()
         for k in self.run.iterations():
             self.verify(k)
+        empty_streak = 0
         for k in range(1, iterations + 1):
             if self.run.iteration_complete(k):
                 continue
             self.run_iteration(k)
+            if self.run.stages_done(k)["prompts"].get("count", 1) == 0:
+                empty_streak += 1
+                self._back_off(k, empty_streak)
+            else:
+                empty_streak = 0
+
+    def _back_off(self, k: int, streak: int) -> None:
+        """The LLM gave nothing usable: recorded as an iteration with zero prompts, then wait before the next."""
+        if self.backoff_seconds <= 0:
+            return
+        wait = min(self.backoff_seconds * 2 ** (streak - 1), 3600.0)
+        logger.warning("iteration %d got no usable prompt; waiting %.0f s before the next", k, wait)
+        self.run.event("backoff", iteration=k, seconds=wait)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            self._check_stop(k, "backoff")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def run_iteration(self, k: int) -> None:
         self.run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
@@ -449,10 +469,11 @@ class Loop:
         from ccsr.trainer import TrainPair, train_lora
 
         pairs = self.training_pairs(k)
-        if not pairs:
-            logger.warning("iteration %d: no pairs, training skipped", k)
-            self.run.event("train_skipped", iteration=k, reason="no pairs")
-            return {"skipped": True, "reason": "no pairs"}
+        if not read_jsonl(self.run.files(k)["pairs"]):
+            # Nothing new to learn from: retraining on earlier pairs alone would only repeat an iteration.
+            logger.warning("iteration %d: no new pairs, training skipped", k)
+            self.run.event("train_skipped", iteration=k, reason="no new pairs")
+            return {"skipped": True, "reason": "no new pairs"}
         init = self.previous_lora(k) if self.cfg.trainer.init_from == "previous" else None
         train_pairs = [
             TrainPair(prompt=p["prompt"], image_path=self.run.root / p["path"], score=float(p["score"]))
@@ -480,6 +501,9 @@ class Loop:
         if not (lora / "pytorch_lora_weights.safetensors").is_file():
             self._gate(k, None)
             return {"skipped": True, "reason": "no LoRA this iteration"}
+        if not read_jsonl(self.run.validation_path):
+            self._gate(k, None, reason="no validation prompts")
+            return {"skipped": True, "reason": "no validation prompts"}
         summary = self.evaluate(k, self.cfg.evaluator.scales, self.run.iteration_dir(k) / "eval")
         summary["gate"] = self._gate(k, summary)
         atomic_write_json(self.run.eval_path(k), summary)
@@ -571,7 +595,7 @@ class Loop:
         detector.close()
 
     # --- the improvement gate ------------------------------------------------------------------
-    def _gate(self, k: int, summary: dict | None) -> dict:
+    def _gate(self, k: int, summary: dict | None, reason: str = "no LoRA this iteration") -> dict:
         """Accept iteration k's LoRA as the new champion only if it beats the current one by the margin.
 
         The base model's win-rate against itself is 0 (every pair a tie); for the other metrics the base's
@@ -586,7 +610,7 @@ class Loop:
         champ = self.champion(before=k)
         entry = {"iteration": k, "accepted": False, "metric_name": gc.metric, "metric": None, "scale": None}
         if summary is None:
-            entry["reason"] = "no LoRA this iteration"
+            entry["reason"] = reason
         else:
             by_scale = summary["by_scale"]
             scored = {float(s): v.get(gc.metric) for s, v in by_scale.items() if float(s) > 0}
