@@ -114,7 +114,22 @@ class TrainerConfig:
     checkpoints_kept: int = 2
     cache_latents: bool = True
     reward_weighted: bool = False
-    prior_weight: float = 0.0
+    prior_weight: float = field(
+        default=0.0,
+        metadata={"help": "beta of the prior-preservation term (Lee et al. 2023, eq. 2); 0 = off"},
+    )
+    prior_images: int = field(
+        default=8, metadata={"help": "base-model images of class prompts for the prior"}
+    )
+    prior_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a photo of a {class_name}",
+            "a photo of the {class_name}",
+            "a close-up photo of a {class_name}",
+            "a picture of a {class_name}",
+        ],
+        metadata={"help": "class prompt templates of the prior images, cycled; {class_name} is filled in"},
+    )
 
 
 @dataclass

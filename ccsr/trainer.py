@@ -42,6 +42,8 @@ ADAPTER_NAME = "default"
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 RESULT_FILE = "train_result.json"
+PRIOR_DIR = "prior"
+PRIOR_METADATA = "metadata.json"
 # Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
 # still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
 _FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")
@@ -434,6 +436,125 @@ def _latest_checkpoint(root: Path, fingerprint: str) -> tuple[Path, dict] | None
 
 
 # --------------------------------------------------------------------------------------------------------------
+# prior preservation: base-model images of the class
+#
+# Lee et al. (2023, eq. 2) fine-tune on reward-weighted model samples plus ``beta`` times the plain denoising
+# loss on pre-training data, because a small, narrow fine-tuning set degrades image fidelity (their table 3:
+# FID recovers when the pre-training term is added). We have no pre-training set, so, as DreamBooth does, the
+# base model itself stands in for it: it draws images of generic class prompts once, and the LoRA is asked to
+# keep denoising those as the base model would. The term pulls the LoRA back toward the base distribution of
+# the class while the fidelity term pulls it toward the selected pairs.
+
+
+def _prior_prompts(cfg: Config) -> list[str]:
+    """The prompt of each prior image: the templates cycled up to ``trainer.prior_images``."""
+    templates = cfg.trainer.prior_prompts
+    return [
+        templates[i % len(templates)].format(class_name=cfg.class_name)
+        for i in range(cfg.trainer.prior_images)
+    ]
+
+
+def _prior_key(cfg: Config, model_path: str, dtype: torch.dtype) -> str:
+    """Everything the prior images' pixels depend on; the cache in ``prior/`` is reused only under this key."""
+    g = cfg.generator
+    return _sha256_text(
+        "prior",
+        model_path,
+        cfg.seed,
+        cfg.trainer.resolution,
+        g.steps,
+        g.guidance_scale,
+        dtype,
+        *_prior_prompts(cfg),
+    )
+
+
+def _load_prior(prior_dir: Path, key: str) -> tuple[list[TrainPair], list[str]] | None:
+    """The cached prior images if ``metadata.json`` was written under ``key`` and every PNG is intact."""
+    meta_path = prior_dir / PRIOR_METADATA
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") != key:
+            logger.info("prior images in %s are from another setup; drawing them again", prior_dir)
+            return None
+        pairs, hashes = [], []
+        for entry in meta["images"]:
+            path = prior_dir / entry["file"]
+            if not path.is_file() or _sha256_file(path) != entry["sha256"]:
+                logger.warning("prior image %s is missing or changed; drawing the prior images again", path)
+                return None
+            pairs.append(TrainPair(prompt=entry["prompt"], image_path=path))
+            hashes.append(entry["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("ignoring unreadable prior metadata %s (%s)", meta_path, exc)
+        return None
+    return pairs, hashes
+
+
+def _draw_prior(
+    cfg: Config, model_path: str, prior_dir: Path, key: str, vae, text_encoder, tokenizer, unet, dtype
+) -> tuple[list[TrainPair], list[str]]:
+    """Draw the prior images with the base pipeline (called before the LoRA exists) and cache them.
+
+    Image ``i`` comes from its own generator ``(cfg.seed, 2, i)``, so it does not depend on the batch size.
+    PNGs are written to a temporary name and renamed; ``metadata.json`` (prompts, checksums, key) goes last,
+    so a run killed mid-way leaves no metadata that a later run would trust.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    prompts = _prior_prompts(cfg)
+    g = cfg.generator
+    prior_dir.mkdir(parents=True, exist_ok=True)
+    (prior_dir / PRIOR_METADATA).unlink(missing_ok=True)
+    # The already-loaded frozen modules are reused; only the inference scheduler is read from disk.
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_path,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=dtype,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    logger.info(
+        "drawing %d prior images of %r with the base model into %s", len(prompts), cfg.class_name, prior_dir
+    )
+    entries = []
+    chunk = max(1, g.batch_size)
+    for start in range(0, len(prompts), chunk):
+        ids = list(range(start, min(start + chunk, len(prompts))))
+        images = pipe(
+            [prompts[i] for i in ids],
+            height=cfg.trainer.resolution,
+            width=cfg.trainer.resolution,
+            num_inference_steps=g.steps,
+            guidance_scale=g.guidance_scale,
+            generator=[_generator(cfg.seed, 2, i) for i in ids],
+            output_type="pil",
+        ).images
+        for i, image in zip(ids, images, strict=True):
+            name = f"{i:04d}.png"
+            tmp = prior_dir / f".{name}.tmp{os.getpid()}"
+            image.save(tmp, format="PNG")
+            _fsync(tmp)
+            os.replace(tmp, prior_dir / name)
+            entries.append({"file": name, "prompt": prompts[i], "seed_keys": [cfg.seed, 2, i]})
+    del pipe
+    for entry in entries:
+        entry["sha256"] = _sha256_file(prior_dir / entry["file"])
+    meta = {"key": key, "class_name": cfg.class_name, "model": model_path, "images": entries}
+    _atomic_write_text(prior_dir / PRIOR_METADATA, json.dumps(meta, indent=1))
+    pairs = [TrainPair(prompt=e["prompt"], image_path=prior_dir / e["file"]) for e in entries]
+    return pairs, [e["sha256"] for e in entries]
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the trainer
 
 
@@ -453,10 +574,21 @@ def _validate(cfg: Config, pairs: list[TrainPair]) -> None:
     t = cfg.trainer
     if not pairs:
         raise ValueError("train_lora needs at least one (prompt, image) pair")
-    if t.prior_weight:
-        raise ValueError(
-            "trainer.prior_weight (prior-preservation loss) is not implemented yet; set it to 0.0"
-        )
+    if t.prior_weight < 0:
+        raise ValueError(f"trainer.prior_weight must be >= 0, got {t.prior_weight}")
+    if t.prior_weight > 0:
+        if not cfg.class_name:
+            raise ValueError("trainer.prior_weight > 0 needs class_name (the prior images show that class)")
+        if t.prior_images < 1 or not t.prior_prompts:
+            raise ValueError(
+                "trainer.prior_weight > 0 needs trainer.prior_images >= 1 and trainer.prior_prompts"
+            )
+        try:
+            _prior_prompts(cfg)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"trainer.prior_prompts: a template may only use the {{class_name}} placeholder ({exc!r})"
+            ) from exc
     if t.max_steps is not None and t.max_steps <= 0:
         raise ValueError(f"trainer.max_steps must be > 0 or null, got {t.max_steps}")
     if t.checkpoint_every < 0:
@@ -477,6 +609,13 @@ def _fingerprint(
         "pairs": [[p.prompt, h, float(p.score)] for p, h in zip(pairs, image_hashes, strict=True)],
         "init_lora": init_hash,
     }
+    if cfg.trainer.prior_weight > 0:
+        # The prior images are a function of these (and of model, seed, resolution, already above).
+        payload["prior"] = {
+            "prompts": _prior_prompts(cfg),
+            "steps": cfg.generator.steps,
+            "guidance_scale": cfg.generator.guidance_scale,
+        }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -563,6 +702,7 @@ def train_lora(
     init_lora: Path | None = None,
     encode_cache_dir: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    prior_dir: Path | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA on the UNet of ``cfg.generator.model`` and write it to ``out_dir``.
 
@@ -570,6 +710,10 @@ def train_lora(
     seed, trainer settings, pairs, init LoRA); returns at once if ``out_dir`` already holds the finished
     result of that setup. ``on_step(step, loss)`` is called after every optimizer step (and its checkpoint):
     the loop uses it for progress and stop requests (an exception raised there stops training, resumable).
+
+    With ``trainer.prior_weight`` (beta) > 0 each step also adds beta times the denoising loss on a batch of
+    base-model images of ``cfg.class_name`` (prior preservation, see ``_draw_prior``), drawn once and cached
+    in ``prior_dir`` (default ``out_dir/prior``); pass the same folder to several runs to share them.
 
     Under ``accelerate launch --multi_gpu --num_processes P`` (or torchrun) every process takes a contiguous
     share of each global batch of ``trainer.batch_size``, gradients are summed over processes before the
@@ -648,6 +792,27 @@ def train_lora(
     text_encoder.eval()
     vae.eval()
 
+    # ---- prior images: drawn by the base UNet, i.e. before the LoRA is added (and before any init LoRA).
+    prior_pairs: list[TrainPair] = []
+    prior_hashes: list[str] = []
+    if t.prior_weight > 0:
+        prior_root = Path(prior_dir) if prior_dir is not None else out_dir / PRIOR_DIR
+        prior_key = _prior_key(cfg, model_path, weight_dtype)
+        # The main process draws and writes; the others wait, then load its files.
+        with accelerator.main_process_first():
+            loaded = _load_prior(prior_root, prior_key)
+            if loaded is not None:
+                logger.info("reusing %d cached prior images from %s", len(loaded[0]), prior_root)
+            elif is_main:
+                loaded = _draw_prior(
+                    cfg, model_path, prior_root, prior_key, vae, text_encoder, tokenizer, unet, weight_dtype
+                )
+            else:
+                raise RuntimeError(
+                    f"process {process_index}: the main process left no prior images in {prior_root}"
+                )
+        prior_pairs, prior_hashes = loaded
+
     lora_config = LoraConfig(
         r=t.rank, lora_alpha=t.alpha, init_lora_weights="gaussian", target_modules=list(t.target_modules)
     )
@@ -722,6 +887,12 @@ def train_lora(
             cache = _EncodingCache(
                 encoder, pairs, image_hashes, t.random_flip, cache_dir, batch_size, write=is_main
             )
+    prior_cache = None
+    if prior_pairs and t.cache_latents and start_step < total_steps:
+        with accelerator.main_process_first() if cache_dir is not None else nullcontext():
+            prior_cache = _EncodingCache(
+                encoder, prior_pairs, prior_hashes, t.random_flip, cache_dir, batch_size, write=is_main
+            )
     # Per-sample latent shape, for drawing the whole global batch's noise on every process.
     downscale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_shape = (vae.config.latent_channels, t.resolution // downscale, t.resolution // downscale)
@@ -735,6 +906,64 @@ def train_lora(
             permutations[epoch] = torch.randperm(n, generator=_generator(cfg.seed, 0, epoch)).tolist()
         return permutations[epoch][position * batch_size : (position + 1) * batch_size]
 
+    # The prior set runs its own epochs (its size differs from the pairs'), ordered by (seed, 3, epoch).
+    n_prior = len(prior_pairs)
+    prior_batch_size = min(batch_size, n_prior) if n_prior else 0
+    prior_batches_per_epoch = math.ceil(n_prior / prior_batch_size) if n_prior else 0
+    prior_permutations: dict[int, list[int]] = {}
+
+    def prior_micro_batch(m: int) -> list[int]:
+        epoch, position = divmod(m, prior_batches_per_epoch)
+        if epoch not in prior_permutations:
+            order = torch.randperm(n_prior, generator=_generator(cfg.seed, 3, epoch)).tolist()
+            prior_permutations[epoch] = order
+        return prior_permutations[epoch][position * prior_batch_size : (position + 1) * prior_batch_size]
+
+    def draws(g: torch.Generator, size: int):
+        """Flips, latent sample, noise and timesteps of a batch, in a fixed order (see the loop)."""
+        flips = (torch.rand(size, generator=g) < 0.5).tolist() if t.random_flip else [False] * size
+        latent_draw = torch.randn((size, *latent_shape), generator=g)
+        noise = torch.randn((size, *latent_shape), generator=g)
+        if t.noise_offset:
+            noise = noise + t.noise_offset * torch.randn((size, latent_shape[0], 1, 1), generator=g)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=g)
+        return flips, latent_draw, noise, timesteps
+
+    def denoising_loss(
+        data, source, cached, mine, lo, hi, flips, latent_draw, noise, timesteps, weights, size
+    ):
+        """This process's share of the (weighted) global-batch mean of the denoising loss on ``mine``."""
+        if cached is not None:
+            mean, std, text = cached.batch(mine, flips[lo:hi])
+        else:
+            mean, std = encoder.latent_distribution([data[i].image_path for i in mine], flips[lo:hi])
+            text = encoder.text_embeddings([data[i].prompt for i in mine])
+        if tuple(mean.shape[1:]) != latent_shape:
+            raise RuntimeError(
+                f"VAE latents of the {source} are {tuple(mean.shape[1:])}, expected {latent_shape}"
+            )
+        latents = ((mean + std * latent_draw[lo:hi]) * scaling_factor).to(device)
+        noise_mine = noise[lo:hi].to(device)
+        t_mine = timesteps[lo:hi].to(device)
+        text = text.to(device, weight_dtype)
+
+        noisy = noise_scheduler.add_noise(latents, noise_mine, t_mine)
+        if prediction_type == "epsilon":
+            target = noise_mine
+        else:
+            target = noise_scheduler.get_velocity(latents, noise_mine, t_mine)
+        with accelerator.autocast():
+            pred = unet(noisy.to(weight_dtype), t_mine, text, return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        sample_weights = weights.to(device)
+        if t.snr_gamma is not None:
+            # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+            snr = compute_snr(noise_scheduler, t_mine)
+            clipped = torch.clamp(snr, max=t.snr_gamma)
+            sample_weights = sample_weights * (clipped / (snr if prediction_type == "epsilon" else snr + 1))
+        # This process's part of the global-batch mean; summed over processes it is that mean.
+        return (per_sample * sample_weights).sum() / size
+
     # ---- loop
     log_file = out_dir / TRAIN_LOG
     if tracking:
@@ -745,64 +974,71 @@ def train_lora(
     for step in range(start_step, total_steps):
         lr = lr_scheduler.get_last_lr()[0]
         step_loss = 0.0
+        step_fidelity = step_prior = 0.0
         for micro in range(accum):
             indices = micro_batch(step * accum + micro)
             size = len(indices)
-            g = _generator(cfg.seed, 1, step, micro)
             # The order of draws is fixed and covers the whole global batch on every process, each then
             # keeping its slice: a sample gets the same flip, latent draw, noise and timestep whatever the
             # process count, and the cached and uncached paths consume identical random numbers.
-            flips = (torch.rand(size, generator=g) < 0.5).tolist() if t.random_flip else [False] * size
-            latent_draw = torch.randn((size, *latent_shape), generator=g)
-            noise = torch.randn((size, *latent_shape), generator=g)
-            if t.noise_offset:
-                noise = noise + t.noise_offset * torch.randn((size, latent_shape[0], 1, 1), generator=g)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=g)
-
+            flips, latent_draw, noise, timesteps = draws(_generator(cfg.seed, 1, step, micro), size)
             lo, hi = _shard(size, num_processes, process_index)
             mine = indices[lo:hi]
-            if not mine:
+            # The prior batch draws from its own generator, so the fidelity term's numbers are the same with
+            # and without it (the prior_weight = 0 run's loss is this run's fidelity_loss).
+            if n_prior:
+                prior_indices = prior_micro_batch(step * accum + micro)
+                prior_size = len(prior_indices)
+                prior_draws = draws(_generator(cfg.seed, 4, step, micro), prior_size)
+                plo, phi = _shard(prior_size, num_processes, process_index)
+                prior_mine = prior_indices[plo:phi]
+            else:
+                prior_mine = []
+            if not mine and not prior_mine:
                 # More processes than samples in this batch: a zero loss still gives every parameter a
                 # (zero) gradient, so the collective below and a GradScaler see the same thing everywhere.
                 accelerator.backward(sum(p.sum() for p in params) * 0.0)
                 continue
-            if cache is not None:
-                mean, std, text = cache.batch(mine, flips[lo:hi])
-            else:
-                mean, std = encoder.latent_distribution([pairs[i].image_path for i in mine], flips[lo:hi])
-                text = encoder.text_embeddings([pairs[i].prompt for i in mine])
-            if tuple(mean.shape[1:]) != latent_shape:
-                raise RuntimeError(f"VAE latents are {tuple(mean.shape[1:])}, expected {latent_shape}")
-            latents = ((mean + std * latent_draw[lo:hi]) * scaling_factor).to(device)
-            noise_mine = noise[lo:hi].to(device)
-            t_mine = timesteps[lo:hi].to(device)
-            text = text.to(device, weight_dtype)
-
-            noisy = noise_scheduler.add_noise(latents, noise_mine, t_mine)
-            if prediction_type == "epsilon":
-                target = noise_mine
-            else:
-                target = noise_scheduler.get_velocity(latents, noise_mine, t_mine)
-            with accelerator.autocast():
-                pred = unet(noisy.to(weight_dtype), t_mine, text, return_dict=False)[0]
-            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            sample_weights = weights[mine].to(device)
-            if t.snr_gamma is not None:
-                # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
-                snr = compute_snr(noise_scheduler, t_mine)
-                clipped = torch.clamp(snr, max=t.snr_gamma)
-                sample_weights = sample_weights * (
-                    clipped / (snr if prediction_type == "epsilon" else snr + 1)
+            loss = torch.zeros((), device=device)
+            if mine:
+                fidelity = denoising_loss(
+                    pairs,
+                    "pairs",
+                    cache,
+                    mine,
+                    lo,
+                    hi,
+                    flips,
+                    latent_draw,
+                    noise,
+                    timesteps,
+                    weights[mine],
+                    size,
                 )
-            # This process's part of the global-batch mean; summed over processes it is that mean.
-            loss = (per_sample * sample_weights).sum() / size
+                loss = fidelity
+                step_fidelity += fidelity.detach().item() / accum
+            if prior_mine:
+                # Lee et al. 2023, eq. 2: total = fidelity + beta * (unweighted) loss on the prior images.
+                prior = denoising_loss(
+                    prior_pairs,
+                    "prior images",
+                    prior_cache,
+                    prior_mine,
+                    plo,
+                    phi,
+                    *prior_draws,
+                    torch.ones(len(prior_mine)),
+                    prior_size,
+                )
+                loss = loss + t.prior_weight * prior
+                step_prior += prior.detach().item() / accum
             accelerator.backward(loss / accum)
             step_loss += loss.detach().item() / accum
         if num_processes > 1:
             _all_reduce_gradients(accelerator, params)
-            step_loss = accelerator.reduce(
-                torch.tensor([step_loss], dtype=torch.float64, device=device)
-            ).item()
+            step_loss, step_fidelity, step_prior = accelerator.reduce(
+                torch.tensor([step_loss, step_fidelity, step_prior], dtype=torch.float64, device=device)
+            ).tolist()
         if t.max_grad_norm and t.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
         optimizer.step()
@@ -813,11 +1049,15 @@ def train_lora(
         loss_value = step_loss
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        record = {"step": done, "loss": loss_value, "lr": lr}
+        if n_prior:
+            # loss = fidelity_loss + prior_weight * prior_loss (prior_loss unweighted).
+            record.update(fidelity_loss=step_fidelity, prior_loss=step_prior)
         if tracking:
-            accelerator.log({"loss": loss_value, "lr": lr}, step=done)
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
         if is_main:
             with open(log_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": done, "loss": loss_value, "lr": lr}) + "\n")
+                f.write(json.dumps(record) + "\n")
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done < total_steps:
                 state = {
                     "step": done,

@@ -296,7 +296,142 @@ def test_options_and_result_reuse(sd_models, pairs, tmp_path):
     epochs = make_cfg(sd_models["epsilon"], max_steps=None, epochs=2, batch_size=3)
     assert train_lora(epochs, pairs, tmp_path / "epochs").steps == 2 * 3  # ceil(8 / 3) = 3 batches an epoch
 
-    with pytest.raises(ValueError, match="prior_weight"):
+    with pytest.raises(ValueError, match="class_name"):
         train_lora(make_cfg(sd_models["epsilon"], prior_weight=0.5), pairs, tmp_path / "prior")
+    with pytest.raises(ValueError, match="prior_weight must be >= 0"):
+        train_lora(make_cfg(sd_models["epsilon"], prior_weight=-1.0), pairs, tmp_path / "prior")
     with pytest.raises(ValueError, match="not found"):
         train_lora(make_cfg(sd_models["epsilon"]), [TrainPair("x", tmp_path / "missing.png")], tmp_path / "m")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# prior preservation (Lee et al. 2023, eq. 2: fidelity loss + beta * loss on base-model data)
+
+PRIOR_WEIGHT = 0.5
+
+
+def make_prior_cfg(model: Path, **trainer) -> Config:
+    cfg = make_cfg(model, prior_weight=PRIOR_WEIGHT, prior_images=4, **trainer)
+    cfg.class_name = "cat"
+    cfg.generator.steps = 2
+    cfg.generator.batch_size = 4
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def prior_reference(sd_models, pairs, tmp_path_factory) -> Path:
+    """An uninterrupted 4-step run with the prior term and checkpoints every 2 steps."""
+    out = tmp_path_factory.mktemp("prior-reference")
+    train_lora(make_prior_cfg(sd_models["epsilon"], max_steps=4, checkpoint_every=2), pairs, out)
+    return out
+
+
+def test_prior_images_are_drawn_once_and_cached(prior_reference):
+    meta = json.loads((prior_reference / "prior" / "metadata.json").read_text())
+    assert [e["prompt"] for e in meta["images"]] == [
+        "a photo of a cat",
+        "a photo of the cat",
+        "a close-up photo of a cat",
+        "a picture of a cat",
+    ]
+    for entry in meta["images"]:
+        with Image.open(prior_reference / "prior" / entry["file"]) as img:
+            assert img.size == (RESOLUTION, RESOLUTION)
+    assert not list((prior_reference / "prior").glob(".*tmp*"))
+    log = read_log(prior_reference)
+    for record in log:
+        assert record["loss"] == pytest.approx(
+            record["fidelity_loss"] + PRIOR_WEIGHT * record["prior_loss"], rel=1e-6
+        )
+        assert np.isfinite(record["prior_loss"]) and record["prior_loss"] > 0
+
+
+def test_prior_term_step_one_by_hand(sd_models, pairs, prior_reference, tmp_path):
+    """Step 1 (LoRA B = 0: the UNet is the base): the fidelity term is the prior_weight = 0 run's loss and
+    the prior term is recomputed from the cached prior images with the trainer's draw order."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from ccsr.trainer import _load_pixels
+
+    model = sd_models["epsilon"]
+    plain = train_lora(make_cfg(model, max_steps=1), pairs, tmp_path / "plain")
+    first = read_log(prior_reference)[0]
+    assert first["fidelity_loss"] == pytest.approx(read_log(plain.lora_dir)[0]["loss"], rel=1e-6)
+    assert first["loss"] != pytest.approx(first["fidelity_loss"], rel=1e-3)
+
+    meta = json.loads((prior_reference / "prior" / "metadata.json").read_text())
+    images = [prior_reference / "prior" / e["file"] for e in meta["images"]]
+    prompts = [e["prompt"] for e in meta["images"]]
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    size = 4  # min(batch_size 4, 4 prior images)
+    indices = torch.randperm(len(images), generator=_generator(0, 3, 0)).tolist()[:size]
+    g = _generator(0, 4, 0, 0)
+    flips = (torch.rand(size, generator=g) < 0.5).tolist()
+    pixels = []
+    for i, flip in zip(indices, flips, strict=True):
+        x = _load_pixels(images[i], RESOLUTION)
+        pixels.append(torch.flip(x, dims=[2]) if flip else x)
+    with torch.no_grad():
+        dist = vae.encode(torch.stack(pixels)).latent_dist
+        latents = (
+            dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+        ) * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=g)
+        ids = tokenizer(
+            [prompts[i] for i in indices],
+            padding="max_length",
+            truncation=True,
+            max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids
+        pred = unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample
+    prior = torch.nn.functional.mse_loss(pred, noise).item()
+    assert first["prior_loss"] == pytest.approx(prior, rel=1e-5)
+    assert first["loss"] == pytest.approx(first["fidelity_loss"] + PRIOR_WEIGHT * prior, rel=1e-5)
+
+
+def test_prior_resume_equals_uninterrupted_and_reuses_images(
+    sd_models, pairs, prior_reference, tmp_path, caplog
+):
+    cfg = make_prior_cfg(sd_models["epsilon"], max_steps=4, checkpoint_every=2)
+
+    def stop_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_lora(cfg, pairs, tmp_path, on_step=stop_at_3)
+    prior_files = sorted((tmp_path / "prior").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in prior_files}
+    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+        train_lora(cfg, pairs, tmp_path)
+    assert "reusing 4 cached prior images" in caplog.text and "drawing" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "prior").iterdir()} == stamps
+    # Drawn from cfg.seed alone: the same bytes as the reference run's.
+    assert (tmp_path / "prior" / "metadata.json").read_text() == (
+        prior_reference / "prior" / "metadata.json"
+    ).read_text()
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(prior_reference)) < 1e-6
+    np.testing.assert_allclose(
+        [r["loss"] for r in read_log(tmp_path)], [r["loss"] for r in read_log(prior_reference)], rtol=1e-6
+    )
+    # A changed prior image is not trusted: it is drawn again, to the same bytes.
+    victim = tmp_path / "prior" / "0001.png"
+    original = victim.read_bytes()
+    victim.write_bytes(original[:-8] + b"\0" * 8)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+        train_lora(
+            make_prior_cfg(sd_models["epsilon"], max_steps=1),
+            pairs,
+            tmp_path / "again",
+            prior_dir=tmp_path / "prior",
+        )
+    assert "missing or changed" in caplog.text
+    assert victim.read_bytes() == original
