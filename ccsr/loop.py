@@ -486,6 +486,7 @@ class Loop:
                 self.run.lora_dir(k),
                 init_lora=init,
                 encode_cache_dir=self.run.encode_cache,
+                prior_dir=self.run.root / "cache" / "prior",  # base-model class images, drawn once per run
             )
         return {
             "pairs": len(pairs),
