@@ -497,7 +497,7 @@ def cmd_eval(args) -> int:
         raise UserError(f"--scales must be within [0, 1], got {scales}")
     _setup_logging(logging.DEBUG if args.debug else logging.INFO)
     with _run_lock(run):
-        tag = "-".join(f"{sc:g}" for sc in sorted(set(scales)))
+        tag = "-".join(f"{sc:g}" for sc in sorted({0.0, *scales}))
         out_dir = run.iteration_dir(k) / f"eval-scales-{tag}"
         summary = Loop(cfg, run).evaluate(k, scales, out_dir)
         atomic_write_json(out_dir / "eval.json", summary)  # the loop's eval.json and gate stay untouched

@@ -195,3 +195,74 @@ def test_run_refuses_bad_input(tmp_path, repo_root, monkeypatch, capsys):
     assert run_cli(tmp_path / "y", class_name="../etc") == 2
     assert "class name" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_eval_report_export_and_champion_generate(two_iterations, tmp_path, capsys):
+    from PIL import Image
+
+    capsys.readouterr()
+    assert main(["eval", str(two_iterations), "--iteration", "1", "--scales", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["clip_score_by_scale"]) == {"0", "1"}
+    assert (two_iterations / "iterations" / "001" / "eval-scales-0-1" / "eval.json").is_file()
+    # The loop's own evaluation and gate are untouched by a manual eval.
+    assert set(
+        json.loads((two_iterations / "iterations" / "001" / "eval.json").read_text())["clip_score_by_scale"]
+    ) == {
+        "0",
+        "0.5",
+        "1",
+    }
+
+    assert main(["report", str(two_iterations)]) == 0
+    assert (two_iterations / "report.html").is_file()
+
+    kohya = tmp_path / "giraffe-kohya.safetensors"
+    assert main(["export", str(two_iterations / "iterations" / "001" / "lora"), "--out", str(kohya)]) == 0
+    assert kohya.is_file()
+
+    strip = tmp_path / "strip.png"
+    args = ["generate", "--run", str(two_iterations), "--prompt", "a giraffe", "--out", str(strip)]
+    assert main(args + ["--scale", "0", "0.5", "1"]) == 0
+    w, h = Image.open(strip).size
+    assert w == 3 * h, "three scales side by side"
+    champion = tmp_path / "champion.png"
+    assert (
+        main(["generate", "--run", str(two_iterations), "--prompt", "a giraffe", "--out", str(champion)]) == 0
+    )
+    assert Image.open(champion).size == (h, h)
+
+
+def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path, caplog):
+    """A damaged image, a torn last record and a damaged LoRA are found on resume and redone, not trusted."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(two_iterations, run_dir)
+    it = run_dir / "iterations" / "001"
+    cands = read_jsonl(it / "candidates.jsonl")
+    image = run_dir / cands[3]["path"]
+    image.write_bytes(image.read_bytes()[:100])  # truncated PNG
+    judgments = (it / "judgments.jsonl").read_bytes()
+    (it / "judgments.jsonl").write_bytes(judgments[: len(judgments) - 20])  # torn last line
+    lora_file = it / "lora" / "pytorch_lora_weights.safetensors"
+    weights_before = load_file(lora_file)
+    lora_file.write_bytes(lora_file.read_bytes()[:-64])
+    before = {
+        n: read_jsonl(two_iterations / "iterations" / "001" / n) for n in ("judgments.jsonl", "pairs.jsonl")
+    }
+
+    caplog.set_level("WARNING")
+    assert run_cli(run_dir) == 0
+    text = caplog.text
+    assert "damaged candidate images" in text and "LoRA fails its checksum" in text
+    assert digest(image) == digest(two_iterations / cands[3]["path"]), "redrawn from its seed"
+    for name, records in before.items():
+        assert read_jsonl(it / name) == records, name
+    after = load_file(lora_file)
+    assert after.keys() == weights_before.keys()
+    assert all((after[k] == weights_before[k]).all() for k in after), "retrained to the same weights"
+    repairs = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "repair"]
+    assert {r["what"] for r in repairs} >= {"candidates", "lora", "judge"}
