@@ -65,8 +65,25 @@ def _timed(fn, images, questions) -> tuple[float, list]:
     return len(images) / elapsed, results
 
 
-def bench_judge(n_images: int = N_IMAGES) -> dict:
-    """Images per second of (a) per-question generate, (b) batched full sequences, (c) prefix reuse."""
+def _timed_batch(judge, images, questions, image_batch_size: int) -> tuple[float, list]:
+    """Prefix reuse with the crops of ``image_batch_size`` images per vision-tower call."""
+    import torch
+
+    judge.image_batch_size = image_batch_size
+    try:
+        with torch.inference_mode():
+            judge._answer_logits_many(images[:image_batch_size], [questions] * image_batch_size)  # warm-up
+            start = time.perf_counter()
+            results = judge._answer_logits_many(images, [questions] * len(images))
+            elapsed = time.perf_counter() - start
+    finally:
+        judge.image_batch_size = 1
+    return len(images) / elapsed, results
+
+
+def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (3,)) -> dict:
+    """Images per second of (a) per-question generate, (b) batched full sequences, (c) prefix reuse one image
+    at a time, and (c) with the vision tower batched over ``image_batch_sizes`` images."""
     from ccsr.config import Config, resolve_data_path
     from ccsr.judge import QuestionSet, TransformersJudge
     from ccsr.tiny.llava import build_llava_next
@@ -87,10 +104,13 @@ def bench_judge(n_images: int = N_IMAGES) -> dict:
             )
             rate_batched, batched = _timed(lambda im, qs: _batched_full(judge, im, qs), images, questions)
             rate_fast, fast = _timed(lambda im, qs: judge._answer_logits(im, qs), images, questions)
+            image_batched = {k: _timed_batch(judge, images, questions, k) for k in image_batch_sizes}
         finally:
             judge.close()
     identical = all(
         a.answers == b.answers == c.answers for a, b, c in zip(generated, batched, fast, strict=True)
+    ) and all(
+        r.answers == c.answers for _, rs in image_batched.values() for r, c in zip(rs, fast, strict=True)
     )
     max_p_diff = max(
         abs(p - q) for b, c in zip(batched, fast, strict=True) for p, q in zip(b.p_yes, c.p_yes, strict=True)
@@ -100,6 +120,7 @@ def bench_judge(n_images: int = N_IMAGES) -> dict:
             "generate_per_question": round(rate_generate, 3),
             "batched_full_sequences": round(rate_batched, 3),
             "prefix_reuse": round(rate_fast, 3),
+            **{f"prefix_reuse_{k}_images_per_call": round(r, 3) for k, (r, _) in image_batched.items()},
         },
         "speedup_vs_generate": round(rate_fast / rate_generate, 2),
         "speedup_vs_batched": round(rate_fast / rate_batched, 2),

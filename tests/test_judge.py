@@ -159,6 +159,18 @@ def test_batched_suffix_strategy_agrees(judge, images, rendered, fast_answers):
         assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
 
 
+def test_image_batching_agrees(judge, images, rendered, fast_answers):
+    # Several images' crops in one vision-tower call (sizes differ, so crop counts differ) give the same answers.
+    judge.image_batch_size = 4
+    try:
+        grouped = judge.answer(images[:6], rendered[:6])
+    finally:
+        judge.image_batch_size = 1
+    for a, b in zip(grouped, fast_answers[:6], strict=False):
+        assert a.answers == b.answers
+        assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
+
+
 def test_generate_mode(llava_cache, images, rendered, fast_answers):
     judge = TransformersJudge(_config(llava_cache, mode="generate"))
     try:
