@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,7 +235,7 @@ def test_cli_eval_report_export_and_champion_generate(two_iterations, tmp_path, 
     assert Image.open(champion).size == (h, h)
 
 
-def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path, caplog):
+def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path):
     """A damaged image, a torn last record and a damaged LoRA are found on resume and redone, not trusted."""
     import shutil
 
@@ -254,15 +256,29 @@ def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path, cap
         n: read_jsonl(two_iterations / "iterations" / "001" / n) for n in ("judgments.jsonl", "pairs.jsonl")
     }
 
-    caplog.set_level("WARNING")
-    assert run_cli(run_dir) == 0
-    text = caplog.text
+    # A restart after a crash is a new process: run it as one.
+    cmd = [sys.executable, "-m", "ccsr.cli", "run", "--config", "configs/tiny.yaml", "--class", "giraffe"]
+    cmd += ["--run-dir", str(run_dir), "--iterations", "2"]
+    for s in SMALL:
+        cmd += ["--set", s]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stderr
     assert "damaged candidate images" in text and "LoRA fails its checksum" in text
     assert digest(image) == digest(two_iterations / cands[3]["path"]), "redrawn from its seed"
     for name, records in before.items():
         assert read_jsonl(it / name) == records, name
     after = load_file(lora_file)
     assert after.keys() == weights_before.keys()
-    assert all((after[k] == weights_before[k]).all() for k in after), "retrained to the same weights"
+    # Retrained, not trusted: same data and seeds give the same loss curve. Weights are compared loosely:
+    # across processes float noise in near-zero gradients is amplified by Adam up to ~lr per step.
+    diff = max((after[k] - weights_before[k]).abs().max().item() for k in after)
+    assert diff < 3 * 1e-3 * 1.5, f"retrained LoRA differs by {diff}"
+    train = json.loads((it / "stages.json").read_text())["train"]
+    assert train["lora_sha256"] == digest(lora_file)
+    ref_log = read_jsonl(two_iterations / "iterations" / "001" / "lora" / "train_log.jsonl")
+    new_log = read_jsonl(it / "lora" / "train_log.jsonl")
+    assert [r["step"] for r in new_log] == [r["step"] for r in ref_log]
+    assert all(abs(a["loss"] - b["loss"]) < 1e-5 for a, b in zip(new_log, ref_log, strict=True))
     repairs = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "repair"]
     assert {r["what"] for r in repairs} >= {"candidates", "lora", "judge"}
