@@ -35,6 +35,10 @@ test: install
 bench: install
 	$(PY) -m ccsr.bench
 
+# The shapes world (docs/proof.md): base model trained from scratch, the loop and its ablations, the table.
+proof: install
+	$(PY) -m ccsr.shapes.proof --fresh
+
 # The demo plus the HTML report and, when Debian's chromium is installed, a screenshot of it.
 e2e: install
 	rm -rf runs/e2e-$(CLASS)

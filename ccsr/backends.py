@@ -15,13 +15,19 @@ BACKENDS = {
     "prompter": {
         "transformers": "ccsr.prompter:TransformersPrompter",
         "vllm": "ccsr.prompter_vllm:VLLMPrompter",
+        "shapes": "ccsr.shapes.backends:GrammarPrompter",
     },
     "generator": {"diffusers": "ccsr.generator:DiffusersGenerator"},
     "judge": {
         "transformers": "ccsr.judge:TransformersJudge",
         "vllm": "ccsr.judge_vllm:VLLMJudge",
+        "shapes": "ccsr.shapes.backends:MeasuringJudge",
+        "shapes-random": "ccsr.shapes.backends:RandomJudge",
     },
-    "detector": {"yolo_world": "ccsr.detector:YoloWorldDetector"},
+    "detector": {
+        "yolo_world": "ccsr.detector:YoloWorldDetector",
+        "shapes": "ccsr.shapes.backends:MeasuringDetector",
+    },
 }
 
 

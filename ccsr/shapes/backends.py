@@ -1,0 +1,218 @@
+"""Role backends of the shapes world: a grammar prompter, a measuring judge, a measuring detector.
+
+They implement the same interfaces as the LLM, VLM and YOLO-World backends and are picked by name in a config
+(``prompter.backend: shapes``, ``judge.backend: shapes``, ``detector.backend: shapes``), so the loop, its run
+directory, the trainer, the evaluation and the gate run unchanged on this world.
+
+The judge answers the world's version of the ten questions (``prompts/questions_shapes.yaml``) by measuring
+the image; polarities, the Q3 dependency and eq. (1) scoring stay the loop's (``ccsr.judge.QuestionSet``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from typing import TYPE_CHECKING
+
+from ccsr.config import resolve_data_path
+from ccsr.judge import JudgeAnswer, QuestionSet
+from ccsr.shapes import world
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+def _class_of(cfg: Config) -> str:
+    name = (cfg.class_name or "").strip().lower()
+    if name not in world.CLASSES:
+        raise ValueError(f"the shapes world draws {', '.join(world.CLASSES)}; got class {cfg.class_name!r}")
+    return name
+
+
+class GrammarPrompter:
+    """Samples captions of the run's class from the world's grammar, as a numbered list like an LLM's.
+
+    Held-out combinations (``world.is_held_out``) are never sampled: they are the validation prompts
+    (``prompter.validation_file``, written by ``python -m ccsr.shapes.proof``).
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.shape = _class_of(cfg)
+
+    def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
+        rng = random.Random(f"grammar:{self.shape}:{seed}")
+        out = []
+        for _ in range(num):
+            captions = world.sample_captions(self.shape, self.cfg.prompter.prompts_per_call, rng)
+            out.append("\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1)))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# The checks behind the ten questions, by question id. Each gets (spec, measurement, class) and says yes/no.
+def _q1_flat(spec, m, shape):  # clean flat colours on a plain background
+    return m.unknown_fraction < 0.05
+
+
+def _q2_stray_marks(spec, m, shape):  # specks or blobs that are no shape of the world
+    return m.specks > 0 or any(o.shape is None for o in m.objects)
+
+
+def _q3_present(spec, m, shape):
+    return bool(m.of_shape(shape))
+
+
+def _q4_count(spec, m, shape):
+    return spec is not None and len(m.of_shape(shape)) == spec.count
+
+
+def _q5_colour(spec, m, shape):
+    return spec is not None and all(o.colour == spec.colour for o in m.of_shape(shape))
+
+
+def _q6_other_shapes(spec, m, shape):
+    return any(o.shape is not None and o.shape != shape for o in m.objects)
+
+
+def _q7_well_formed(spec, m, shape):
+    return all(o.class_confidence[shape] >= 0.6 for o in m.of_shape(shape))
+
+
+def _q8_background(spec, m, shape):
+    return spec is not None and m.background == spec.background
+
+
+def _q9_other_colours(spec, m, shape):
+    return spec is not None and any(o.colour != spec.colour for o in m.objects)
+
+
+def _q10_prompt(spec, m, shape):
+    return spec is not None and world.accuracy(spec, m).exact
+
+
+CHECKS = {
+    "Q1": _q1_flat,
+    "Q2": _q2_stray_marks,
+    "Q3": _q3_present,
+    "Q4": _q4_count,
+    "Q5": _q5_colour,
+    "Q6": _q6_other_shapes,
+    "Q7": _q7_well_formed,
+    "Q8": _q8_background,
+    "Q9": _q9_other_colours,
+    "Q10": _q10_prompt,
+}
+
+
+def _template_regex(text: str) -> re.Pattern:
+    """A question template as a regex: each placeholder captures its value (a repeat must be equal)."""
+    out, seen = [], set()
+    for part in re.split(r"(\{class_name\}|\{prompt\})", text):
+        if part in ("{class_name}", "{prompt}"):
+            name = part[1:-1]
+            out.append(f"(?P={name})" if name in seen else f"(?P<{name}>.+?)")
+            seen.add(name)
+        else:
+            out.append(re.escape(part))
+    return re.compile("^" + "".join(out) + "$", re.S)
+
+
+class _QuestionReader:
+    """Recovers the class and the prompt from rendered question texts, by matching the question templates."""
+
+    def __init__(self, cfg: Config):
+        self.questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+        unknown = [q.id for q in self.questions.questions if q.id not in CHECKS]
+        if unknown:
+            raise ValueError(
+                f"{self.questions.source}: the shapes judge answers question ids {', '.join(CHECKS)}; "
+                f"unknown: {', '.join(unknown)}"
+            )
+        suffix = f" {self.questions.instruction}" if self.questions.instruction else ""
+        self.patterns = [_template_regex(q.text + suffix) for q in self.questions.questions]
+
+    def read(self, rendered: list[str]) -> tuple[str | None, str | None]:
+        if len(rendered) != len(self.questions):
+            raise ValueError(
+                f"got {len(rendered)} questions, the shapes question set has {len(self.questions)}"
+            )
+        class_name = prompt = None
+        for pattern, text in zip(self.patterns, rendered, strict=True):
+            match = pattern.match(text)
+            if match is None:
+                raise ValueError(f"question does not match {self.questions.source}: {text!r}")
+            groups = match.groupdict()
+            class_name = class_name or groups.get("class_name")
+            prompt = prompt or groups.get("prompt")
+        return class_name, prompt
+
+
+class MeasuringJudge:
+    """Answers by measuring the image (palette segmentation, connected components, shape features)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.reader = _QuestionReader(cfg)
+
+    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+        out = []
+        for image, rendered in zip(images, questions, strict=True):
+            class_name, prompt = self.reader.read(rendered)
+            shape = (class_name or "").strip().lower()
+            spec = world.parse_caption(prompt or "")
+            m = world.measure(image)
+            answers = []
+            for q in self.reader.questions.questions:
+                answers.append("yes" if CHECKS[q.id](spec, m, shape) else "no")
+            # Hard decisions: P(yes) is 1 or 0 (the measurement is not a probability model).
+            out.append(JudgeAnswer(answers=answers, p_yes=[float(a == "yes") for a in answers]))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class RandomJudge:
+    """The 'without the judge' ablation: every answer a fair coin, seeded by the image's pixels (so a resumed
+    run answers the same). The best eq. (1) score of a prompt is then a random subset of its candidates."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.reader = _QuestionReader(cfg)
+
+    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+        out = []
+        for image, rendered in zip(images, questions, strict=True):
+            self.reader.read(rendered)
+            rng = random.Random(world.image_seed(image, self.cfg.seed))
+            answers = [rng.choice(("yes", "no")) for _ in rendered]
+            out.append(JudgeAnswer(answers=answers, p_yes=[0.5] * len(answers)))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class MeasuringDetector:
+    """Per image, the confidence that the class is present: its best component's similarity to the class
+    prototype (1.0 for a clean render, ~0 for a blank image or a blob of another shape)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def confidence(self, images: list[Image.Image], class_name: str) -> list[float]:
+        shape = class_name.strip().lower()
+        if shape not in world.CLASSES:
+            raise ValueError(f"the shapes detector knows {', '.join(world.CLASSES)}; got {class_name!r}")
+        return [round(world.measure(image).confidence(shape), 6) for image in images]
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,168 @@
+"""The shapes world: renderer ground truth, the measuring judge and detector, and a shortened proof run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from PIL import Image
+
+from ccsr.config import load_config, resolve_data_path
+from ccsr.judge import QuestionSet
+from ccsr.prompter import collect_prompts
+from ccsr.shapes import world
+from ccsr.shapes.backends import GrammarPrompter, MeasuringDetector, MeasuringJudge, RandomJudge
+
+
+def _cfg(class_name: str = "triangle", *overrides: str):
+    return load_config("configs/shapes.yaml", list(overrides), class_name=class_name)
+
+
+def _renders(shape: str, n: int, seed: int = 0):
+    rng = random.Random(seed)
+    specs = world.all_specs(shape)
+    for _ in range(n):
+        spec = rng.choice(specs)
+        scene = world.random_scene(spec, rng)
+        yield scene, world.render(spec, scene.objects)
+
+
+@pytest.mark.parametrize("shape", world.CLASSES)
+def test_measurement_matches_ground_truth_on_renders(shape):
+    for scene, image in _renders(shape, 40):
+        m = world.measure(image)
+        assert m.background == scene.spec.background
+        assert len(m.of_shape(shape)) == scene.spec.count, scene.caption
+        assert all(o.colour == scene.spec.colour for o in m.objects)
+        assert world.accuracy(scene.spec, m).exact
+        assert world.parse_caption(scene.caption) == scene.spec
+
+
+def test_captions_parse_in_every_template_and_held_out_split():
+    for shape in world.CLASSES:
+        held, train = world.validation_specs(shape), world.training_specs(shape)
+        assert held and train and not set(held) & set(train)
+        assert len(held) + len(train) == len(world.all_specs(shape))
+        # every count, colour and background still appears in training: only combinations are new
+        for attr, values in (
+            ("count", world.COUNTS),
+            ("colour", world.COLOURS),
+            ("background", world.BACKGROUNDS),
+        ):
+            assert {getattr(s, attr) for s in train} == set(values)
+        for spec in held[:3]:
+            for t in range(len(world.TEMPLATES)):
+                assert world.parse_caption(world.caption(spec, t)) == spec
+    assert world.parse_caption("a photo of a giraffe") is None
+
+
+@pytest.mark.parametrize("shape", world.CLASSES)
+def test_judge_scores_perfect_renders_maximal(shape):
+    cfg = _cfg(shape)
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    best = questions.score(["yes" if q.polarity == "positive" else "no" for q in questions.questions])
+    judge = MeasuringJudge(cfg)
+    scenes = list(_renders(shape, 12, seed=1))
+    rendered = [questions.render(shape, s.caption) for s, _ in scenes]
+    answers = judge.answer([img for _, img in scenes], rendered)
+    for (scene, _), a in zip(scenes, answers, strict=True):
+        assert questions.score(a.answers) == best == 10, (scene.caption, a.answers)
+
+
+def test_judge_catches_wrong_count_colour_and_background():
+    cfg = _cfg("square")
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    judge = MeasuringJudge(cfg)
+    rng = random.Random(3)
+    spec = world.SceneSpec("square", 2, "red", "white")
+    image = world.render(spec, world.place_objects(spec, rng))
+    ids = questions.ids
+    prompts = {
+        "count": "three red squares on a white background",
+        "colour": "two blue squares on a white background",
+        "background": "two red squares on a black background",
+    }
+    wrong_answer = {"count": "Q4", "colour": "Q5", "background": "Q8"}
+    for what, prompt in prompts.items():
+        (a,) = judge.answer([image], [questions.render("square", prompt)])
+        assert a.answers[ids.index(wrong_answer[what])] == "no", what
+        assert a.answers[ids.index("Q10")] == "no"
+        assert questions.score(a.answers) < 10
+    # Asked about another class: Q3 is 'no', Q4-Q7 become 'nan' by the dependency rule; Q6 sees other shapes.
+    (a,) = judge.answer([image], [questions.render("circle", "two red circles on a white background")])
+    resolved = questions.apply_dependencies(a.answers)
+    assert resolved[ids.index("Q3")] == "no" and resolved[ids.index("Q4")] == "nan"
+
+
+def test_detector_confident_on_class_not_on_blank_or_other_class():
+    detector = MeasuringDetector(_cfg("star"))
+    threshold = _cfg("star").detector.threshold
+    for shape in world.CLASSES:
+        images = [img for _, img in _renders(shape, 10, seed=5)]
+        conf = detector.confidence(images, shape)
+        assert min(conf) >= threshold, (shape, conf)
+        others = [c for c in world.CLASSES if c != shape]
+        assert max(max(detector.confidence(images, o)) for o in others) < threshold
+    blank = [Image.new("RGB", (64, 64), rgb) for rgb in world.BACKGROUNDS.values()]
+    assert detector.confidence(blank, "circle") == [0.0, 0.0, 0.0]
+
+
+def test_grammar_prompter_and_random_judge():
+    cfg = _cfg("circle")
+    batch = collect_prompts(GrammarPrompter(cfg), cfg, "circle", 15, [], seed=7)
+    assert len(batch.prompts) == 15
+    for p in batch.prompts:
+        spec = world.parse_caption(p)
+        assert spec is not None and spec.shape == "circle" and not world.is_held_out(spec), p
+    # the same seed gives the same prompts
+    assert collect_prompts(GrammarPrompter(cfg), cfg, "circle", 15, [], seed=7).prompts == batch.prompts
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    _, image = next(_renders("circle", 1))
+    rendered = [questions.render("circle", batch.prompts[0])]
+    first = RandomJudge(cfg).answer([image], rendered)[0].answers
+    assert first == RandomJudge(cfg).answer([image], rendered)[0].answers
+    with pytest.raises(ValueError, match="shapes world draws"):
+        GrammarPrompter(_cfg("giraffe"))
+
+
+def test_tokenizer_has_one_token_per_grammar_word():
+    from ccsr.shapes.base_model import build_tokenizer, vocabulary
+
+    tok = build_tokenizer()
+    for word in vocabulary():
+        assert len(tok.tokenize(word)) == 1, word
+    assert len(tok("two red triangles on a gray background").input_ids) == 7 + 2  # words, BOS, EOS
+
+
+@pytest.fixture(scope="session")
+def quick_base_model(tmp_path_factory):
+    """A base model of the real architecture trained for a few steps (noise, but loadable and trainable)."""
+    from ccsr.shapes.base_model import BaseModelConfig, train_base_model
+
+    out = tmp_path_factory.mktemp("shapes-base")
+    train_base_model(
+        out, BaseModelConfig(images=64, vae_steps=3, unet_steps=3, vae_batch_size=4, unet_batch_size=4)
+    )
+    return out
+
+
+def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
+    from ccsr.shapes.proof import main
+
+    work = tmp_path / "proof"
+    out = tmp_path / "docs" / "proof.md"
+    # Threshold 0: an untrained base draws no recognisable shape, and every stage must still run.
+    argv = ["--quick", "--class", "star", "--base-model", str(quick_base_model), "--work-dir", str(work)]
+    assert main([*argv, "--out", str(out), "--set", "detector.threshold=0"]) == 0
+    it = work / "ccsr" / "iterations" / "001"
+    stages = json.loads((it / "stages.json").read_text())
+    assert {"prompts", "candidates", "judge", "filter", "train", "eval"} <= set(stages), stages
+    assert (it / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (it / "eval" / "records.jsonl").is_file()
+    assert len((it / "pairs.jsonl").read_text().splitlines()) == 3  # threshold 0: every prompt a pair
+    text = out.read_text()
+    assert "| base (LoRA scale 0) |" in text and "## Verdict" in text and "## Selection" in text
+    results = json.loads((work / "proof.json").read_text())["results"]["ccsr"]
+    scales = results["iterations"]["1"]["scales"]
+    assert set(scales) == {"0", "1"} and scales["1"]["n"] == 2
