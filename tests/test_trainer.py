@@ -409,6 +409,7 @@ def test_prior_resume_equals_uninterrupted_and_reuses_images(
         train_lora(cfg, pairs, tmp_path, on_step=stop_at_3)
     prior_files = sorted((tmp_path / "prior").iterdir())
     stamps = {p.name: p.stat().st_mtime_ns for p in prior_files}
+    caplog.clear()  # only the resumed run's log counts (an earlier test may have left the root at INFO)
     with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
         train_lora(cfg, pairs, tmp_path)
     assert "reusing 4 cached prior images" in caplog.text and "drawing" not in caplog.text
