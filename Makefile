@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest -q -ra
 
 bench: install
-	$(PY) -m ccsr.bench
+	TQDM_DISABLE=1 $(PY) -m ccsr.bench
 
 # The shapes world (docs/proof.md): base model trained from scratch, the loop and its ablations, the table.
 proof: install
