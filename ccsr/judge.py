@@ -308,6 +308,14 @@ def answer_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     return sorted(yes), sorted(no)
 
 
+def llava_prompt(processor: Any, question: str) -> str:
+    """One image and one question in the model's chat format (the processor's template when it has one)."""
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
+
+
 class TransformersJudge:
     """LLaVA-Next (``LlavaNextForConditionalGeneration``) answering yes/no questions about images."""
 
@@ -364,14 +372,7 @@ class TransformersJudge:
     # -- prompt building --------------------------------------------------------------------------------------
 
     def build_prompt(self, question: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            conversation = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-            ]
-            return self.processor.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
-        return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
+        return llava_prompt(self.processor, question)
 
     def _add_special_tokens(self, prompt: str) -> bool:
         # A template that already starts with BOS must not get a second one from the tokenizer.

@@ -11,7 +11,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from ccsr.judge import LLAVA_MISTRAL_PROMPT, JudgeAnswer, answer_token_ids
+from ccsr.judge import JudgeAnswer, answer_token_ids, llava_prompt
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,14 +53,7 @@ class VLLMJudge:
             self.params = SamplingParams(max_tokens=cfg.judge.max_new_tokens, temperature=0.0)
 
     def build_prompt(self, question: str) -> str:
-        if getattr(self.processor, "chat_template", None):
-            conversation = [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-            ]
-            return self.processor.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
-        return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
+        return llava_prompt(self.processor, question)
 
     def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
         from ccsr.judge import parse_answer
