@@ -22,13 +22,13 @@ def run_status(root: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{root} is not a ccsr run directory (no config.yaml)")
     cfg = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     base_model = cfg.get("generator", {}).get("model")
-    try:
-        from ccsr.tiny import is_tiny, resolve_model
+    from ccsr.tiny import is_tiny, model_path
 
-        if is_tiny(base_model):
-            base_model = resolve_model(base_model, cfg.get("model_cache"))
-    except Exception:  # status must work even where the models can't be built
-        pass
+    if base_model and is_tiny(base_model):
+        try:
+            base_model = str(model_path(base_model, cfg.get("model_cache")))  # status never builds models
+        except ValueError:
+            pass
 
     iterations = []
     stage = "done"

@@ -56,3 +56,17 @@ def test_clean_temp_removes_only_temp_names(tmp_path):
     (tmp_path / ".hidden").write_text("x")
     assert RunDir(tmp_path).clean_temp() == 2
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [".hidden", "keep.tmp"]
+
+
+def test_status_reads_a_run_without_building_models(tmp_path, monkeypatch):
+    from ccsr.config import Config, save_config
+    from ccsr.status import run_status
+
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv("CCSR_CACHE", str(cache))
+    run = tmp_path / "giraffe"
+    save_config(Config(class_name="giraffe", generator=Config().generator), run / "config.yaml")
+    st = run_status(run)
+    assert st["class"] == "giraffe" and st["iterations_completed"] == 0
+    assert st["base_model"].startswith(str(cache)) and "stable-diffusion" in st["base_model"]
+    assert not cache.exists(), "status must not build the embedded models"

@@ -317,7 +317,8 @@ def train_base_model(out_dir: Path, cfg: BaseModelConfig | None = None) -> dict:
     import json
 
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ccsr.tiny.sd import save_sd2_pipeline
 
     cfg = cfg or BaseModelConfig()
     torch.set_num_threads(cfg.threads)
@@ -338,27 +339,8 @@ def train_base_model(out_dir: Path, cfg: BaseModelConfig | None = None) -> dict:
     vae.register_to_config(scaling_factor=scaling_factor)
     unet_loss = train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, cfg)
     t_unet = time.perf_counter() - started - t_data - t_vae
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
     out_dir = Path(out_dir)
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet)
     info = {
         "config": asdict(cfg),
         "vae_reconstruction_loss": round(vae_loss, 5),

@@ -43,17 +43,24 @@ def is_tiny(name: str) -> bool:
     return name.startswith(PREFIX)
 
 
-def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
-    """Return a loadable path or id for ``name``, building the tiny model first if needed."""
-    if not is_tiny(name):
-        return name
+def model_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the tiny model ``name`` lives (built or not); nothing is built here."""
     key = name[len(PREFIX) :]
     if key not in BUILDERS:
         raise ValueError(
             f"unknown embedded model '{name}' (known: {', '.join(PREFIX + k for k in BUILDERS)})"
         )
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / f"{key}-v{BUILD_VERSION}"
+    return root / f"{key}-v{BUILD_VERSION}"
+
+
+def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
+    """Return a loadable path or id for ``name``, building the tiny model first if needed."""
+    if not is_tiny(name):
+        return name
+    key = name[len(PREFIX) :]
+    out = model_path(name, cache_dir)
+    root = out.parent
     done = out / ".ccsr-built"
     if done.exists():
         return str(out)

@@ -101,7 +101,7 @@ def build_stable_diffusion(out_dir: Path, seed: int = 0, prediction_type: str = 
     against both objectives.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = build_clip_tokenizer()
@@ -132,6 +132,13 @@ def build_stable_diffusion(out_dir: Path, seed: int = 0, prediction_type: str = 
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(tiny_clip_text_config(len(tokenizer)))
+    save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet, prediction_type)
+
+
+def save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> None:
+    """Assemble an SD 2.x-style pipeline (DDIM, scaled_linear 0.00085-0.012) and save it as safetensors."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
