@@ -105,12 +105,18 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
             rate_batched, batched = _timed(lambda im, qs: _batched_full(judge, im, qs), images, questions)
             rate_fast, fast = _timed(lambda im, qs: judge._answer_logits(im, qs), images, questions)
             image_batched = {k: _timed_batch(judge, images, questions, k) for k in image_batch_sizes}
+            # The same prefix reuse with every layer computed at every position (the last-layer trim off).
+            decoder, judge._decoder = judge._decoder, None
+            rate_untrimmed, untrimmed = _timed(lambda im, qs: judge._answer_logits(im, qs), images, questions)
+            judge._decoder = decoder
         finally:
             judge.close()
     identical = all(
         a.answers == b.answers == c.answers for a, b, c in zip(generated, batched, fast, strict=True)
     ) and all(
-        r.answers == c.answers for _, rs in image_batched.values() for r, c in zip(rs, fast, strict=True)
+        r.answers == c.answers
+        for rs in [untrimmed, *(rs for _, rs in image_batched.values())]
+        for r, c in zip(rs, fast, strict=True)
     )
     max_p_diff = max(
         abs(p - q) for b, c in zip(batched, fast, strict=True) for p, q in zip(b.p_yes, c.p_yes, strict=True)
@@ -120,10 +126,13 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
             "generate_per_question": round(rate_generate, 3),
             "batched_full_sequences": round(rate_batched, 3),
             "prefix_reuse": round(rate_fast, 3),
+            "prefix_reuse_all_layers_everywhere": round(rate_untrimmed, 3),
             **{f"prefix_reuse_{k}_images_per_call": round(r, 3) for k, (r, _) in image_batched.items()},
         },
         "speedup_vs_generate": round(rate_fast / rate_generate, 2),
         "speedup_vs_batched": round(rate_fast / rate_batched, 2),
+        "last_layer_trimmed": decoder is not None,
+        "speedup_from_last_layer_trim": round(rate_fast / rate_untrimmed, 2),
         "answers_identical": identical,
         "max_p_yes_diff_vs_batched": max_p_diff,
         "image_tokens_first_image": n_tokens,

@@ -159,6 +159,20 @@ def test_batched_suffix_strategy_agrees(judge, images, rendered, fast_answers):
         assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
 
 
+def test_last_layer_trim_is_used_and_agrees(judge, images, rendered, fast_answers):
+    # The default path skips the last layer's attention and MLP where no answer is read; with every layer
+    # computed at every position (the stock forward over the prefix cache) the answers are the same.
+    assert judge._decoder is not None, "the tiny Mistral decoder must take the trimmed path"
+    decoder, judge._decoder = judge._decoder, None
+    try:
+        full = judge.answer(images[:5], rendered[:5])
+    finally:
+        judge._decoder = decoder
+    for a, b in zip(full, fast_answers[:5], strict=False):
+        assert a.answers == b.answers
+        assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
+
+
 def test_image_batching_agrees(judge, images, rendered, fast_answers):
     # Several images' crops in one vision-tower call (sizes differ, so crop counts differ) give the same answers.
     judge.image_batch_size = 4

@@ -50,7 +50,10 @@ class BaseModelConfig:
     vae_learning_rate: float = 2e-3
     unet_steps: int = 2500
     unet_batch_size: int = 32
-    unet_learning_rate: float = 5e-4
+    unet_learning_rate: float = 1e-3
+    # Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    # Strategy"): the easy low-noise steps stop dominating the gradient; they report ~3x faster convergence.
+    min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
     count_label_noise: float = 0.5  # the deliberate weakness, see the module docstring
     # One thread: CPU results depend on the thread count (reduction order), so a fixed count makes the model
@@ -251,8 +254,11 @@ def encode_latents(vae, pixels: np.ndarray, batch_size: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, cfg: BaseModelConfig):
-    """Epsilon-prediction denoising loss (the SD objective) on cached latents; the text encoder trains too."""
+def train_unet(
+    unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, cfg: BaseModelConfig, on_step=None
+):
+    """Epsilon-prediction denoising loss (the SD objective) on cached latents; the text encoder trains too.
+    ``on_step(step)`` is called after every optimizer step (the models are in train mode)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -291,13 +297,21 @@ def train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_fac
         noisy = noise_scheduler.add_noise(latents, noise, t)
         hidden = text_encoder(batch_ids)[0]
         pred = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(pred, noise)
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0:
+            # epsilon-prediction weight min(SNR, gamma) / SNR, SNR = alpha_bar / (1 - alpha_bar)
+            alpha_bar = noise_scheduler.alphas_cumprod[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma) / snr
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
         if step % 250 == 0 or step == cfg.unet_steps - 1:
             recent = sum(losses[-250:]) / len(losses[-250:])
             logger.info(
