@@ -16,7 +16,6 @@ one vision-tower call (no gain on CPU, see ``bench_judge``).
 from __future__ import annotations
 
 import inspect
-
 import logging
 import re
 from dataclasses import dataclass, field
