@@ -166,3 +166,30 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     results = json.loads((work / "proof.json").read_text())["results"]["ccsr"]
     scales = results["iterations"]["1"]["scales"]
     assert set(scales) == {"0", "1"} and scales["1"]["n"] == 2
+
+
+def test_base_model_saves_v_prediction_zero_terminal_snr(quick_base_model):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_pretrained(quick_base_model, subfolder="scheduler")
+    assert sched.config.prediction_type == "v_prediction"
+    assert sched.config.rescale_betas_zero_snr and sched.config.timestep_spacing == "trailing"
+    # Zero terminal SNR: the last timestep holds no signal at all (SD's own schedule keeps 6.8% of it).
+    assert float(sched.alphas_cumprod[-1]) < 1e-6
+
+
+def test_ema_follows_the_weights_and_swaps_back():
+    import torch
+
+    from ccsr.shapes.base_model import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.5)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update(step=100)  # past the warm-up: decay 0.5
+    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.5))
+    ema.swap()
+    assert torch.allclose(p, torch.full((3,), 0.5)) and torch.allclose(ema.shadow[0], torch.ones(3))
+    ema.swap()
+    assert torch.allclose(p, torch.ones(3))

@@ -41,25 +41,34 @@ EXTRA_WORDS = ("a", "an", "on", "with", "against", "background", "of", "in", "th
 
 @dataclass
 class BaseModelConfig:
-    """How the base model is trained. Defaults: ~12 minutes on 2 CPU cores (docs/proof.md)."""
+    """How the base model is trained. Defaults: ~35 minutes on 2 idle CPU cores (docs/proof.md)."""
 
     seed: int = 0
     images: int = 12000  # rendered training scenes (each drawn with a fresh random layout)
     vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
-    unet_steps: int = 2500
+    unet_steps: int = 6000
     unet_batch_size: int = 32
     unet_learning_rate: float = 1e-3
-    # Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-    # Strategy"): the easy low-noise steps stop dominating the gradient; they report ~3x faster convergence.
-    min_snr_gamma: float = 5.0
+    # A 16x16 latent under SD's schedule keeps 6.8% of the signal at the last timestep, as much as the mean
+    # of the initial noise varies: the model learnt to read the background from that leak, and sampling
+    # from pure noise then drew a random background whatever the prompt said. A zero-terminal-SNR schedule
+    # with v-prediction (Lin et al. 2024) removes the leak.
+    prediction_type: str = "v_prediction"
+    zero_terminal_snr: bool = True
+    # Min-SNR-gamma loss weighting (Hang et al. 2023) for epsilon-prediction only (0 = off); it would zero
+    # the weight of the pure-noise timestep under v-prediction with a zero terminal SNR.
+    min_snr_gamma: float = 0.0
+    # Exponential moving average of the weights, what the saved model gets (0 = off): small diffusion models
+    # sample much cleaner shapes from their EMA weights than from the last step's.
+    ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
     count_label_noise: float = 0.5  # the deliberate weakness, see the module docstring
-    # One thread: CPU results depend on the thread count (reduction order), so a fixed count makes the model
-    # the same on every machine; and on a busy machine two OpenMP threads waiting on each other at every
-    # barrier made a VAE step 8x slower than one thread (measured here at load average ~5).
-    threads: int = 1
+    # CPU results depend on the thread count (reduction order): a fixed count makes the model the same on
+    # every machine of the same kind. Two threads: a UNet step took 0.25 s against 0.34 s with one on an idle
+    # machine; on a busy one, two OpenMP threads waiting on each other can be far slower than one.
+    threads: int = 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -254,16 +263,48 @@ def encode_latents(vae, pixels: np.ndarray, batch_size: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
+class EMA:
+    """A shadow copy of some parameters, moved towards them after every step (with a warm-up: the
+    decay grows as (1 + step) / (10 + step) up to ``decay``)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    def update(self, step: int) -> None:
+        import torch
+
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    def swap(self) -> None:
+        """Exchange the live weights and the averaged ones (call twice to undo)."""
+        import torch
+
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                tmp = p.detach().clone()
+                p.copy_(s)
+                s.copy_(tmp)
+
+
 def train_unet(
     unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, cfg: BaseModelConfig, on_step=None
 ):
-    """Epsilon-prediction denoising loss (the SD objective) on cached latents; the text encoder trains too.
-    ``on_step(step)`` is called after every optimizer step (the models are in train mode)."""
+    """The SD denoising objective (epsilon or v) on cached latents; the text encoder trains too. The models
+    end with their EMA weights if ``cfg.ema_decay`` is set. ``on_step(step, ema)`` is called after every
+    optimizer step (models in train mode; ``ema`` is the EMA or None, ``ema.swap()`` to look at it)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    from ccsr.tiny.sd import sd2_scheduler
+
+    noise_scheduler = DDPMScheduler.from_config(
+        sd2_scheduler(cfg.prediction_type, cfg.zero_terminal_snr).config
+    )
     g = torch.Generator().manual_seed(cfg.seed + 1)
     rng = random.Random(f"dropout:{cfg.seed}")
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -281,6 +322,7 @@ def train_unet(
     )
     ids = ids.input_ids
     empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
     unet.train()
     text_encoder.train()
     losses: list[float] = []
@@ -297,8 +339,12 @@ def train_unet(
         noisy = noise_scheduler.add_noise(latents, noise, t)
         hidden = text_encoder(batch_ids)[0]
         pred = unet(noisy, t, hidden).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0:
+        if cfg.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma > 0 and cfg.prediction_type == "epsilon":
             # epsilon-prediction weight min(SNR, gamma) / SNR, SNR = alpha_bar / (1 - alpha_bar)
             alpha_bar = noise_scheduler.alphas_cumprod[t]
             snr = alpha_bar / (1 - alpha_bar)
@@ -310,8 +356,10 @@ def train_unet(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if ema is not None:
+            ema.update(step)
         if on_step is not None:
-            on_step(step + 1)
+            on_step(step + 1, ema)
         if step % 250 == 0 or step == cfg.unet_steps - 1:
             recent = sum(losses[-250:]) / len(losses[-250:])
             logger.info(
@@ -321,6 +369,8 @@ def train_unet(
                 recent,
                 time.perf_counter() - start,
             )
+    if ema is not None:
+        ema.swap()
     unet.eval()
     text_encoder.eval()
     return sum(losses[-250:]) / len(losses[-250:])
@@ -354,7 +404,7 @@ def train_base_model(out_dir: Path, cfg: BaseModelConfig | None = None) -> dict:
     unet_loss = train_unet(unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, cfg)
     t_unet = time.perf_counter() - started - t_data - t_vae
     out_dir = Path(out_dir)
-    save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet)
+    save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet, cfg.prediction_type, cfg.zero_terminal_snr)
     info = {
         "config": asdict(cfg),
         "vae_reconstruction_loss": round(vae_loss, 5),
@@ -373,13 +423,22 @@ def build_shapes_sd(out_dir: Path, seed: int = 0) -> None:
     train_base_model(out_dir, BaseModelConfig(seed=seed))
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="train the shapes-world base model into a folder")
     parser.add_argument("out_dir", type=Path)
     for f, v in asdict(BaseModelConfig()).items():
-        parser.add_argument(f"--{f.replace('_', '-')}", type=type(v) if v is not None else int, default=v)
+        kind = _parse_bool if isinstance(v, bool) else type(v)
+        parser.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = BaseModelConfig(**{f: getattr(args, f) for f in asdict(BaseModelConfig())})

@@ -29,7 +29,7 @@ BUILDERS = {
     "shapes-sd": "ccsr.shapes.base_model:build_shapes_sd",
 }
 # Bumped when a builder changes so stale caches are rebuilt rather than trusted.
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"
 
 
 def default_cache_dir() -> Path:

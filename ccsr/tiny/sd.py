@@ -135,11 +135,14 @@ def build_stable_diffusion(out_dir: Path, seed: int = 0, prediction_type: str = 
     save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet, prediction_type)
 
 
-def save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> None:
-    """Assemble an SD 2.x-style pipeline (DDIM, scaled_linear 0.00085-0.012) and save it as safetensors."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def sd2_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False):
+    """SD 2.x's DDIM scheduler (scaled_linear 0.00085-0.012). ``zero_terminal_snr`` rescales the betas so the
+    last timestep is pure noise and samples from it (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed"; needs v-prediction)."""
+    from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_terminal_snr else {}
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -147,7 +150,23 @@ def save_sd2_pipeline(out_dir, vae, text_encoder, tokenizer, unet, prediction_ty
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type=prediction_type,
+        **extra,
     )
+
+
+def save_sd2_pipeline(
+    out_dir,
+    vae,
+    text_encoder,
+    tokenizer,
+    unet,
+    prediction_type: str = "epsilon",
+    zero_terminal_snr: bool = False,
+) -> None:
+    """Assemble an SD 2.x-style pipeline (see ``sd2_scheduler``) and save it as safetensors."""
+    from diffusers import StableDiffusionPipeline
+
+    scheduler = sd2_scheduler(prediction_type, zero_terminal_snr)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
