@@ -37,7 +37,7 @@ bench: install
 
 # The shapes world (docs/proof.md): base model trained from scratch, the loop and its ablations, the table.
 proof: install
-	$(PY) -m ccsr.shapes.proof --fresh
+	$(PY) -m ccsr.shapes.proof --fresh --jobs 2
 
 # The demo plus the HTML report and, when Debian's chromium is installed, a screenshot of it.
 e2e: install

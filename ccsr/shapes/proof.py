@@ -56,7 +56,7 @@ QUICK = [
 
 @dataclass
 class Settings:
-    class_name: str = "triangle"
+    class_name: str = "circle"
     iterations: int = 3
     work_dir: Path = REPO_ROOT / "runs" / "proof"
     out: Path = REPO_ROOT / "docs" / "proof.md"
@@ -65,6 +65,8 @@ class Settings:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     overrides: list[str] = field(default_factory=list)
     fresh: bool = False
+    jobs: int = 1  # variants run side by side in this many processes
+    threads: int = 1  # torch CPU threads per process
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -97,6 +99,13 @@ def run_variant(s: Settings, name: str) -> tuple[Path, float]:
     if code != 0:
         raise RuntimeError(f"variant {name}: ccsr run exited with {code} (see {run_dir}/log.txt)")
     return run_dir, time.perf_counter() - start
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(threads)
 
 
 def build_base(s: Settings) -> tuple[str, float]:
@@ -372,7 +381,7 @@ def write_report(
         lines += [
             f"- base model training, from its record: {sum(secs.values()) / 60:.1f} min (render "
             f"{secs['render']:.0f} s, VAE {secs['vae']:.0f} s, UNet {secs['unet']:.0f} s; {c['images']} scenes, "
-            f"{c['vae_steps']} VAE and {c['unet_steps']} UNet steps, {c['threads']} thread, count label noise "
+            f"{c['vae_steps']} VAE and {c['unet_steps']} UNet steps, {c['threads']} thread(s), count label noise "
             f"{c['count_label_noise']}); its VAE round trip keeps {100 * base_info['vae_reconstruction_exact']:.0f}% "
             "of scenes measurably exact"
         ]
@@ -406,8 +415,23 @@ def prove(s: Settings) -> dict:
     val = world.validation_captions(s.class_name, cfg.prompter.n_validation)
     (s.work_dir / f"validation-{s.class_name}.txt").write_text("\n".join(val) + "\n", encoding="utf-8")
     run_dirs = {}
-    for name in s.variants:
-        run_dirs[name], timings[f"loop, {name}"] = run_variant(s, name)
+    t = time.perf_counter()
+    if s.jobs > 1 and len(s.variants) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the parent has torch (and its thread pool) loaded already.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            s.jobs, mp_context=ctx, initializer=_init_worker, initargs=(s.threads,)
+        ) as pool:
+            futures = {name: pool.submit(run_variant, s, name) for name in s.variants}
+            for name, future in futures.items():
+                run_dirs[name], timings[f"loop, {name}"] = future.result()
+    else:
+        for name in s.variants:
+            run_dirs[name], timings[f"loop, {name}"] = run_variant(s, name)
+    timings[f"loops, wall clock ({s.jobs} side by side)"] = time.perf_counter() - t
     scorer = Scorer(s)
     t = time.perf_counter()
     results = {name: measure_run(d, scorer) for name, d in run_dirs.items()}
@@ -448,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (results depend on it; 1 is the default)"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="variants run side by side in this many processes (each --threads)",
+    )
     parser.add_argument("--fresh", action="store_true", help="delete the work folder, retrain the base model")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 iteration, 3 prompts, the full loop only"
@@ -467,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         variants=["ccsr"] if args.quick and args.variants == list(VARIANTS) else args.variants,
         overrides=(QUICK if args.quick else []) + args.set,
         fresh=args.fresh,
+        jobs=args.jobs,
+        threads=args.threads,
     )
     prove(s)
     return 0
