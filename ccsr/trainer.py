@@ -89,6 +89,18 @@ def _sha256_text(*parts: Any) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
 
 
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon-prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction. A zero-terminal-SNR schedule has SNR 0 at its last step,
+    where the epsilon weight's limit is 1 (not 0 / 0)."""
+    import torch
+
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-12), torch.ones_like(snr))
+    return clipped / (snr + 1)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -957,10 +969,8 @@ def train_lora(
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         sample_weights = weights.to(device)
         if t.snr_gamma is not None:
-            # Min-SNR weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
             snr = compute_snr(noise_scheduler, t_mine)
-            clipped = torch.clamp(snr, max=t.snr_gamma)
-            sample_weights = sample_weights * (clipped / (snr if prediction_type == "epsilon" else snr + 1))
+            sample_weights = sample_weights * min_snr_weight(snr, t.snr_gamma, prediction_type)
         # This process's part of the global-batch mean; summed over processes it is that mean.
         return (per_sample * sample_weights).sum() / size
 

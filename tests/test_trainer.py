@@ -436,3 +436,15 @@ def test_prior_resume_equals_uninterrupted_and_reuses_images(
         )
     assert "missing or changed" in caplog.text
     assert victim.read_bytes() == original
+
+
+def test_min_snr_weight_is_finite_at_zero_terminal_snr():
+    import torch
+
+    from ccsr.trainer import min_snr_weight
+
+    snr = torch.tensor([0.0, 1.0, 5.0, 20.0])
+    eps = min_snr_weight(snr, 5.0, "epsilon")
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 1.0, 0.25]))
+    v = min_snr_weight(snr, 5.0, "v_prediction")
+    assert torch.allclose(v, torch.tensor([0.0, 0.5, 5 / 6, 5 / 21]))
