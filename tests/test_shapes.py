@@ -193,3 +193,10 @@ def test_ema_follows_the_weights_and_swaps_back():
     assert torch.allclose(p, torch.full((3,), 0.5)) and torch.allclose(ema.shadow[0], torch.ones(3))
     ema.swap()
     assert torch.allclose(p, torch.ones(3))
+
+
+def test_shapes_config_validation_prompts_fit_every_class():
+    cfg = load_config("configs/shapes.yaml")
+    for shape in world.CLASSES:
+        captions = world.validation_captions(shape, cfg.prompter.n_validation)
+        assert len(set(captions)) == cfg.prompter.n_validation

@@ -409,10 +409,11 @@ def prove(s: Settings) -> dict:
         shutil.rmtree(s.work_dir)
     s.work_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    base_path, timings["base model (build or cache)"] = build_base(s)
-    base_info = read_json(Path(base_path) / "shapes_base_model.json", default=None)
+    # Config and validation prompts first: a bad setting fails in a second, not after the base model's training.
     cfg = load_config(s.config, s.overrides)
     val = world.validation_captions(s.class_name, cfg.prompter.n_validation)
+    base_path, timings["base model (build or cache)"] = build_base(s)
+    base_info = read_json(Path(base_path) / "shapes_base_model.json", default=None)
     (s.work_dir / f"validation-{s.class_name}.txt").write_text("\n".join(val) + "\n", encoding="utf-8")
     run_dirs = {}
     t = time.perf_counter()
