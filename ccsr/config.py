@@ -7,6 +7,7 @@ config is written to the run directory as ``config.yaml`` so that a run can be r
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # Repository root (for the shipped prompts/ and configs/ folders).
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -272,6 +275,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants 1.0e-4. Accept the plain scientific form.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -25,6 +25,21 @@ def test_overrides_apply_with_yaml_types(repo_root):
     assert cfg.trainer.random_flip is False
 
 
+def test_scientific_floats_without_a_dot(repo_root, tmp_path):
+    # PyYAML (YAML 1.1) reads 1e-4 as a string; a float field takes it, a string elsewhere stays an error.
+    cfg = load_config(
+        repo_root / "configs" / "tiny.yaml", ["trainer.learning_rate=1e-4", "detector.threshold=6E-1"]
+    )
+    assert cfg.trainer.learning_rate == 1e-4 and cfg.detector.threshold == 0.6
+    path = tmp_path / "lr.yaml"
+    path.write_text("trainer:\n  learning_rate: 3e-4\n")
+    assert load_config(path).trainer.learning_rate == 3e-4
+    with pytest.raises(ConfigError, match="trainer.learning_rate"):
+        load_config(repo_root / "configs" / "tiny.yaml", ["trainer.learning_rate=1e-4x"])
+    with pytest.raises(ConfigError, match="trainer.rank"):
+        load_config(repo_root / "configs" / "tiny.yaml", ["trainer.rank=1e3"])
+
+
 def test_unknown_key_is_named_with_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("generator:\n  num_candidatez: 3\n")
