@@ -74,6 +74,12 @@ class JudgeConfig:
     questions: str = "prompts/questions.yaml"
     mode: str = field(default="logits", metadata={"help": "logits (fast, one pass) | generate (free text)"})
     tie_break: str = field(default="none", metadata={"help": "none (paper) | p_yes"})
+    min_score: int | None = field(
+        default=None,
+        metadata={
+            "help": "a prompt yields a pair only if its best eq. 1 score reaches this (None: the paper)"
+        },
+    )
     batch_size: int = 4
     max_new_tokens: int = 16
     trust_remote_code: bool = False

@@ -417,9 +417,14 @@ class Loop:
         detections: dict[str, list[dict]] = {}
         for r in read_jsonl(files["detections"]):
             detections.setdefault(r["prompt_id"], []).append(r)
+        min_score = self.cfg.judge.min_score
         pairs = []
+        below_min_score = 0
         for pid, prompt in prompts.items():
             passing = [d for d in detections.get(pid, []) if d["confidence"] >= threshold]
+            if min_score is not None and passing and passing[0]["score"] < min_score:
+                below_min_score += 1  # the best image is not good enough: no pair, counted
+                continue
             if not passing:
                 continue  # no confident detection: this prompt yields no pair (recorded, not an error)
             top = max(passing, key=lambda d: (d["confidence"], -d["index"]))
@@ -436,7 +441,10 @@ class Loop:
         write_jsonl(files["pairs"], pairs)
         self._write_dataset(k)
         logger.info("iteration %d: %d of %d prompts yield a pair", k, len(pairs), len(prompts))
-        return {"count": len(pairs), "prompts_without_pair": len(prompts) - len(pairs)}
+        result = {"count": len(pairs), "prompts_without_pair": len(prompts) - len(pairs)}
+        if min_score is not None:
+            result["prompts_below_min_score"] = below_min_score
+        return result
 
     def training_pairs(self, k: int) -> list[dict]:
         if self.cfg.trainer.train_on == "newest":

@@ -200,3 +200,26 @@ def test_shapes_config_validation_prompts_fit_every_class():
     for shape in world.CLASSES:
         captions = world.validation_captions(shape, cfg.prompter.n_validation)
         assert len(set(captions)) == cfg.prompter.n_validation
+
+
+def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_model, tmp_path):
+    from ccsr.cli import main as ccsr_main
+    from ccsr.rundir import read_jsonl
+    from ccsr.shapes.proof import QUICK
+
+    run_dir = tmp_path / "run"
+    sets = [*QUICK, "prompter.n_prompts=6", "detector.threshold=0", "judge.min_score=5"]
+    sets += [f"generator.model={quick_base_model}"]
+    argv = ["run", "--config", "configs/shapes.yaml", "--class", "square", "--run-dir", str(run_dir)]
+    argv += ["--iterations", "1"] + [x for s in sets for x in ("--set", s)]
+    assert ccsr_main(argv) == 0
+    it = run_dir / "iterations" / "001"
+    best: dict[str, int] = {}
+    for r in read_jsonl(it / "judgments.jsonl"):
+        best[r["prompt_id"]] = max(best.get(r["prompt_id"], -99), r["score"])
+    assert len(best) == 6
+    kept = {p["prompt_id"] for p in read_jsonl(it / "pairs.jsonl")}
+    assert kept == {pid for pid, s in best.items() if s >= 5}
+    assert all(p["score"] >= 5 for p in read_jsonl(it / "pairs.jsonl"))
+    filt = json.loads((it / "stages.json").read_text())["filter"]
+    assert filt["prompts_below_min_score"] == sum(s < 5 for s in best.values())
