@@ -41,6 +41,11 @@ VARIANTS = {
     ),
     "no-detector": ("detector threshold 0: no image is filtered out", ["detector.threshold=0"]),
     "no-gate": ("every LoRA is accepted, better or not", ["gate.enabled=false"]),
+    # Not an ablation: the loop with a stricter selection than the paper's (judge.min_score).
+    "strict": (
+        "a prompt yields a pair only if its best image scores the maximum, 10",
+        ["judge.min_score=10"],
+    ),
 }
 QUICK = [
     "prompter.n_prompts=3",
@@ -177,6 +182,7 @@ def _summary(rows: list[dict], base: dict[tuple, dict] | None) -> dict:
     out = {k: round(sum(r[k] for r in rows) / n, 4) for k in ("count", "colour", "background", "exact")}
     out["score"] = round(sum(r["score"] for r in rows) / n, 3)
     out["diversity"] = _diversity(rows)
+    out["count_by_n"] = _count_by_n(rows)
     out["n"] = n
     if base is not None:
         pairs = [(r, base[(r["prompt_id"], r["seed"])]) for r in rows]
@@ -187,6 +193,15 @@ def _summary(rows: list[dict], base: dict[tuple, dict] | None) -> dict:
         out["win_rate"] = round(out["wins"] / n, 4)
         for k in ("count", "exact", "score"):
             out[f"{k}_delta_ci"] = _bootstrap_ci([float(r[k]) - float(b[k]) for r, b in pairs])
+    return out
+
+
+def _count_by_n(rows: list[dict]) -> dict[int, float | None]:
+    """Share of rows whose measured count is right, per requested count (rows carry their prompt)."""
+    out: dict[int, float | None] = {}
+    for n in world.COUNTS:
+        hits = [r["count"] for r in rows if world.parse_caption(r["prompt"]).count == n]
+        out[n] = round(float(np.mean(hits)), 4) if hits else None
     return out
 
 
@@ -212,10 +227,13 @@ def measure_run(run_dir: Path, scorer: Scorer) -> dict:
         # Selection: are the chosen pairs better than the candidates they were chosen from?
         prompts = {p["id"]: p["prompt"] for p in read_jsonl(it_dir / "prompts.jsonl")}
         cands = [
-            scorer(run_dir / c["path"], prompts[c["prompt_id"]])
+            {"prompt": prompts[c["prompt_id"]], **scorer(run_dir / c["path"], prompts[c["prompt_id"]])}
             for c in read_jsonl(it_dir / "candidates.jsonl")
         ]
-        pairs = [scorer(run_dir / p["path"], p["prompt"]) for p in read_jsonl(it_dir / "pairs.jsonl")]
+        pairs = [
+            {"prompt": p["prompt"], **scorer(run_dir / p["path"], p["prompt"])}
+            for p in read_jsonl(it_dir / "pairs.jsonl")
+        ]
         entry["selection"] = {
             "prompts": len(prompts),
             "pairs": len(pairs),
@@ -223,6 +241,10 @@ def measure_run(run_dir: Path, scorer: Scorer) -> dict:
             "candidates_exact": round(float(np.mean([c["exact"] for c in cands])), 4) if cands else None,
             "pairs_count": round(float(np.mean([p["count"] for p in pairs])), 4) if pairs else None,
             "pairs_exact": round(float(np.mean([p["exact"] for p in pairs])), 4) if pairs else None,
+            "candidates_count_by_n": _count_by_n(cands),
+            "pairs_by_n": {
+                n: sum(world.parse_caption(p["prompt"]).count == n for p in pairs) for n in world.COUNTS
+            },
         }
         result["iterations"][k] = entry
     return result
@@ -332,11 +354,19 @@ def write_report(
             lines.append(f"- **{name}**: the gate accepted no LoRA; the final model is the base.")
             continue
         parts = []
-        for key, what in (("exact", "all right"), ("count", "count right")):
+        for key, what, unit in (
+            ("score", "eq. 1 score", 1),
+            ("exact", "all right", 100),
+            ("count", "count right", 100),
+        ):
             lo, hi = m[f"{key}_delta_ci"]
-            delta = 100 * (m[key] - base[key])
+            delta = unit * (m[key] - base[key])
             sign = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
-            parts.append(f"{what} {delta:+.1f} points (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}: {sign})")
+            points = " points" if unit == 100 else ""
+            parts.append(
+                f"{what} {delta:+.{2 if unit == 1 else 1}f}{points} "
+                f"(95% CI {unit * lo:+.{2 if unit == 1 else 1}f} to {unit * hi:+.{2 if unit == 1 else 1}f}: {sign})"
+            )
         lines.append(f"- **{name}** ({label}): " + "; ".join(parts) + ".")
     lines += [
         "",
@@ -370,6 +400,32 @@ def write_report(
             lines.append(
                 f"| {name} | {k} | {sel['prompts']} | {sel['pairs']} | {_pct(sel['candidates_count'])} "
                 f"| {_pct(sel['pairs_count'])} | {_pct(sel['candidates_exact'])} | {_pct(sel['pairs_exact'])} |"
+            )
+    lines += [
+        "",
+        "### Count right, by the number the prompt asks for",
+        "",
+        "Candidates: share of the ten drawn per prompt with the right count (best-of-10 can only pick what "
+        "was drawn); pairs: how many pairs asked for that number; then the held-out evaluation, base and final model.",
+        "",
+        "| variant | iteration | " + " | ".join(f"{n}: candidates % / pairs" for n in world.COUNTS) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in world.COUNTS) + " |",
+    ]
+    for name, measured in results.items():
+        for k, e in sorted(measured["iterations"].items()):
+            sel = e["selection"]
+            cells = [
+                f"{_pct(sel['candidates_count_by_n'][n])} / {sel['pairs_by_n'][n]}" for n in world.COUNTS
+            ]
+            lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+    lines += ["", "| held-out evaluation | " + " | ".join(f"{n}: count %" for n in world.COUNTS) + " |"]
+    lines += ["| --- | " + " | ".join("---:" for _ in world.COUNTS) + " |"]
+    lines.append("| base | " + " | ".join(_pct(base["count_by_n"][n]) for n in world.COUNTS) + " |")
+    for name, measured in results.items():
+        label, m = final_model(measured)
+        if m is not None:
+            lines.append(
+                f"| {name}: {label} | " + " | ".join(_pct(m["count_by_n"][n]) for n in world.COUNTS) + " |"
             )
     if plot_name:
         lines += ["", f"![count and all-right accuracy by iteration]({plot_name})"]
