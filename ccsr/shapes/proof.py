@@ -301,6 +301,7 @@ def plot(results: dict, path: Path) -> None:
         if base is not None:
             ax.axhline(base, color="gray", linestyle="--", label="base")
         ax.set_xlabel("iteration")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
