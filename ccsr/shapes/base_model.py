@@ -57,8 +57,8 @@ class BaseModelConfig:
     # with v-prediction (Lin et al. 2024) removes the leak.
     prediction_type: str = "v_prediction"
     zero_terminal_snr: bool = True
-    # Min-SNR-gamma loss weighting (Hang et al. 2023) for epsilon-prediction only (0 = off); it would zero
-    # the weight of the pure-noise timestep under v-prediction with a zero terminal SNR.
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; 0 = off). Off by default: under v-prediction with a
+    # zero terminal SNR it gives the pure-noise timestep, where the layout is decided, zero weight.
     min_snr_gamma: float = 0.0
     # Exponential moving average of the weights, what the saved model gets (0 = off): small diffusion models
     # sample much cleaner shapes from their EMA weights than from the last step's.
@@ -299,8 +299,10 @@ def train_unet(
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
 
     from ccsr.tiny.sd import sd2_scheduler
+    from ccsr.trainer import min_snr_weight
 
     noise_scheduler = DDPMScheduler.from_config(
         sd2_scheduler(cfg.prediction_type, cfg.zero_terminal_snr).config
@@ -344,11 +346,9 @@ def train_unet(
         else:
             target = noise
         per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0 and cfg.prediction_type == "epsilon":
-            # epsilon-prediction weight min(SNR, gamma) / SNR, SNR = alpha_bar / (1 - alpha_bar)
-            alpha_bar = noise_scheduler.alphas_cumprod[t]
-            snr = alpha_bar / (1 - alpha_bar)
-            per_sample = per_sample * snr.clamp(max=cfg.min_snr_gamma) / snr
+        if cfg.min_snr_gamma > 0:
+            snr = compute_snr(noise_scheduler, t)
+            per_sample = per_sample * min_snr_weight(snr, cfg.min_snr_gamma, cfg.prediction_type)
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
