@@ -377,14 +377,21 @@ def train_unet(
 
 
 def train_base_model(out_dir: Path, cfg: BaseModelConfig | None = None) -> dict:
-    """Render scenes, train the VAE then the UNet and text encoder, save a StableDiffusionPipeline folder."""
+    """Render scenes, train the VAE then the UNet and text encoder, save a StableDiffusionPipeline folder.
+    Trains with ``cfg.threads`` torch threads and gives the caller its own thread count back."""
+    from ccsr.devices import keep_cpu_threads
+
+    with keep_cpu_threads():
+        return _train_base_model(Path(out_dir), cfg or BaseModelConfig())
+
+
+def _train_base_model(out_dir: Path, cfg: BaseModelConfig) -> dict:
     import json
 
     import torch
 
     from ccsr.tiny.sd import save_sd2_pipeline
 
-    cfg = cfg or BaseModelConfig()
     torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     tokenizer = build_tokenizer()
