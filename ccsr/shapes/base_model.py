@@ -41,7 +41,7 @@ EXTRA_WORDS = ("a", "an", "on", "with", "against", "background", "of", "in", "th
 
 @dataclass
 class BaseModelConfig:
-    """How the base model is trained. Defaults: ~35 minutes on 2 idle CPU cores (docs/proof.md)."""
+    """How the base model is trained. Defaults: ~25 minutes on 2 idle CPU cores (docs/proof.md)."""
 
     seed: int = 0
     images: int = 12000  # rendered training scenes (each drawn with a fresh random layout)
