@@ -363,10 +363,9 @@ def write_report(
             lo, hi = m[f"{key}_delta_ci"]
             delta = unit * (m[key] - base[key])
             sign = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
-            points = " points" if unit == 100 else ""
+            points, d = (" points", 1) if unit == 100 else ("", 2)
             parts.append(
-                f"{what} {delta:+.{2 if unit == 1 else 1}f}{points} "
-                f"(95% CI {unit * lo:+.{2 if unit == 1 else 1}f} to {unit * hi:+.{2 if unit == 1 else 1}f}: {sign})"
+                f"{what} {delta:+.{d}f}{points} (95% CI {unit * lo:+.{d}f} to {unit * hi:+.{d}f}: {sign})"
             )
         lines.append(f"- **{name}** ({label}): " + "; ".join(parts) + ".")
     lines += [
