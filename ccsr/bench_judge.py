@@ -34,7 +34,8 @@ def _images(n: int, seed: int = 7):
 
 def _per_question_generate(judge, image, questions):
     """(a) One short greedy ``generate`` call per question, as the paper's scripts do."""
-    from ccsr.judge import JudgeAnswer, parse_answer
+    from ccsr.judge import JudgeAnswer
+    from ccsr.questions import parse_answer
 
     answers = []
     for question in questions:
@@ -85,7 +86,8 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
     """Images per second of (a) per-question generate, (b) batched full sequences, (c) prefix reuse one image
     at a time, and (c) with the vision tower batched over ``image_batch_sizes`` images."""
     from ccsr.config import Config, resolve_data_path
-    from ccsr.judge import QuestionSet, TransformersJudge
+    from ccsr.judge import TransformersJudge
+    from ccsr.questions import QuestionSet
     from ccsr.tiny.llava import build_llava_next
 
     questions = QuestionSet.load(resolve_data_path("prompts/questions.yaml")).render(CLASS_NAME, PROMPT)

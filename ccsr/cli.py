@@ -121,9 +121,9 @@ def _value(cfg: Config, key: str) -> str | None:
 
 
 def _is_local(name: str) -> bool:
-    from ccsr.tiny import is_tiny
+    from ccsr.models import is_embedded
 
-    if is_tiny(name):
+    if is_embedded(name):
         return True
     path = Path(name).expanduser()
     return path.exists() or not _HUB_ID_RE.match(name) or name.startswith(("./", "../", "~"))
@@ -131,13 +131,9 @@ def _is_local(name: str) -> bool:
 
 def _is_local_detector(name: str) -> bool:
     # ultralytics knows no hub ids: a name is a path, or a bare asset name (yolov8s-worldv2.pt) it downloads.
-    from ccsr.tiny import is_tiny
+    from ccsr.models import is_embedded
 
-    return is_tiny(name) or Path(name).expanduser().exists() or "/" in name or os.sep in name
-
-
-# Backends that load no model file (the shapes world measures images itself); their model keys are unused.
-_MODEL_FREE_BACKENDS = ("shapes", "shapes-random")
+    return is_embedded(name) or Path(name).expanduser().exists() or "/" in name or os.sep in name
 
 
 def _models_in_use(cfg: Config) -> list[str]:
@@ -148,7 +144,10 @@ def _models_in_use(cfg: Config) -> list[str]:
         ("judge", ["judge.model"]),
         ("detector", ["detector.text_model", "detector.model"]),
     ):
-        if getattr(cfg, role).backend not in _MODEL_FREE_BACKENDS:
+        # TEMPORARY (redesign in progress): a backend named by import path is taken to load no model.
+        from ccsr.backends import is_import_path
+
+        if not is_import_path(getattr(cfg, role).backend):
             keys += role_keys
     return keys
 
@@ -167,7 +166,7 @@ def _check_readable(key: str, path: Path) -> None:
 
 
 def _check_tiny(key: str, name: str) -> None:
-    from ccsr.tiny import BUILDERS, PREFIX
+    from ccsr.models import BUILDERS, PREFIX
 
     if name[len(PREFIX) :] not in BUILDERS:
         known = ", ".join(PREFIX + k for k in BUILDERS)
@@ -177,10 +176,10 @@ def _check_tiny(key: str, name: str) -> None:
 
 
 def _check_folder(key: str, name: str) -> None:
-    from ccsr.tiny import is_tiny
+    from ccsr.models import is_embedded
 
     what, required, model_types = MODEL_FOLDERS[key]
-    if is_tiny(name):
+    if is_embedded(name):
         return _check_tiny(key, name)
     path = Path(name).expanduser()
     if not path.exists():
@@ -207,10 +206,10 @@ def _check_folder(key: str, name: str) -> None:
 
 def _check_detector(cfg: Config) -> None:
     """YOLO-World: a ``.pt`` file, or a folder holding one (ultralytics' own format)."""
-    from ccsr.tiny import is_tiny
+    from ccsr.models import is_embedded
 
     key, name = "detector.model", cfg.detector.model
-    if is_tiny(name):
+    if is_embedded(name):
         return _check_tiny(key, name)
     path = Path(name).expanduser()
     if not path.exists():
@@ -244,7 +243,7 @@ def check_models(cfg: Config) -> None:
 
 def check_data_files(cfg: Config) -> None:
     """The prompter's data files and the question set must exist and the question set must validate."""
-    from ccsr.judge import QuestionSet
+    from ccsr.questions import QuestionSet
 
     for key in ("prompter.system_prompt", "prompter.examples", "prompter.validation_file"):
         value = _value(cfg, key)

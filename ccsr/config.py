@@ -185,12 +185,8 @@ class Config:
 
 
 CHOICES = {
-    "prompter.backend": ("transformers", "vllm", "shapes"),
-    "generator.backend": ("diffusers",),
-    "judge.backend": ("transformers", "vllm", "shapes", "shapes-random"),
     "judge.mode": ("logits", "generate"),
     "judge.tie_break": ("none", "p_yes"),
-    "detector.backend": ("yolo_world", "shapes"),
     "trainer.mixed_precision": ("no", "fp16", "bf16"),
     "trainer.train_on": ("all", "newest"),
     "trainer.init_from": ("previous", "fresh"),
@@ -320,6 +316,13 @@ def _get(cfg: Config, dotted: str) -> Any:
 
 def validate(cfg: Config, source: str) -> Config:
     """Range and choice checks that types alone can't express."""
+    from ccsr.backends import BACKENDS, backend_target
+
+    for role in BACKENDS:
+        try:
+            backend_target(role, getattr(cfg, role).backend)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: '{role}.backend': {exc}") from None
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

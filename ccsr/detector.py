@@ -40,6 +40,28 @@ def find_model_file(path: str | Path) -> Path:
     )
 
 
+def text_embeddings(clip_path: str | Path, names: list[str], device=None):
+    """L2-normalised CLIP text embeddings, shape (len(names), projection_dim): YOLO-World's class input."""
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(clip_path))
+    model = CLIPModel.from_pretrained(str(clip_path)).to(device or "cpu").eval()
+    tokens = tokenizer(names, padding=True, truncation=True, return_tensors="pt").to(device or "cpu")
+    with torch.no_grad():
+        out = model.get_text_features(**tokens)
+    # transformers 5 returns an output object with the projected embedding in pooler_output; 4.x a tensor.
+    feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+
+
+def set_class_embedding(model, feats, name: str) -> None:
+    """Point a WorldModel at one class: what ``set_classes`` does, minus its CLIP download."""
+    model.txt_feats = feats.reshape(1, 1, -1).float().clone()
+    model.model[-1].nc = 1
+    model.names = {0: name}
+
+
 class YoloWorldDetector:
     """ultralytics YOLO-World with class embeddings set offline; one class at a time, images in batches."""
 
@@ -47,7 +69,7 @@ class YoloWorldDetector:
         from ultralytics import YOLOWorld
 
         from ccsr.devices import torch_device
-        from ccsr.tiny import resolve_model
+        from ccsr.models import resolve_model
 
         self.cfg = cfg
         self.device = torch_device(cfg)
@@ -62,8 +84,6 @@ class YoloWorldDetector:
 
     def _embedding(self, class_name: str):
         if class_name not in self._embeddings:
-            from ccsr.tiny.yolo import text_embeddings
-
             self._embeddings[class_name] = text_embeddings(self.text_model, [class_name], device=self.device)[
                 0
             ]
@@ -72,8 +92,6 @@ class YoloWorldDetector:
     def _set_class(self, class_name: str) -> None:
         if self._current == class_name:
             return
-        from ccsr.tiny.yolo import set_class_embedding
-
         feats = self._embedding(class_name)
         set_class_embedding(self.yolo.model, feats, class_name)
         predictor = self.yolo.predictor

@@ -46,14 +46,11 @@ def keep_cpu_threads():
 
 
 def free_memory() -> None:
-    """Called between stages: the roles don't fit on one GPU together (DESIGN: stage-major)."""
+    """Called between stages: the roles don't fit on one GPU together, so each stage frees its model."""
     import gc
 
-    gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

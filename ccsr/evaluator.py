@@ -23,7 +23,7 @@ class CLIPScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         from ccsr.devices import torch_device
-        from ccsr.tiny import resolve_model
+        from ccsr.models import resolve_model
 
         path = resolve_model(cfg.evaluator.model, cfg.model_cache)
         self.device = torch_device(cfg)

@@ -26,7 +26,7 @@ class DiffusersGenerator:
         from diffusers.utils import logging as diffusers_logging
 
         from ccsr.devices import torch_device, torch_dtype
-        from ccsr.tiny import resolve_model
+        from ccsr.models import resolve_model
 
         self.cfg = cfg
         self.device = torch_device(cfg)

@@ -33,7 +33,7 @@ class VLLMJudge:
             ) from None
         from transformers import AutoProcessor
 
-        from ccsr.tiny import resolve_model
+        from ccsr.models import resolve_model
 
         path = resolve_model(cfg.judge.model, cfg.model_cache)
         self.mode = cfg.judge.mode
@@ -56,7 +56,7 @@ class VLLMJudge:
         return llava_prompt(self.processor, question)
 
     def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
-        from ccsr.judge import parse_answer
+        from ccsr.questions import parse_answer
 
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} question lists")

@@ -327,7 +327,7 @@ class Loop:
     def stage_judge(self, k: int) -> dict:
         from PIL import Image
 
-        from ccsr.judge import QuestionSet
+        from ccsr.questions import QuestionSet
 
         questions = QuestionSet.load(resolve_data_path(self.cfg.judge.questions))
         files = self.run.files(k)
@@ -371,7 +371,7 @@ class Loop:
         best = max(r["score"] for r in judgments)
         tied = [r for r in judgments if r["score"] == best]
         if self.cfg.judge.tie_break == "p_yes" and len(tied) > 1:
-            from ccsr.judge import signed_p_yes
+            from ccsr.questions import signed_p_yes
 
             keyed = [(signed_p_yes(questions, r["p_yes"], r["answers"]), r) for r in tied]
             top = max(v for v, _ in keyed)
@@ -381,7 +381,7 @@ class Loop:
     def stage_filter(self, k: int) -> dict:
         from PIL import Image
 
-        from ccsr.judge import QuestionSet
+        from ccsr.questions import QuestionSet
 
         questions = QuestionSet.load(resolve_data_path(self.cfg.judge.questions))
         files = self.run.files(k)
@@ -584,7 +584,7 @@ class Loop:
 
     def _judge_and_detect(self, records: list[dict], images: list) -> None:
         """CLIP score alone is a weak judge of alignment; add the loop's own judge score and detection rate."""
-        from ccsr.judge import QuestionSet
+        from ccsr.questions import QuestionSet
 
         questions = QuestionSet.load(resolve_data_path(self.cfg.judge.questions))
         judge = load_backend("judge", self.cfg)

@@ -190,7 +190,7 @@ class TransformersPrompter:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ccsr.devices import torch_device, torch_dtype
-        from ccsr.tiny import resolve_model
+        from ccsr.models import resolve_model
 
         self.cfg = cfg
         path = resolve_model(cfg.prompter.model, cfg.model_cache)

@@ -16,7 +16,7 @@ class VLLMPrompter:
     def __init__(self, cfg: Config):
         from vllm import LLM  # CUDA-only wheel: an optional extra, imported only here
 
-        from ccsr.tiny import resolve_model
+        from ccsr.models import resolve_model
 
         self.cfg = cfg
         pc = cfg.prompter

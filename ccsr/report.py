@@ -184,7 +184,7 @@ def _load_questions(cfg: dict) -> list[tuple[str, str]]:
     """(id, text) of the run's question set; ids Q1.. without text if the file can't be read any more."""
     try:
         from ccsr.config import resolve_data_path
-        from ccsr.judge import QuestionSet
+        from ccsr.questions import QuestionSet
 
         name = (cfg.get("judge") or {}).get("questions") or "prompts/questions.yaml"
         qs = QuestionSet.load(resolve_data_path(name))

@@ -18,19 +18,25 @@ line of a JSON-lines file (a crash mid-append) is ignored on read and cut off be
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("prompts", "candidates", "judge", "filter", "train", "eval")
+# diffusers' name for a LoRA's weights file (``diffusers.loaders.lora_base.LORA_WEIGHT_NAME_SAFE``; a test
+# checks they agree). Spelled here so that reading a run directory never imports diffusers.
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 class RunDirError(ValueError):
@@ -63,8 +69,6 @@ def slugify(name: str) -> str:
     slug = re.sub(r"[^\w]+", "-", text, flags=re.UNICODE).strip("-_")
     if not slug:
         # A stable digest, not hash(): str hashes change per process and the default run dir must not.
-        import hashlib
-
         slug = "class-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:10]
     return slug[:80]
 
@@ -82,20 +86,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """The one way a file is committed: the caller writes a temp path (``.NAME.tmpPID`` beside ``path``),
+    which is fsynced and renamed over ``path`` when the block ends without error, and removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -112,6 +126,14 @@ def atomic_save_image(path: Path, image) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, committed like every other file (tensors are moved to the CPU, made contiguous)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -151,12 +173,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def sha256_file(path: Path) -> str | None:
-    import hashlib
-
+    """Hex sha256 of a file's bytes, read in blocks; None when the file is missing."""
+    digest = hashlib.sha256()
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     except FileNotFoundError:
         return None
+    return digest.hexdigest()
 
 
 def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -188,6 +213,163 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+# --- records ------------------------------------------------------------------------------------------
+# One dataclass per JSON-lines record kind. Readers get typed objects with the defaults declared here once;
+# extra fields in a file are ignored on read (a newer version may add some), a record missing a required
+# field is skipped with a warning and counted as damaged (the loop redoes its unit).
+
+
+@dataclass
+class Record:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PromptRecord(Record):
+    """prompts.jsonl and validation_prompts.jsonl: one LLM-written prompt."""
+
+    id: str
+    prompt: str
+    class_name: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(id=data["id"], prompt=data["prompt"], class_name=data.get("class"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "class": self.class_name, "prompt": self.prompt}
+
+
+@dataclass
+class Candidate(Record):
+    """candidates.jsonl: one drawn image, regenerable from its seed, LoRA and scale."""
+
+    prompt_id: str
+    index: int
+    seed: int
+    path: str  # relative to the run directory
+    sha256: str | None = None
+    lora: str | None = None  # relative to the run directory; None: the base model
+    scale: float = 0.0
+
+
+@dataclass
+class Judgment(Record):
+    """judgments.jsonl: the judge's answers (dependency rule applied) and their eq. 1 score."""
+
+    prompt_id: str
+    index: int
+    answers: list[str]
+    score: int
+    p_yes: list[float | None] | None = None
+
+
+@dataclass
+class Detection(Record):
+    """detections.jsonl: the detector's confidence on one best-scored candidate."""
+
+    prompt_id: str
+    index: int
+    score: int
+    confidence: float
+
+
+@dataclass
+class Pair(Record):
+    """pairs.jsonl: a prompt's optimal image, the training data of the LoRA."""
+
+    prompt_id: str
+    index: int
+    prompt: str
+    path: str
+    score: int
+    confidence: float
+
+
+@dataclass
+class EvalRecord(Record):
+    """eval/records.jsonl: one evaluation image (held-out prompt x seed x LoRA scale) and its measures."""
+
+    prompt_id: str
+    prompt: str
+    seed: int
+    generator_seed: int
+    scale: float
+    path: str
+    clip_score: float | None = None
+    judge_score: int | None = None
+    confidence: float | None = None
+    detected: bool | None = None
+
+
+R = TypeVar("R", bound=Record)
+
+
+def read_records(path: Path, cls: type[R]) -> list[R]:
+    """The intact records of ``path`` as ``cls``; a line that lacks a field of ``cls`` is skipped, warned."""
+    out = []
+    for i, data in enumerate(read_jsonl(path)):
+        try:
+            out.append(cls.from_dict(data))
+        except (KeyError, TypeError):
+            logger.warning("%s: record %d is not a %s; skipping it", path, i + 1, cls.__name__)
+    return out
+
+
+def append_records(path: Path, records: Iterable[Record]) -> None:
+    append_jsonl(path, [r.to_dict() for r in records])
+
+
+def write_records(path: Path, records: Iterable[Record]) -> None:
+    write_jsonl(path, [r.to_dict() for r in records])
+
+
+# --- the run lock -----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def run_lock(run: RunDir) -> Iterator[None]:
+    """One process per run directory. An OS file lock dies with its process, so a crash leaves no stale lock;
+    the holder's pid is written beside it so a refused second process can name it."""
+    from filelock import FileLock, Timeout
+
+    run.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run.lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        pid = run.pid_path.read_text().strip() if run.pid_path.exists() else "?"
+        raise RunDirError(
+            f"{run.root} is in use by another ccsr process (pid {pid}); stop it or pick another --run-dir"
+        ) from None
+    try:
+        run.pid_path.write_text(str(os.getpid()))
+        yield
+    finally:
+        lock.release()
+
+
+def is_locked(run: RunDir) -> bool:
+    """True while some process holds the run lock."""
+    from filelock import FileLock, Timeout
+
+    if not run.lock_path.exists():
+        return False
+    lock = FileLock(str(run.lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
 class RunDir:
     """Paths and small bookkeeping of one run directory."""
 
@@ -212,12 +394,35 @@ class RunDir:
         return self.root / "run.lock"
 
     @property
+    def pid_path(self) -> Path:
+        return self.root / "run.pid"
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.root / "heartbeat.json"
+
+    @property
+    def stop_path(self) -> Path:
+        """A file of this name asks the working process to stop at the next unit boundary."""
+        return self.root / "STOP"
+
+    @property
+    def champion_path(self) -> Path:
+        return self.root / "champion.json"
+
+    @property
     def validation_path(self) -> Path:
         return self.root / "validation_prompts.jsonl"
 
     @property
     def encode_cache(self) -> Path:
+        """Latent distributions and caption embeddings of training images, shared by all iterations."""
         return self.root / "cache" / "encodings"
+
+    @property
+    def prior_cache(self) -> Path:
+        """Base-model class images for the prior-preservation term, drawn once per run."""
+        return self.root / "cache" / "prior"
 
     def iteration_dir(self, k: int) -> Path:
         return self.root / "iterations" / f"{k:03d}"
@@ -235,6 +440,9 @@ class RunDir:
 
     def lora_dir(self, k: int) -> Path:
         return self.iteration_dir(k) / "lora"
+
+    def lora_file(self, k: int) -> Path:
+        return self.lora_dir(k) / LORA_WEIGHTS_NAME
 
     def eval_path(self, k: int) -> Path:
         return self.iteration_dir(k) / "eval.json"
@@ -288,9 +496,7 @@ class RunDir:
 
     def heartbeat(self, **where: Any) -> None:
         """Where the working process is, for ``ccsr status`` (pid, time, iteration, stage, unit)."""
-        atomic_write_json(
-            self.root / "heartbeat.json", {"pid": os.getpid(), "time": round(time.time(), 3), **where}
-        )
+        atomic_write_json(self.heartbeat_path, {"pid": os.getpid(), "time": round(time.time(), 3), **where})
 
     def check_writable(self) -> None:
         """Create the run directory and prove a file can be written there; on failure leave nothing behind."""

@@ -22,9 +22,9 @@ def run_status(root: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{root} is not a ccsr run directory (no config.yaml)")
     cfg = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     base_model = cfg.get("generator", {}).get("model")
-    from ccsr.tiny import is_tiny, model_path
+    from ccsr.models import is_embedded, model_path
 
-    if base_model and is_tiny(base_model):
+    if base_model and is_embedded(base_model):
         try:
             base_model = str(model_path(base_model, cfg.get("model_cache")))  # status never builds models
         except ValueError:

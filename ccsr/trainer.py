@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccsr.devices import torch_device
-from ccsr.tiny import resolve_model
+from ccsr.models import resolve_model
 
 if TYPE_CHECKING:
     import torch

@@ -441,8 +441,10 @@ def test_log_file_on_a_full_disk_prints_no_traceback(tmp_path, capsys):
 
 
 def test_model_keys_of_model_free_backends_are_not_checked(capsys):
-    sets = ["judge.backend=shapes", "judge.model=/no/such/llava", "detector.backend=shapes"]
-    sets += ["detector.model=/no/such.pt", "prompter.backend=shapes", "prompter.model=/no/such/lm"]
+    shapes = "ccsr.shapes.backends"
+    sets = [f"judge.backend={shapes}:MeasuringJudge", "judge.model=/no/such/llava"]
+    sets += [f"detector.backend={shapes}:MeasuringDetector", "detector.model=/no/such.pt"]
+    sets += [f"prompter.backend={shapes}:GrammarPrompter", "prompter.model=/no/such/lm"]
     argv = ["validate", "--config", TINY]
     for s in sets:
         argv += ["--set", s]

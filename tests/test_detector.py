@@ -9,7 +9,7 @@ import torch
 
 from ccsr.config import Config
 from ccsr.detector import YoloWorldDetector, find_model_file
-from ccsr.tiny import resolve_model
+from ccsr.models import resolve_model
 
 THRESHOLD = 0.6  # paper section 3.3
 

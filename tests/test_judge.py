@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from ccsr.config import Config, resolve_data_path
-from ccsr.judge import JudgeAnswer, QuestionSet, TransformersJudge, answer_token_ids
+from ccsr.judge import JudgeAnswer, TransformersJudge, answer_token_ids
+from ccsr.questions import QuestionSet
 
 N_IMAGES = 20
 

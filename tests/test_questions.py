@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from ccsr.config import resolve_data_path
-from ccsr.judge import QuestionSet, parse_answer, signed_p_yes
+from ccsr.questions import QuestionSet, parse_answer, signed_p_yes
 
 QUESTIONS = resolve_data_path("prompts/questions.yaml")
 

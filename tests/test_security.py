@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ccsr.config import Config, load_config
-from ccsr.judge import QuestionSet
 from ccsr.prompter import build_messages
+from ccsr.questions import QuestionSet
 from ccsr.rundir import RunDir, RunDirError, read_jsonl, write_jsonl
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ccsr"

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from ccsr.config import load_config, resolve_data_path
-from ccsr.judge import QuestionSet
 from ccsr.prompter import collect_prompts
+from ccsr.questions import QuestionSet
 from ccsr.shapes import world
 from ccsr.shapes.backends import GrammarPrompter, MeasuringDetector, MeasuringJudge, RandomJudge
 

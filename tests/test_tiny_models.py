@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ccsr.tiny import resolve_model
+from ccsr.models import resolve_model
 
 
 def _safetensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:

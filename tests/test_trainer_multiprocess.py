@@ -71,7 +71,7 @@ def make_run(root: Path, model: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """The same run trained by `accelerate launch --multi_gpu --num_processes 2` and by one process."""
-    from ccsr.tiny import resolve_model
+    from ccsr.models import resolve_model
     from ccsr.train_cli import train_iteration
 
     model = resolve_model("ccsr-tiny/stable-diffusion")  # built once here, not by two ranks at once

@@ -5,7 +5,7 @@ They implement the same interfaces as the LLM, VLM and YOLO-World backends and a
 directory, the trainer, the evaluation and the gate run unchanged on this world.
 
 The judge answers the world's version of the ten questions (``prompts/questions_shapes.yaml``) by measuring
-the image; polarities, the Q3 dependency and eq. (1) scoring stay the loop's (``ccsr.judge.QuestionSet``).
+the image; polarities, the Q3 dependency and eq. (1) scoring stay the loop's (``ccsr.questions.QuestionSet``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import re
 from typing import TYPE_CHECKING
 
 from ccsr.config import resolve_data_path
-from ccsr.judge import JudgeAnswer, QuestionSet
+from ccsr.judge import JudgeAnswer
+from ccsr.questions import QuestionSet
 from ccsr.shapes import world
 
 if TYPE_CHECKING:

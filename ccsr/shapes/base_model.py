@@ -426,7 +426,7 @@ def _train_base_model(out_dir: Path, cfg: BaseModelConfig) -> dict:
 
 
 def build_shapes_sd(out_dir: Path, seed: int = 0) -> None:
-    """``ccsr-tiny/shapes-sd``: the base model with the default recipe (a builder of ``ccsr.tiny.BUILDERS``)."""
+    """``ccsr-tiny/shapes-sd``: the base model with the default recipe (a builder of ``ccsr.models.BUILDERS``)."""
     train_base_model(out_dir, BaseModelConfig(seed=seed))
 
 

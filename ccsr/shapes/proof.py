@@ -37,7 +37,7 @@ VARIANTS = {
     "ccsr": ("the full loop: judge, detector filter, gate", []),
     "no-judge": (
         "judge answers at random: the best-scored of the ten is a random pick",
-        ["judge.backend=shapes-random"],
+        ["judge.backend=ccsr.shapes.backends:RandomJudge"],
     ),
     "no-detector": ("detector threshold 0: no image is filtered out", ["detector.threshold=0"]),
     "no-gate": ("every LoRA is accepted, better or not", ["gate.enabled=false"]),
@@ -115,7 +115,7 @@ def _init_worker(threads: int) -> None:
 
 def build_base(s: Settings) -> tuple[str, float]:
     """The base model's folder, built (trained) first if needed; returns it and the seconds spent."""
-    from ccsr.tiny import resolve_model
+    from ccsr.models import resolve_model
 
     if s.base_model:
         return s.base_model, 0.0
@@ -133,7 +133,7 @@ class Scorer:
     """Ground-truth accuracy and the measuring judge's eq. (1) score of one image, whatever the run's judge."""
 
     def __init__(self, s: Settings):
-        from ccsr.judge import QuestionSet
+        from ccsr.questions import QuestionSet
         from ccsr.shapes.backends import MeasuringJudge
 
         cfg = load_config(s.config, class_name=s.class_name)

@@ -55,7 +55,7 @@ def _calibration_images(seed: int, size_range: tuple[int, int], n: int):
 
 def _calibration_questions() -> list[str]:
     from ccsr.config import resolve_data_path
-    from ccsr.judge import QuestionSet
+    from ccsr.questions import QuestionSet
 
     qs = QuestionSet.load(resolve_data_path("prompts/questions.yaml"))
     return qs.render("giraffe", "A tall giraffe standing in the savanna at sunset, golden hour light.")

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ccsr.detector import set_class_embedding, text_embeddings
+
 logger = logging.getLogger(__name__)
 
 MODEL_CFG = "yolov8n-worldv2.yaml"  # n scale: 2x faster than s on CPU; same head, neck and text path
@@ -126,28 +128,6 @@ def _calibration_images(sd_dir: Path, seed: int) -> list:
                 [prompt] * n, height=size, width=size, num_inference_steps=10, generator=generators
             ).images
     return images
-
-
-def text_embeddings(clip_path: str | Path, names: list[str], device=None):
-    """L2-normalised CLIP text embeddings, shape (len(names), projection_dim): YOLO-World's class input."""
-    import torch
-    from transformers import CLIPModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(clip_path))
-    model = CLIPModel.from_pretrained(str(clip_path)).to(device or "cpu").eval()
-    tokens = tokenizer(names, padding=True, truncation=True, return_tensors="pt").to(device or "cpu")
-    with torch.no_grad():
-        out = model.get_text_features(**tokens)
-    # transformers 5 returns an output object with the projected embedding in pooler_output; 4.x a tensor.
-    feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
-
-
-def set_class_embedding(model, feats, name: str) -> None:
-    """Point a WorldModel at one class: what ``set_classes`` does, minus its CLIP download."""
-    model.txt_feats = feats.reshape(1, 1, -1).float().clone()
-    model.model[-1].nc = 1
-    model.names = {0: name}
 
 
 def letterbox_batch(images: list, size: int):
