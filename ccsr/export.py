@@ -2,9 +2,10 @@
 
 diffusers key:  ``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight``
 kohya key:      ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight``
-plus one ``<module>.alpha`` scalar per module. kohya trains SD 1.x/2.x on a UNet with the diffusers module
-names, so the module path maps over by replacing dots with underscores; the LoRA scale it applies is
-``alpha / rank``, which we write so that the exported file computes exactly what the diffusers file does.
+plus one ``<module>.alpha`` scalar per module. diffusers does the key mapping (diffusers format -> peft ->
+kohya); what it leaves out is the alpha: it writes alpha = rank, while kohya's LoRA scale is ``alpha / rank``
+and peft's is ``lora_alpha / r``, so we write the alpha that makes the exported file compute exactly what the
+diffusers file does.
 """
 
 from __future__ import annotations
@@ -12,46 +13,64 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 from pathlib import Path
+
+from ccsr.rundir import LORA_WEIGHTS_NAME, atomic_save_tensors
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-# diffusers (and raw peft) spellings of the two LoRA matrices -> kohya's.
-_SUFFIXES = {
-    ".lora.down.weight": "lora_down.weight",
-    ".lora.up.weight": "lora_up.weight",
-    ".lora_A.weight": "lora_down.weight",
-    ".lora_B.weight": "lora_up.weight",
-}
+_DOWN, _UP = ".lora_A.weight", ".lora_B.weight"  # peft spellings of the two LoRA matrices
 
 
-def _split_key(key: str) -> tuple[str, str]:
-    for suffix, kohya in _SUFFIXES.items():
-        if key.endswith(suffix):
-            return key[: -len(suffix)], kohya
-    raise ValueError(f"unexpected key in LoRA file: {key!r} (expected .lora.down/.lora.up weights)")
+def _read_lora(source: Path) -> tuple[dict, dict]:
+    """The tensors of a diffusers-format LoRA file and its UNet adapter config (peft ``LoraConfig`` fields)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
 
-
-def _adapter_metadata(metadata: dict[str, str] | None) -> dict:
-    """The peft LoraConfig that diffusers stores in the file's metadata, keys without the ``unet.`` prefix."""
-    if not metadata or "lora_adapter_metadata" not in metadata:
-        return {}
-    raw = json.loads(metadata["lora_adapter_metadata"])
-    return {k[len("unet.") :]: v for k, v in raw.items() if k.startswith("unet.")}
+    with safe_open(str(source), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    raw = json.loads(metadata.get(LORA_ADAPTER_METADATA_KEY, "{}"))
+    config = {k[len("unet.") :]: v for k, v in raw.items() if k.startswith("unet.")}
+    return tensors, config
 
 
 def _module_alpha(module: str, rank: int, config: dict) -> float:
-    """The kohya alpha that reproduces peft's scale for this module (alpha / rank, or alpha / sqrt(rank))."""
-    alpha = float(config.get("lora_alpha", rank))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.search(rf"(^|\.){re.escape(pattern)}$", module) or re.fullmatch(pattern, module):
-            alpha = float(value)
+    """The kohya alpha that reproduces peft's scale for this module (``lora_alpha / r``, or ``/ sqrt(r)``
+    with rsLoRA), with the module's alpha looked up in ``alpha_pattern`` the way peft does."""
+    from peft.utils.other import get_pattern_key
+
+    patterns = config.get("alpha_pattern") or {}
+    alpha = float(patterns.get(get_pattern_key(patterns.keys(), module), config.get("lora_alpha", rank)))
     if config.get("use_rslora"):
         return alpha / math.sqrt(rank) * rank
     return alpha
+
+
+def _to_kohya(source: Path, tensors: dict, config: dict) -> dict:
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    outside = [key for key in tensors if not key.startswith("unet.")]
+    if outside:
+        raise ValueError(f"{source}: only UNet LoRAs are exported, found {outside[0]!r}")
+    peft_state = convert_unet_state_dict_to_peft(tensors)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in peft_state.items():
+        if not key.endswith((_DOWN, _UP)):
+            raise ValueError(f"unexpected key in LoRA file: {key!r} (expected .lora.down/.lora.up weights)")
+        # One key at a time, so that each alpha diffusers adds is known to belong to this key's module.
+        for kohya_key, value in convert_state_dict_to_kohya({key: tensor}, StateDictType.PEFT).items():
+            if kohya_key.endswith(".alpha"):
+                module = key[len("unet.") : -len(_DOWN)]
+                value = torch.tensor(_module_alpha(module, tensor.shape[0], config), dtype=torch.float32)
+            out[kohya_key] = value
+    downs = sum(k.endswith("lora_down.weight") for k in out)
+    ups = sum(k.endswith("lora_up.weight") for k in out)
+    if downs == 0 or downs != ups:
+        raise ValueError(f"{source}: {downs} down and {ups} up matrices; not a complete LoRA")
+    return out
 
 
 def export_kohya(lora_dir: Path, out_file: Path) -> Path:
@@ -59,38 +78,16 @@ def export_kohya(lora_dir: Path, out_file: Path) -> Path:
 
     ``lora_dir`` may also be the ``.safetensors`` file itself. The output is written atomically.
     """
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     lora_dir = Path(lora_dir)
     source = lora_dir / LORA_WEIGHTS_NAME if lora_dir.is_dir() else lora_dir
     if not source.is_file():
         raise ValueError(f"no LoRA weights at {source}")
-    with safe_open(str(source), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = _adapter_metadata(metadata)
+    tensors, config = _read_lora(source)
     if config.get("use_dora"):
         raise ValueError(f"{source}: DoRA adapters have no kohya LoRA equivalent")
+    out = _to_kohya(source, tensors, config)
 
-    out: dict[str, torch.Tensor] = {}
-    ranks: set[int] = set()
-    for key, tensor in tensors.items():
-        if not key.startswith("unet."):
-            raise ValueError(f"{source}: only UNet LoRAs are exported, found {key!r}")
-        module, kohya_suffix = _split_key(key[len("unet.") :])
-        name = "lora_unet_" + module.replace(".", "_")
-        out[f"{name}.{kohya_suffix}"] = tensor.contiguous()
-        if kohya_suffix == "lora_down.weight":
-            rank = tensor.shape[0]
-            ranks.add(rank)
-            out[f"{name}.alpha"] = torch.tensor(_module_alpha(module, rank, config), dtype=torch.float32)
-    downs = sum(k.endswith("lora_down.weight") for k in out)
-    ups = sum(k.endswith("lora_up.weight") for k in out)
-    if downs == 0 or downs != ups:
-        raise ValueError(f"{source}: {downs} down and {ups} up matrices; not a complete LoRA")
-
+    ranks = {t.shape[0] for k, t in out.items() if k.endswith("lora_down.weight")}
     rank_text = str(next(iter(ranks))) if len(ranks) == 1 else "dynamic"
     alpha_text = str(float(config.get("lora_alpha", rank_text if len(ranks) == 1 else 1.0)))
     kohya_metadata = {
@@ -99,15 +96,7 @@ def export_kohya(lora_dir: Path, out_file: Path) -> Path:
         "ss_network_alpha": alpha_text,
         "ccsr_source": str(source),
     }
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp{os.getpid()}")
-    save_file(out, str(tmp), metadata=kohya_metadata)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, out_file)
-    logger.info("exported %d LoRA modules in kohya format to %s", downs, out_file)
-    return out_file
+    atomic_save_tensors(out, Path(out_file), metadata=kohya_metadata)
+    modules = sum(k.endswith(".alpha") for k in out)
+    logger.info("exported %d LoRA modules in kohya format to %s", modules, out_file)
+    return Path(out_file)

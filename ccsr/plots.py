@@ -22,7 +22,8 @@ SCALE_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
+    """A float, or None for anything missing, NaN or not a number (records and eval.json are data)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
@@ -56,7 +57,7 @@ def _save(fig, out_png: Path) -> Path:
 def _scale_rows(eval_json: dict) -> list[tuple[float, dict]]:
     rows = []
     for key, row in (eval_json.get("by_scale") or {}).items():
-        scale = _number(key)
+        scale = as_number(key)
         if scale is not None and isinstance(row, dict):
             rows.append((scale, row))
     return sorted(rows, key=lambda r: r[0])
@@ -72,18 +73,18 @@ def plot_eval_by_scale(eval_json: dict, out_png: Path, title: str | None = None)
     metrics = [
         (key, label)
         for key, label in SCALE_METRICS
-        if key in ("clip_score", "win_rate") or any(_number(r.get(key)) is not None for _, r in rows)
+        if key in ("clip_score", "win_rate") or any(as_number(r.get(key)) is not None for _, r in rows)
     ]
     fig, axes = _figure(len(metrics), title or "evaluation by LoRA scale")
-    best = _number(eval_json.get("best_scale"))
+    best = as_number(eval_json.get("best_scale"))
     scales = [s for s, _ in rows]
     for ax, (key, label) in zip(axes, metrics, strict=True):
-        points = [(s, _number(r.get(key))) for s, r in rows]
+        points = [(s, as_number(r.get(key))) for s, r in rows]
         points = [(s, v) for s, v in points if v is not None]
         if points:
             ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=label)
         if key == "win_rate":
-            ties = [(s, _number(r.get("win_tie_rate"))) for s, r in rows]
+            ties = [(s, as_number(r.get("win_tie_rate"))) for s, r in rows]
             ties = [(s, v) for s, v in ties if v is not None]
             if ties:
                 ax.plot(
@@ -111,24 +112,24 @@ def plot_across_iterations(evals: list[tuple[int, dict]], out_png: Path, title: 
     evals = sorted(evals, key=lambda e: e[0])
 
     def at_best(ev: dict, key: str) -> float | None:
-        best = _number(ev.get("best_scale"))
+        best = as_number(ev.get("best_scale"))
         for scale, row in _scale_rows(ev):
             if best is not None and math.isclose(scale, best):
-                return _number(row.get(key))
+                return as_number(row.get(key))
         return None
 
     def at_base(ev: dict, key: str) -> float | None:
         for scale, row in _scale_rows(ev):
             if scale == 0.0:
-                return _number(row.get(key))
+                return as_number(row.get(key))
         return None
 
     panels: list[tuple[str, list[tuple[str, str, Any]]]] = [
         (
             "win-rate vs base (best scale)",
             [
-                ("win-rate", "o-", lambda ev: _number(ev.get("win_rate"))),
-                ("wins+ties", "s--", lambda ev: _number(ev.get("win_tie_rate"))),
+                ("win-rate", "o-", lambda ev: as_number(ev.get("win_rate"))),
+                ("wins+ties", "s--", lambda ev: as_number(ev.get("win_tie_rate"))),
             ],
         ),
         (

@@ -15,16 +15,30 @@ import base64
 import logging
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import yaml
+from ccsr.plots import as_number, plot_across_iterations, plot_eval_by_scale
+from ccsr.rundir import (
+    STAGES,
+    Candidate,
+    Detection,
+    EvalRecord,
+    Judgment,
+    Pair,
+    PromptRecord,
+    RunDir,
+    RunDirError,
+    atomic_write_text,
+    read_json,
+    read_records,
+)
 
-from ccsr.rundir import STAGES, RunDir, RunDirError, atomic_write_text, read_json, read_jsonl
+if TYPE_CHECKING:
+    from ccsr.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +67,9 @@ class Answer:
 
 
 @dataclass
-class Candidate:
+class CandidateView:
     index: int
-    seed: int | None
+    seed: int
     src: str | None  # relative URL or data URI; None when the file is missing or outside the run dir
     path: str
     score: int | None
@@ -68,8 +82,8 @@ class Candidate:
 class PromptView:
     id: str
     text: str
-    candidates: list[Candidate]
-    pair: dict | None
+    candidates: list[CandidateView]
+    pair: Pair | None
     detected: bool  # the detector looked at this prompt's best images
 
 
@@ -77,7 +91,7 @@ class PromptView:
 class EvalSample:
     prompt_id: str
     prompt: str
-    seed: Any
+    seed: int
     cells: list[dict]  # {scale, src, clip_score, judge_score, detected}
 
 
@@ -105,20 +119,12 @@ class IterationView:
 
     @property
     def total_seconds(self) -> float:
-        return sum(_number(info.get("seconds")) or 0.0 for info in self.stage_info.values())
+        return sum(as_number(info.get("seconds")) or 0.0 for info in self.stage_info.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _number(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(out) else out
 
 
 def fmt(value: Any, digits: int = 2) -> str:
@@ -127,14 +133,14 @@ def fmt(value: Any, digits: int = 2) -> str:
         return "yes" if value else "no"
     if isinstance(value, int):
         return str(value)
-    number = _number(value)
+    number = as_number(value)
     if number is None:
         return "-" if value is None or isinstance(value, (float, int)) else str(value)
     return f"{number:.{digits}f}"
 
 
 def fmt_seconds(value: Any) -> str:
-    seconds = _number(value)
+    seconds = as_number(value)
     if seconds is None:
         return "-"
     if seconds < 60:
@@ -142,6 +148,12 @@ def fmt_seconds(value: Any) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.2f} h"
+
+
+def _scale_order(scale: Any) -> float:
+    """Sort key of a LoRA scale (eval.json's keys are strings); anything unreadable goes last."""
+    number = as_number(scale)
+    return math.inf if number is None else number
 
 
 class ImageLinker:
@@ -180,18 +192,17 @@ class ImageLinker:
         return quote(path.relative_to(self.root).as_posix())
 
 
-def _load_questions(cfg: dict) -> list[tuple[str, str]]:
-    """(id, text) of the run's question set; ids Q1.. without text if the file can't be read any more."""
-    try:
-        from ccsr.config import resolve_data_path
-        from ccsr.questions import QuestionSet
+def _load_questions(questions_file: str) -> list[tuple[str, str]]:
+    """(id, text) of the run's question set; empty (ids Q1.. without text) if the file can't be read any more."""
+    from ccsr.config import resolve_data_path
+    from ccsr.questions import QuestionSet
 
-        name = (cfg.get("judge") or {}).get("questions") or "prompts/questions.yaml"
-        qs = QuestionSet.load(resolve_data_path(name))
-        return [(q.id, q.text) for q in qs.questions]
-    except Exception as exc:  # the report must render even if the question file moved or changed format
-        logger.warning("report: question texts unavailable (%s); showing ids only", exc)
+    try:
+        qs = QuestionSet.load(resolve_data_path(questions_file))
+    except Exception:  # the report must render even if the question file moved or changed format
+        logger.warning("report: question texts unavailable; showing ids only", exc_info=True)
         return []
+    return [(q.id, q.text) for q in qs.questions]
 
 
 def _question_text(text: str, class_name: str) -> str:
@@ -210,11 +221,97 @@ def _diversity_text(value: Any) -> str | None:
     return fmt(value)
 
 
-def _group(records: list[dict], key: str = "prompt_id") -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in records:
-        out.setdefault(str(r.get(key)), []).append(r)
-    return out
+# ---------------------------------------------------------------------------------------------------------------
+# Collecting one iteration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IterationRecords:
+    """One iteration's committed records, keyed the way the page looks them up."""
+
+    prompts: list[PromptRecord]
+    candidates: dict[str, list[Candidate]]  # by prompt id, in index order
+    judgments: dict[tuple[str, int], Judgment]  # by (prompt id, index)
+    detections: dict[tuple[str, int], Detection]
+    pairs: dict[str, Pair]  # by prompt id
+
+    @classmethod
+    def read(cls, run: RunDir, k: int) -> IterationRecords:
+        files = run.files(k)
+        candidates: dict[str, list[Candidate]] = {}
+        for c in sorted(read_records(files["candidates"], Candidate), key=lambda c: c.index):
+            candidates.setdefault(c.prompt_id, []).append(c)
+        return cls(
+            prompts=read_records(files["prompts"], PromptRecord),
+            candidates=candidates,
+            judgments={(j.prompt_id, j.index): j for j in read_records(files["judgments"], Judgment)},
+            detections={(d.prompt_id, d.index): d for d in read_records(files["detections"], Detection)},
+            pairs={p.prompt_id: p for p in read_records(files["pairs"], Pair)},
+        )
+
+
+def _answers(judgment: Judgment | None, questions: list[tuple[str, str]], class_name: str) -> list[Answer]:
+    if judgment is None:
+        return []
+    p_yes = judgment.p_yes or []
+    answers = []
+    for i, answer in enumerate(judgment.answers):
+        qid, text = questions[i] if i < len(questions) else (f"Q{i + 1}", "")
+        answers.append(
+            Answer(
+                qid=qid,
+                text=_question_text(text, class_name),
+                answer=str(answer),
+                p_yes=as_number(p_yes[i]) if i < len(p_yes) else None,
+            )
+        )
+    return answers
+
+
+def _prompt_view(
+    prompt: PromptRecord,
+    records: IterationRecords,
+    questions: list[tuple[str, str]],
+    class_name: str,
+    link: ImageLinker,
+) -> PromptView:
+    pair = records.pairs.get(prompt.id)
+    candidates = []
+    for c in records.candidates.get(prompt.id, []):
+        judgment = records.judgments.get((prompt.id, c.index))
+        detection = records.detections.get((prompt.id, c.index))
+        candidates.append(
+            CandidateView(
+                index=c.index,
+                seed=c.seed,
+                src=link(c.path),
+                path=c.path,
+                score=judgment.score if judgment else None,
+                confidence=detection.confidence if detection else None,
+                selected=pair is not None and pair.index == c.index,
+                answers=_answers(judgment, questions, class_name),
+            )
+        )
+    return PromptView(
+        id=prompt.id,
+        text=prompt.prompt,
+        candidates=candidates,
+        pair=pair,
+        detected=any(pid == prompt.id for pid, _ in records.detections),
+    )
+
+
+def _eval_rows(eval_obj: dict) -> list[dict]:
+    """eval.json's ``by_scale`` rows in scale order, the chosen ``best_scale`` marked."""
+    by_scale = eval_obj.get("by_scale") or {}
+    best = as_number(eval_obj.get("best_scale"))
+    rows = []
+    for key in sorted(by_scale, key=_scale_order):
+        scale = as_number(key)
+        is_best = best is not None and scale is not None and math.isclose(scale, best)
+        rows.append({"scale": key, "best": is_best, **by_scale[key]})
+    return rows
 
 
 def _eval_columns(by_scale: dict) -> list[tuple[str, str]]:
@@ -227,14 +324,34 @@ def _eval_columns(by_scale: dict) -> list[tuple[str, str]]:
         ("win_tie_rate", "wins+ties rate"),
     ]
     for key, label in (("judge_score", "judge score"), ("detection_rate", "detection rate")):
-        if any(isinstance(r, dict) and r.get(key) is not None for r in by_scale.values()):
+        if any(row.get(key) is not None for row in by_scale.values()):
             columns.append((key, label))
     return columns
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Collecting one iteration
-# ---------------------------------------------------------------------------------------------------------------
+def _eval_samples(run: RunDir, k: int, link: ImageLinker) -> list[EvalSample]:
+    """The first seed of the first few validation prompts, at every scale."""
+    samples: dict[tuple[str, int], EvalSample] = {}
+    shown: set[str] = set()
+    for r in read_records(run.iteration_dir(k) / "eval" / "records.jsonl", EvalRecord):
+        key = (r.prompt_id, r.seed)
+        if key not in samples:
+            if r.prompt_id in shown or len(shown) >= EVAL_SAMPLE_PROMPTS:
+                continue
+            shown.add(r.prompt_id)
+            samples[key] = EvalSample(r.prompt_id, r.prompt, r.seed, [])
+        samples[key].cells.append(
+            {
+                "scale": r.scale,
+                "src": link(r.path),
+                "clip_score": r.clip_score,
+                "judge_score": r.judge_score,
+                "detected": r.detected,
+            }
+        )
+    for sample in samples.values():
+        sample.cells.sort(key=lambda c: c["scale"])
+    return list(samples.values())
 
 
 def _iteration(
@@ -243,131 +360,34 @@ def _iteration(
     class_name: str,
     questions: list[tuple[str, str]],
     link: ImageLinker,
-    validation: dict[str, str],
     champion_history: list[dict],
 ) -> IterationView:
-    files = run.files(k)
     done = run.stages_done(k)
-    prompts = read_jsonl(files["prompts"])
-    candidates = _group(read_jsonl(files["candidates"]))
-    judgments = {(str(r.get("prompt_id")), r.get("index")): r for r in read_jsonl(files["judgments"])}
-    detections = {(str(r.get("prompt_id")), r.get("index")): r for r in read_jsonl(files["detections"])}
-    detected_prompts = {pid for pid, _ in detections}
-    pairs_list = read_jsonl(files["pairs"])
-    pairs = {str(p.get("prompt_id")): p for p in pairs_list}
-
-    views = []
-    for p in prompts:
-        pid = str(p.get("id"))
-        pair = pairs.get(pid)
-        cands = []
-        for c in sorted(candidates.get(pid, []), key=lambda c: c.get("index", 0)):
-            idx = c.get("index")
-            judged = judgments.get((pid, idx)) or {}
-            answers_raw = judged.get("answers") or []
-            p_yes = judged.get("p_yes") or []
-            answers = []
-            for i, answer in enumerate(answers_raw):
-                qid, text = questions[i] if i < len(questions) else (f"Q{i + 1}", "")
-                answers.append(
-                    Answer(
-                        qid=qid,
-                        text=_question_text(text, class_name),
-                        answer=str(answer),
-                        p_yes=_number(p_yes[i]) if i < len(p_yes) else None,
-                    )
-                )
-            det = detections.get((pid, idx))
-            cands.append(
-                Candidate(
-                    index=idx,
-                    seed=c.get("seed"),
-                    src=link(c.get("path")),
-                    path=str(c.get("path")),
-                    score=judged.get("score"),
-                    confidence=_number(det.get("confidence")) if det else None,
-                    selected=pair is not None and pair.get("index") == idx,
-                    answers=answers,
-                )
-            )
-        views.append(
-            PromptView(
-                id=pid,
-                text=str(p.get("prompt", "")),
-                candidates=cands,
-                pair=pair,
-                detected=pid in detected_prompts,
-            )
-        )
-
-    prompt_stage = done.get("prompts") if isinstance(done.get("prompts"), dict) else {}
+    records = IterationRecords.read(run, k)
+    prompt_stage = done.get("prompts", {})
     dropped = prompt_stage.get("dropped") or {}
-    if not isinstance(dropped, dict):
-        dropped = {"total": dropped}
     eval_obj = read_json(run.eval_path(k))
-    by_scale = (eval_obj or {}).get("by_scale") or {}
-    best = _number((eval_obj or {}).get("best_scale"))
-    eval_rows = []
-    for key in sorted(by_scale, key=lambda s: _number(s) if _number(s) is not None else math.inf):
-        row = by_scale[key] if isinstance(by_scale[key], dict) else {}
-        scale = _number(key)
-        eval_rows.append(
-            {
-                "scale": key,
-                "best": best is not None and scale is not None and math.isclose(scale, best),
-                **row,
-            }
-        )
-    lora = run.lora_dir(k)
     return IterationView(
         index=k,
         complete=all(s in done for s in STAGES),
         stages_done=[s for s in STAGES if s in done],
         stage_in_progress=next((s for s in STAGES if s not in done), None),
-        stage_info={s: done[s] for s in STAGES if s in done and isinstance(done[s], dict)},
-        prompts=views,
-        dropped=dropped,
+        stage_info={s: done[s] for s in STAGES if s in done},
+        prompts=[_prompt_view(p, records, questions, class_name, link) for p in records.prompts],
+        dropped=dropped if isinstance(dropped, dict) else {"total": dropped},
         attempts=prompt_stage.get("attempts"),
         diversity=_diversity_text(prompt_stage.get("diversity")),
-        n_candidates=sum(len(v) for v in candidates.values()),
-        n_judged=len(judgments),
-        n_pairs=len(pairs_list),
-        lora=(
-            lora.relative_to(run.root).as_posix()
-            if (lora / "pytorch_lora_weights.safetensors").is_file()
-            else None
-        ),
+        n_candidates=sum(len(v) for v in records.candidates.values()),
+        n_judged=len(records.judgments),
+        n_pairs=len(records.pairs),
+        lora=run.lora_dir(k).relative_to(run.root).as_posix() if run.lora_file(k).is_file() else None,
         eval=eval_obj,
-        eval_rows=eval_rows,
-        eval_columns=_eval_columns(by_scale),
+        eval_rows=_eval_rows(eval_obj) if eval_obj else [],
+        eval_columns=_eval_columns(eval_obj.get("by_scale") or {}) if eval_obj else [],
         eval_plot=None,
-        eval_samples=_eval_samples(run, k, validation, link) if eval_obj else [],
+        eval_samples=_eval_samples(run, k, link) if eval_obj else [],
         champion_entries=[h for h in champion_history if h.get("iteration") == k],
     )
-
-
-def _eval_samples(run: RunDir, k: int, validation: dict[str, str], link: ImageLinker) -> list[EvalSample]:
-    records = read_jsonl(run.iteration_dir(k) / "eval" / "records.jsonl")
-    samples: dict[tuple[str, Any], EvalSample] = {}
-    for r in records:
-        pid = str(r.get("prompt_id"))
-        key = (pid, r.get("seed"))
-        if key not in samples:
-            if len({p for p, _ in samples}) >= EVAL_SAMPLE_PROMPTS or any(p == pid for p, _ in samples):
-                continue  # first seed of the first few validation prompts only
-            samples[key] = EvalSample(pid, validation.get(pid, ""), r.get("seed"), [])
-        samples[key].cells.append(
-            {
-                "scale": r.get("scale"),
-                "src": link(r.get("path")),
-                "clip_score": r.get("clip_score"),
-                "judge_score": r.get("judge_score"),
-                "detected": r.get("detected"),
-            }
-        )
-    for sample in samples.values():
-        sample.cells.sort(key=lambda c: _number(c["scale"]) if _number(c["scale"]) is not None else math.inf)
-    return list(samples.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,16 +410,10 @@ def _environment():
     return env
 
 
-def write_report(
-    run_dir: str | Path,
-    embed_max_bytes: int = EMBED_MAX_BYTES,
-    embed_budget_bytes: int = EMBED_BUDGET_BYTES,
-) -> Path:
-    """Write ``run_dir/report.html`` (atomically) and its plots under ``run_dir/report/``; return the HTML path.
-
-    Raises ``RunDirError`` when ``run_dir`` is not a ccsr run directory.
-    """
-    from ccsr.plots import plot_across_iterations, plot_eval_by_scale
+def _open_run(run_dir: str | Path) -> tuple[RunDir, Config]:
+    """The run directory and its config; RunDirError when it is not a run dir, ConfigError when the config
+    does not load (both are one line through the CLI)."""
+    from ccsr.config import load_config
 
     run = RunDir(run_dir)
     if not run.root.is_dir():
@@ -408,27 +422,12 @@ def write_report(
         )
     if not run.config_path.is_file():
         raise RunDirError(f"{run.root} is not a ccsr run directory (no config.yaml); pass e.g. runs/giraffe")
-    try:
-        cfg = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise RunDirError(
-            f"{run.config_path} is not valid YAML; restore it from the run's first start"
-        ) from None
-    if not isinstance(cfg, dict):
-        raise RunDirError(f"{run.config_path} is not a config mapping; restore it from the run's first start")
+    return run, load_config(run.config_path)
 
-    class_name = str(cfg.get("class_name") or "")
-    questions = _load_questions(cfg)
-    link = ImageLinker(run.root, embed_max_bytes, embed_budget_bytes)
-    validation = {str(v.get("id")): str(v.get("prompt", "")) for v in read_jsonl(run.validation_path)}
-    champion = read_json(run.root / "champion.json")
-    champion = champion if isinstance(champion, dict) else None
-    history = [h for h in (champion or {}).get("history") or [] if isinstance(h, dict)]
 
-    iterations = [
-        _iteration(run, k, class_name, questions, link, validation, history) for k in run.iterations()
-    ]
-
+def _draw_plots(run: RunDir, iterations: list[IterationView], class_name: str) -> str | None:
+    """One plot per evaluated iteration (set as its ``eval_plot``) and, with two or more, one across them;
+    returns the across-iterations plot's relative URL."""
     assets = run.root / ASSETS_DIR
     evals = []
     for it in iterations:
@@ -439,16 +438,17 @@ def write_report(
             )
             it.eval_plot = f"{ASSETS_DIR}/{name}"
             evals.append((it.index, it.eval))
-    across_plot = None
-    if len(evals) >= 2:  # with a single evaluated iteration the per-iteration plot already says it all
-        plot_across_iterations(
-            evals, assets / "across-iterations.png", title=f"{class_name}: across iterations"
-        )
-        across_plot = f"{ASSETS_DIR}/across-iterations.png"
+    if len(evals) < 2:  # with a single evaluated iteration the per-iteration plot already says it all
+        return None
+    plot_across_iterations(evals, assets / "across-iterations.png", title=f"{class_name}: across iterations")
+    return f"{ASSETS_DIR}/across-iterations.png"
 
+
+def _best(iterations: list[IterationView]) -> dict | None:
+    """The evaluated iteration with the highest win-rate (the first of equals)."""
     best = None
     for it in iterations:
-        wr = _number((it.eval or {}).get("win_rate"))
+        wr = as_number((it.eval or {}).get("win_rate"))
         if wr is not None and (best is None or wr > best["win_rate"]):
             best = {
                 "win_rate": wr,
@@ -456,40 +456,82 @@ def write_report(
                 "scale": it.eval.get("best_scale"),
                 "eval": it.eval,
             }
-    stage_totals: dict[str, float | None] = {}
+    return best
+
+
+def _stage_totals(iterations: list[IterationView]) -> dict[str, float | None]:
+    """Seconds per stage over all iterations; None for a stage that never ran."""
+    totals: dict[str, float | None] = {}
     for s in STAGES:
-        seconds = [_number(it.stage_info[s].get("seconds")) for it in iterations if s in it.stage_info]
-        stage_totals[s] = sum(x for x in seconds if x is not None) if seconds else None  # None: never ran
-    stage_in_progress = next(
-        (f"iteration {it.index}: {it.stage_in_progress}" for it in iterations if not it.complete), None
+        seconds = [as_number(it.stage_info[s].get("seconds")) for it in iterations if s in it.stage_info]
+        totals[s] = sum(x for x in seconds if x is not None) if seconds else None
+    return totals
+
+
+def _render(
+    run: RunDir,
+    cfg: Config,
+    iterations: list[IterationView],
+    champion: dict | None,
+    link: ImageLinker,
+    across_plot: str | None,
+) -> str:
+    stage_totals = _stage_totals(iterations)
+    in_progress = next((it for it in iterations if not it.complete), None)
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            class_name=cfg.class_name or "",
+            run_dir=run.root.name,
+            base_model=cfg.generator.model,
+            detector_threshold=cfg.detector.threshold,
+            iterations=iterations,
+            iterations_completed=sum(it.complete for it in iterations),
+            iterations_target=cfg.iterations,
+            stage_in_progress=(
+                f"iteration {in_progress.index}: {in_progress.stage_in_progress}" if in_progress else None
+            ),
+            n_prompts=sum(len(it.prompts) for it in iterations),
+            n_pairs=sum(it.n_pairs for it in iterations),
+            n_validation=len(read_records(run.validation_path, PromptRecord)),
+            best=_best(iterations),
+            stages=STAGES,
+            stage_totals=stage_totals,
+            total_seconds=sum(x for x in stage_totals.values() if x is not None),
+            champion=champion.get("champion") if champion else None,
+            champion_history=champion.get("history", []) if champion else [],
+            has_champion_file=champion is not None,
+            across_plot=across_plot,
+            generated_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+            images={"embedded": link.embedded, "linked": link.linked, "missing": link.missing},
+        )
     )
-    target = cfg.get("iterations")
-    context = {
-        "class_name": class_name,
-        "run_dir": run.root.name,
-        "base_model": (cfg.get("generator") or {}).get("model"),
-        "detector_threshold": (cfg.get("detector") or {}).get("threshold"),
-        "iterations": iterations,
-        "iterations_completed": sum(it.complete for it in iterations),
-        "iterations_target": target,
-        "stage_in_progress": stage_in_progress,
-        "n_prompts": sum(len(it.prompts) for it in iterations),
-        "n_pairs": sum(it.n_pairs for it in iterations),
-        "n_validation": len(validation),
-        "best": best,
-        "stages": STAGES,
-        "stage_totals": stage_totals,
-        "total_seconds": sum(x for x in stage_totals.values() if x is not None),
-        "champion": (champion or {}).get("champion") if champion else None,
-        "champion_history": history,
-        "has_champion_file": champion is not None,
-        "across_plot": across_plot,
-        "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "images": {"embedded": link.embedded, "linked": link.linked, "missing": link.missing},
-    }
-    html = _environment().get_template("report.html.j2").render(**context)
+
+
+def write_report(
+    run_dir: str | Path,
+    embed_max_bytes: int = EMBED_MAX_BYTES,
+    embed_budget_bytes: int = EMBED_BUDGET_BYTES,
+) -> Path:
+    """Write ``run_dir/report.html`` (atomically) and its plots under ``run_dir/report/``; return the HTML path.
+
+    Raises ``RunDirError`` when ``run_dir`` is not a ccsr run directory or cannot be written, ``ConfigError``
+    when its config.yaml does not load.
+    """
+    run, cfg = _open_run(run_dir)
+    class_name = cfg.class_name or ""
+    link = ImageLinker(run.root, embed_max_bytes, embed_budget_bytes)
+    questions = _load_questions(cfg.judge.questions)
+    champion = read_json(run.champion_path)  # None: no champion.json yet (the page then shows no champion)
+    history = champion.get("history", []) if champion else []
+    iterations = [_iteration(run, k, class_name, questions, link, history) for k in run.iterations()]
     out = run.root / REPORT_NAME
-    atomic_write_text(out, html)
+    try:
+        across_plot = _draw_plots(run, iterations, class_name)
+        atomic_write_text(out, _render(run, cfg, iterations, champion, link, across_plot))
+    except PermissionError as exc:
+        raise RunDirError(f"cannot write in {run.root} ({exc.strerror}); check its permissions") from None
     logger.info(
         "report: %s (%d images embedded, %d linked, %d missing)",
         out,
@@ -498,19 +540,3 @@ def write_report(
         link.missing,
     )
     return out
-
-
-def main_report(run_dir: str) -> int:
-    """``ccsr report RUN_DIR``: write the report, print its path; one line on stderr and exit 2 on bad input."""
-    try:
-        out = write_report(Path(run_dir))
-    except (RunDirError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"ccsr report: {exc}", file=sys.stderr)
-        return 2
-    except PermissionError as exc:
-        print(
-            f"ccsr report: cannot write in {run_dir} ({exc.strerror}); check its permissions", file=sys.stderr
-        )
-        return 2
-    print(out)
-    return 0

@@ -2,83 +2,101 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ccsr.rundir import (
+    STAGES,
+    Candidate,
+    Detection,
+    Judgment,
+    Pair,
+    PromptRecord,
+    RunDir,
+    RunDirError,
+    is_locked,
+    read_json,
+    read_records,
+)
 
-from ccsr.rundir import STAGES, RunDir, read_json, read_jsonl
+logger = logging.getLogger(__name__)
 
 
-def _count(path: Path) -> int:
-    return len(read_jsonl(path)) if path.exists() else 0
+def _base_model(cfg) -> str:
+    """The generator's model as a path when it is embedded; status never builds a model to find it."""
+    from ccsr.models import is_embedded, model_path
+
+    name = cfg.generator.model
+    if not is_embedded(name):
+        return name
+    try:
+        return str(model_path(name, cfg.model_cache))
+    except ValueError:  # an embedded name this version does not know: show it as the run wrote it
+        logger.warning("status: cannot resolve %s; showing the name", name, exc_info=True)
+        return name
+
+
+def _iteration(run: RunDir, k: int) -> dict[str, Any]:
+    files = run.files(k)
+    done = run.stages_done(k)
+    prompt_stage = done.get("prompts", {})
+    return {
+        "index": k,
+        "complete": run.iteration_complete(k),
+        "stages_done": [s for s in STAGES if s in done],
+        "stage_seconds": {s: done[s].get("seconds") for s in STAGES if s in done},
+        "prompts": len(read_records(files["prompts"], PromptRecord)),
+        "candidates": len(read_records(files["candidates"], Candidate)),
+        "judged": len(read_records(files["judgments"], Judgment)),
+        "detections": len(read_records(files["detections"], Detection)),
+        "pairs": len(read_records(files["pairs"], Pair)),
+        "prompt_stats": {key: prompt_stage.get(key) for key in ("dropped", "attempts", "diversity")},
+        "lora": str(run.lora_dir(k)) if run.lora_file(k).is_file() else None,
+        "files": {name: str(path) for name, path in files.items()},
+        "eval": read_json(run.eval_path(k)),
+    }
+
+
+def _heartbeat(run: RunDir) -> dict[str, Any] | None:
+    heartbeat = read_json(run.heartbeat_path)
+    if heartbeat:
+        heartbeat["age_seconds"] = round(time.time() - heartbeat["time"], 1)
+        # The lock dies with its process, so a live pid without the lock is some other process by now.
+        heartbeat["alive"] = _pid_alive(heartbeat["pid"]) and is_locked(run)
+    return heartbeat
 
 
 def run_status(root: str | Path) -> dict[str, Any]:
+    """What ``root`` holds, read from its records only. Raises RunDirError when it is not a run directory and
+    ConfigError when its config.yaml does not load."""
+    from ccsr.config import load_config
+
     run = RunDir(root)
     if not run.config_path.is_file():
-        raise FileNotFoundError(f"{root} is not a ccsr run directory (no config.yaml)")
-    cfg = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
-    base_model = cfg.get("generator", {}).get("model")
-    from ccsr.models import is_embedded, model_path
-
-    if base_model and is_embedded(base_model):
-        try:
-            base_model = str(model_path(base_model, cfg.get("model_cache")))  # status never builds models
-        except ValueError:
-            pass
-
-    iterations = []
-    stage = "done"
-    completed = 0
-    for k in run.iterations():
-        files = run.files(k)
-        done = run.stages_done(k)
-        lora = run.lora_dir(k)
-        complete = all(s in done for s in STAGES)
-        completed += complete
-        if not complete and stage == "done":
-            stage = next(s for s in STAGES if s not in done)
-        eval_obj = read_json(run.eval_path(k))
-        iterations.append(
-            {
-                "index": k,
-                "complete": complete,
-                "stages_done": [s for s in STAGES if s in done],
-                "stage_seconds": {s: done[s].get("seconds") for s in STAGES if s in done},
-                "prompts": _count(files["prompts"]),
-                "candidates": _count(files["candidates"]),
-                "judged": _count(files["judgments"]),
-                "detections": _count(files["detections"]),
-                "pairs": _count(files["pairs"]),
-                "prompt_stats": {
-                    key: done.get("prompts", {}).get(key) for key in ("dropped", "attempts", "diversity")
-                },
-                "lora": str(lora) if (lora / "pytorch_lora_weights.safetensors").is_file() else None,
-                "files": {name: str(path) for name, path in files.items()},
-                "eval": eval_obj,
-            }
-        )
-    heartbeat = read_json(run.root / "heartbeat.json")
-    if heartbeat:
-        heartbeat["age_seconds"] = round(time.time() - heartbeat.get("time", 0), 1)
-        heartbeat["alive"] = _pid_alive(heartbeat.get("pid")) and _locked(run)
-    target = cfg.get("iterations", 0)
-    if stage == "done" and completed < target:
-        stage = "pending"
+        raise RunDirError(f"{root} is not a ccsr run directory (no config.yaml)")
+    cfg = load_config(run.config_path)
+    iterations = [_iteration(run, k) for k in run.iterations()]
+    completed = sum(it["complete"] for it in iterations)
+    unfinished = next((it for it in iterations if not it["complete"]), None)
+    if unfinished is not None:
+        stage = next(s for s in STAGES if s not in unfinished["stages_done"])
+    else:
+        stage = "done" if completed >= cfg.iterations else "pending"
+    champion = read_json(run.champion_path, default={}) or {}
     return {
         "run_dir": str(run.root),
-        "class": cfg.get("class_name"),
-        "base_model": base_model,
-        "iterations_target": target,
+        "class": cfg.class_name,
+        "base_model": _base_model(cfg),
+        "iterations_target": cfg.iterations,
         "iterations_completed": completed,
         "stage": stage,
-        "validation_prompts": _count(run.validation_path),
-        "champion": (read_json(run.root / "champion.json", default={}) or {}).get("champion"),
-        "champion_history": (read_json(run.root / "champion.json", default={}) or {}).get("history", []),
-        "heartbeat": heartbeat,
+        "validation_prompts": len(read_records(run.validation_path, PromptRecord)),
+        "champion": champion.get("champion"),
+        "champion_history": champion.get("history", []),
+        "heartbeat": _heartbeat(run),
         "iterations": iterations,
     }
 
@@ -95,29 +113,14 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def _locked(run: RunDir) -> bool:
-    """True while some process holds the run lock (the lock dies with its process, so no stale locks)."""
-    from filelock import FileLock, Timeout
-
-    if not run.lock_path.exists():
-        return False
-    lock = FileLock(str(run.lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
-
-
 def find_runs(root: str | Path) -> list[Path]:
     """``root`` itself when it is a run directory, else the run directories one level below it."""
     root = Path(root)
-    if (root / "config.yaml").is_file():
+    if RunDir(root).config_path.is_file():
         return [root]
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "config.yaml").is_file())
+    return sorted(p for p in root.iterdir() if RunDir(p).config_path.is_file())
 
 
 def _champion_text(champion: dict | None) -> str:

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from ccsr.report import main_report, write_report
+from ccsr.cli import EXIT_BAD_INPUT, main
+from ccsr.report import write_report
 from ccsr.rundir import STAGES, atomic_write_json, write_jsonl
 
 N = 10
@@ -115,7 +116,9 @@ def _eval(root: Path, k: int, extended: bool) -> None:
                 _png(root / rel, seed=v * 10 + seed + int(scale * 100), noisy=False)
                 rec = {
                     "prompt_id": f"val-{v:03d}",
+                    "prompt": f"validation giraffe {v}",
                     "seed": seed,
+                    "generator_seed": 1000 * v + seed,
                     "scale": scale,
                     "clip_score": 20 + scale + v,
                 }
@@ -162,8 +165,9 @@ def make_run(root: Path, extended: bool = False) -> Path:
         "class_name": "giraffe",
         "iterations": 3,
         "seed": 0,
-        # A tiny-model name on purpose: the report must never build or load a model to render.
-        "generator": {"model": "ccsr-tiny/sd"},
+        # An embedded model with an empty cache on purpose: the report must never build or load a model.
+        "model_cache": str(root / "models"),
+        "generator": {"model": "ccsr-tiny/stable-diffusion"},
         "judge": {"questions": "prompts/questions.yaml"},
         "detector": {"threshold": 0.6},
     }
@@ -366,18 +370,36 @@ def test_champion_extra_metrics_and_unsafe_paths(tmp_path):
     assert (run / "report" / "across-iterations.png").is_file()
 
 
-def test_main_report_prints_path_and_rejects_bad_dirs(tmp_path, run_dir, capsys):
-    assert main_report(str(run_dir)) == 0
+def test_cli_report_prints_path_and_rejects_bad_dirs(tmp_path, run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
+    assert not (run_dir / "models").exists()  # no model was built to render the page
 
-    assert main_report(str(tmp_path / "nope")) == 2
+    assert main(["report", str(tmp_path / "nope")]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ccsr report:") and "\n" not in err
+    assert err.startswith("ccsr: error:") and "\n" not in err
 
     (tmp_path / "empty").mkdir()
-    assert main_report(str(tmp_path / "empty")) == 2
+    assert main(["report", str(tmp_path / "empty")]) == EXIT_BAD_INPUT
     assert "no config.yaml" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "report.html").exists()
+
+
+@pytest.mark.parametrize("command", ["report", "status"])
+@pytest.mark.parametrize(
+    "config, expected",
+    [("class_name: [giraffe\n", "not valid YAML"), ("iterations: 0\n", "'iterations' must be > 0")],
+)
+def test_a_config_that_does_not_load_is_one_line(tmp_path, capsys, command, config, expected):
+    run = make_run(tmp_path / "giraffe")
+    (run / "config.yaml").write_text(config, encoding="utf-8")
+    assert main([command, str(run)]) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("ccsr: error:") and "\n" not in err and expected in err, err
+    assert str(run / "config.yaml") in err
+    assert captured.out == ""
+    assert not (run / "report.html").exists()
 
 
 def test_rebuild_is_stable_for_plots(run_dir, report):
@@ -412,3 +434,40 @@ def test_headless_chromium_screenshot(report, tmp_path):
     with Image.open(shot) as img:
         assert img.size == (1280, 2000)
         assert max(ImageStat.Stat(img.convert("RGB")).var) > 0
+
+
+def test_status_reads_the_same_records(run_dir):
+    from ccsr.status import format_status, run_status
+
+    st = run_status(run_dir)
+    assert st["class"] == "giraffe" and st["iterations_target"] == 3 and st["iterations_completed"] == 1
+    assert st["stage"] == "train"  # iteration 2 stopped before training
+    assert st["base_model"].startswith(str(run_dir / "models"))
+    assert not (run_dir / "models").exists()
+    first, second = st["iterations"]
+    assert (first["prompts"], first["candidates"], first["judged"], first["detections"], first["pairs"]) == (
+        3,
+        3 * N,
+        3 * N,
+        6,
+        2,
+    )
+    assert first["lora"] == str(run_dir / "iterations" / "001" / "lora") and second["lora"] is None
+    assert first["eval"]["win_rate"] == 1.0 and second["eval"] is None
+    assert first["prompt_stats"]["dropped"] == {"near_duplicate": 2, "unparsable": 1}
+    assert st["validation_prompts"] == 2 and st["champion"] is None and st["heartbeat"] is None
+    assert "1/3 iterations, stage: train" in format_status(st)
+
+
+def test_unwritable_run_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    import ccsr.report
+
+    def refuse(path, text):  # a read-only run directory (this also holds for root, who may write anywhere)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    run = make_run(tmp_path / "giraffe")
+    monkeypatch.setattr(ccsr.report, "atomic_write_text", refuse)
+    assert main(["report", str(run)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ccsr: error:") and "check its permissions" in err and "\n" not in err
+    assert not (run / "report.html").exists()
