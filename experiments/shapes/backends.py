@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ccsr.config import resolve_data_path
 from ccsr.judge import JudgeAnswer
 from ccsr.questions import QuestionSet
-from ccsr.shapes import world
+from experiments.shapes import world
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,7 +39,7 @@ class GrammarPrompter:
     """Samples captions of the run's class from the world's grammar, as a numbered list like an LLM's.
 
     Held-out combinations (``world.is_held_out``) are never sampled: they are the validation prompts
-    (``prompter.validation_file``, written by ``python -m ccsr.shapes.proof``).
+    (``prompter.validation_file``, written by ``python -m experiments.shapes.proof``).
     """
 
     def __init__(self, cfg: Config):
