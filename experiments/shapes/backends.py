@@ -1,8 +1,8 @@
 """Role backends of the shapes world: a grammar prompter, a measuring judge, a measuring detector.
 
-They implement the same interfaces as the LLM, VLM and YOLO-World backends and are picked by name in a config
-(``prompter.backend: shapes``, ``judge.backend: shapes``, ``detector.backend: shapes``), so the loop, its run
-directory, the trainer, the evaluation and the gate run unchanged on this world.
+They implement the same interfaces as the LLM, VLM and YOLO-World backends and a config names them by import
+path (``judge.backend: experiments.shapes.backends:MeasuringJudge``, see ``configs/shapes.yaml``), so the loop,
+its run directory, the trainer, the evaluation and the gate run unchanged on this world.
 
 The judge answers the world's version of the ten questions (``prompts/questions_shapes.yaml``) by measuring
 the image; polarities, the Q3 dependency and eq. (1) scoring stay the loop's (``ccsr.questions.QuestionSet``).

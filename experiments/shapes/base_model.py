@@ -38,8 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bumped when the recipe or the training code changes what is trained, so a cached model is rebuilt, not
-# trusted. 4: diffusers' EMAModel (the first step copies the weights) and transformers' warm-up + cosine
-# schedule (lr 0 at step 0, cosine from the end of the warm-up) replaced hand-written ones.
+# trusted. 4: transformers' warm-up + cosine schedule (lr 0 at step 0, the cosine starting after the warm-up)
+# replaced a hand-written one. diffusers' EMAModel, which replaced a hand-written EMA at the same time, gives
+# the same weights bit for bit (its first step copies instead of averaging; that is gone within ~50 steps).
 VERSION = "4"
 MAX_LENGTH = 16  # tokens: the longest caption of the grammar is 10 with BOS/EOS; CLIP would use 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
