@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ccsr-installed
 CLASS ?= giraffe
 
-# Offline: the embedded tiny models are built locally; nothing is downloaded (FIELD-NOTES).
+# Offline: the embedded tiny models are built locally; nothing is downloaded.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export YOLO_OFFLINE := 1
@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 install: $(STAMP)
 
 # torch is pinned here (not in pyproject) so GPU users keep their own build: unpinned torch pulls
-# several GB of CUDA wheels, and torch 2.13 has no working torchvision on PyPI (FIELD-NOTES).
+# several GB of CUDA wheels, and torch 2.13 has no working torchvision on PyPI.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -33,11 +33,11 @@ test: install
 	$(PY) -m pytest -q -ra
 
 bench: install
-	TQDM_DISABLE=1 $(PY) -m ccsr.bench
+	TQDM_DISABLE=1 $(PY) -m benchmarks.run
 
 # The shapes world (docs/proof.md): base model trained from scratch, the loop and its ablations, the table.
 proof: install
-	$(PY) -m ccsr.shapes.proof --fresh --jobs 2
+	$(PY) -m experiments.shapes.proof --fresh --jobs 2
 
 # The demo plus the HTML report and, when Debian's chromium is installed, a screenshot of it.
 e2e: install
@@ -52,12 +52,12 @@ e2e: install
 	  echo "screenshot: runs/e2e-$(CLASS)/report/screenshot.png"; fi
 
 lint: install
-	$(VENV)/bin/ruff check ccsr tests
-	$(VENV)/bin/ruff format --check ccsr tests
+	$(VENV)/bin/ruff check ccsr tests benchmarks experiments
+	$(VENV)/bin/ruff format --check ccsr tests benchmarks experiments
 
 format: install
-	$(VENV)/bin/ruff format ccsr tests
-	$(VENV)/bin/ruff check --fix ccsr tests
+	$(VENV)/bin/ruff format ccsr tests benchmarks experiments
+	$(VENV)/bin/ruff check --fix ccsr tests benchmarks experiments
 
 clean:
 	rm -rf runs .cache .pytest_cache

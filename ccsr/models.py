@@ -27,8 +27,6 @@ BUILDERS = {
     "llava-next": "ccsr.tiny.llava:build_llava_next",
     "clip": "ccsr.tiny.clip:build_clip",
     "yolo-world": "ccsr.tiny.yolo:build_yolo_world",
-    # Not random: trained on the shapes world's rendered scenes (~10 min on 2 cores), see ccsr/shapes.
-    "shapes-sd": "ccsr.shapes.base_model:build_shapes_sd",
 }
 # Bumped when a builder changes so stale caches are rebuilt rather than trusted.
 BUILD_VERSION = "3"

@@ -11,8 +11,8 @@ from PIL import Image
 from ccsr.config import load_config, resolve_data_path
 from ccsr.prompter import collect_prompts
 from ccsr.questions import QuestionSet
-from ccsr.shapes import world
-from ccsr.shapes.backends import GrammarPrompter, MeasuringDetector, MeasuringJudge, RandomJudge
+from experiments.shapes import world
+from experiments.shapes.backends import GrammarPrompter, MeasuringDetector, MeasuringJudge, RandomJudge
 
 
 def _cfg(class_name: str = "triangle", *overrides: str):
@@ -127,7 +127,7 @@ def test_grammar_prompter_and_random_judge():
 
 
 def test_tokenizer_has_one_token_per_grammar_word():
-    from ccsr.shapes.base_model import build_tokenizer, vocabulary
+    from experiments.shapes.base_model import build_tokenizer, vocabulary
 
     tok = build_tokenizer()
     for word in vocabulary():
@@ -138,7 +138,7 @@ def test_tokenizer_has_one_token_per_grammar_word():
 @pytest.fixture(scope="session")
 def quick_base_model(tmp_path_factory):
     """A base model of the real architecture trained for a few steps (noise, but loadable and trainable)."""
-    from ccsr.shapes.base_model import BaseModelConfig, train_base_model
+    from experiments.shapes.base_model import BaseModelConfig, train_base_model
 
     out = tmp_path_factory.mktemp("shapes-base")
     train_base_model(
@@ -148,7 +148,7 @@ def quick_base_model(tmp_path_factory):
 
 
 def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
-    from ccsr.shapes.proof import main
+    from experiments.shapes.proof import main
 
     work = tmp_path / "proof"
     out = tmp_path / "docs" / "proof.md"
@@ -178,21 +178,59 @@ def test_base_model_saves_v_prediction_zero_terminal_snr(quick_base_model):
     assert float(sched.alphas_cumprod[-1]) < 1e-6
 
 
-def test_ema_follows_the_weights_and_swaps_back():
+def test_base_model_ends_with_the_ema_of_its_training_weights():
     import torch
 
-    from ccsr.shapes.base_model import EMA
+    from experiments.shapes import base_model as bm
 
-    p = torch.nn.Parameter(torch.zeros(3))
-    ema = EMA([p], decay=0.5)
-    with torch.no_grad():
-        p.fill_(1.0)
-    ema.update(step=100)  # past the warm-up: decay 0.5
-    assert torch.allclose(ema.shadow[0], torch.full((3,), 0.5))
-    ema.swap()
-    assert torch.allclose(p, torch.full((3,), 0.5)) and torch.allclose(ema.shadow[0], torch.ones(3))
-    ema.swap()
-    assert torch.allclose(p, torch.ones(3))
+    cfg = bm.BaseModelConfig(images=8, unet_steps=4, unet_batch_size=2, ema_decay=0.2)
+    tokenizer = bm.build_tokenizer()
+    text_encoder, _, unet = bm.build_parts(tokenizer, cfg.seed)
+    means, stds = torch.randn(8, 4, 16, 16), torch.full((8, 4, 16, 16), 0.1)
+    captions = ["two red squares on a white background"] * 8
+    weight = unet.conv_in.weight
+    live = []
+
+    def on_step(step, ema):
+        live.append(weight.detach().clone())
+
+    bm.train_unet(unet, text_encoder, tokenizer, means, stds, captions, 1.0, cfg, on_step=on_step)
+    assert len(live) == 4 and not torch.equal(live[-1], live[-2])
+    # diffusers' EMAModel: the first step copies the weights, then decay (1 + s) / (10 + s) capped at ema_decay
+    expected = live[0]
+    for s, w in enumerate(live[1:], start=1):
+        d = min(cfg.ema_decay, (1 + s) / (10 + s))
+        expected = d * expected + (1 - d) * w
+    assert torch.allclose(weight, expected, atol=1e-6)
+    assert not torch.allclose(weight, live[-1])
+
+
+def test_cached_base_model_trains_once_into_its_versioned_folder(tmp_path, monkeypatch):
+    from experiments.shapes import base_model as bm
+
+    calls = []
+
+    def train(out, cfg):  # bookkeeping only: the training itself is exercised by quick_base_model
+        calls.append(cfg)
+        out.mkdir(parents=True)
+        (out / "model_index.json").write_text("{}")
+
+    monkeypatch.setattr(bm, "train_base_model", train)
+    first = bm.cached_base_model(tmp_path)
+    assert first == tmp_path / f"shapes-sd-v{bm.VERSION}" and (first / "model_index.json").is_file()
+    assert bm.cached_base_model(tmp_path) == first and calls == [bm.BaseModelConfig()]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    # configs/shapes.yaml names the same folder, under the Makefile's cache, for a run by hand
+    assert load_config("configs/shapes.yaml").generator.model == f".cache/ccsr-tiny/{first.name}"
+
+    def broken(out, cfg):
+        out.mkdir(parents=True)
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(bm, "train_base_model", broken)
+    with pytest.raises(RuntimeError, match="killed"):
+        bm.cached_base_model(tmp_path / "other")
+    assert list((tmp_path / "other").iterdir()) == [tmp_path / "other" / f".{first.name}.lock"]
 
 
 def test_shapes_config_validation_prompts_fit_every_class():
@@ -205,7 +243,7 @@ def test_shapes_config_validation_prompts_fit_every_class():
 def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_model, tmp_path):
     from ccsr.cli import main as ccsr_main
     from ccsr.rundir import read_jsonl
-    from ccsr.shapes.proof import QUICK
+    from experiments.shapes.proof import QUICK
 
     run_dir = tmp_path / "run"
     sets = [*QUICK, "prompter.n_prompts=6", "detector.threshold=0", "judge.min_score=1"]
@@ -229,7 +267,7 @@ def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_mod
 def test_base_model_training_gives_the_thread_count_back(tmp_path):
     import torch
 
-    from ccsr.shapes.base_model import BaseModelConfig, train_base_model
+    from experiments.shapes.base_model import BaseModelConfig, train_base_model
 
     before = torch.get_num_threads()
     try:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ccsr.tiny.sd import torch_threads
-from ccsr.tiny.tokenizer import _SCENES, _STYLE, _SUBJECTS, build_tokenizer
+from ccsr.tiny.tokenizer import SCENES, STYLE, SUBJECTS, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _TIMES = ("sunset", "sunrise", "dawn", "dusk", "night", "golden hour", "midday")
 
 
 def _training_chats(rng: random.Random, n_chats: int) -> list[list[dict[str, str]]]:
-    subjects, scenes, lights = _SUBJECTS.split()[:30], _SCENES.split(), _STYLE.split()[:40]
+    subjects, scenes, lights = SUBJECTS.split()[:30], SCENES.split(), STYLE.split()[:40]
     chats = []
     for _ in range(n_chats):
         c = rng.choice(subjects)

@@ -42,7 +42,7 @@ def torch_threads(n: int = 1) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _byte_chars() -> list[str]:
+def byte_chars() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for the bytes 0-255 (GPT-2 / CLIP convention)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -64,7 +64,7 @@ def build_clip_tokenizer(out_dir: Path | None = None) -> CLIPTokenizer:
     """
     from transformers import CLIPTokenizer
 
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)

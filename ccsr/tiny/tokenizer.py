@@ -56,17 +56,17 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
-_SUBJECTS = (
+SUBJECTS = (
     "giraffe elephant zebra lion tiger cat dog horse cow sheep bear bird eagle owl parrot penguin fox wolf "
     "deer rabbit monkey dolphin whale shark fish turtle frog butterfly bee kangaroo koala panda camel "
     "person woman man child car bus truck train bicycle boat airplane bench chair table cup bottle"
 )
-_SCENES = (
+SCENES = (
     "savanna grassland forest jungle desert beach ocean river lake mountain snow field meadow city street "
     "park garden farm zoo market kitchen room studio sky sunset sunrise night dawn dusk clouds rain fog "
     "trees water sand rocks grass flowers background foreground landscape horizon"
 )
-_STYLE = (
+STYLE = (
     "photo photograph photorealistic realistic detailed close-up portrait wide shot angle view lens "
     "camera bokeh depth of field shallow focus sharp soft natural light lighting golden hour "
     "dramatic cinematic warm cool bright dark shadow high resolution 4k 8k DSLR 35mm 50mm 85mm f/1.8 "
@@ -105,7 +105,7 @@ _ANSWERS = (
 
 def corpus_lines() -> list[str]:
     """The training corpus: one text per line (no newlines inside, so a newline stays a byte token)."""
-    subjects, scenes, style = _SUBJECTS.split(), _SCENES.split(), _STYLE.split()
+    subjects, scenes, style = SUBJECTS.split(), SCENES.split(), STYLE.split()
     lines = list(_SENTENCES)
     lines += [" ".join(words) for words in (subjects, scenes, style)]
     # Numbered prompt lists, the prompter's output format ("1. ...", "2. ..."), with digits 0-9 in use.

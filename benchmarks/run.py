@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.judge import bench_judge
+from benchmarks.train import bench_train
 from ccsr.rundir import atomic_write_json, read_json
 
 RESULTS = Path("runs/bench/results.json")
@@ -19,7 +21,7 @@ RESULTS = Path("runs/bench/results.json")
 
 def bench_iteration() -> dict:
     """Wall time of each stage of one tiny iteration, and the share spent outside model calls."""
-    from ccsr.config import REPO_ROOT, load_config
+    from ccsr.config import REPO_ROOT, load_config, save_config
     from ccsr.loop import Loop
     from ccsr.models import is_embedded, resolve_model
     from ccsr.rundir import RunDir
@@ -36,8 +38,6 @@ def bench_iteration() -> dict:
         shutil.rmtree(root)
     run = RunDir(root)
     run.root.mkdir(parents=True)
-    from ccsr.config import save_config
-
     save_config(cfg, run.config_path)
     loop = Loop(cfg, run)
     start = time.perf_counter()
@@ -54,31 +54,22 @@ def bench_iteration() -> dict:
     }
 
 
-BENCHMARKS = {
-    "iteration": "ccsr.bench:bench_iteration",
-    "judge": "ccsr.bench_judge:bench_judge",
-    "train": "ccsr.bench_train:bench_train",
-}
+BENCHMARKS = {"iteration": bench_iteration, "judge": bench_judge, "train": bench_train}
 
 
 def main(argv: list[str] | None = None) -> int:
-    import importlib
-
     logging.basicConfig(level=logging.WARNING)
     names = (argv if argv is not None else sys.argv[1:]) or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r} (known: {', '.join(BENCHMARKS)})", file=sys.stderr)
+        return 2
     results = read_json(RESULTS, default={}) or {}
     for name in names:
-        module, func = BENCHMARKS[name].split(":")
-        try:
-            fn = getattr(importlib.import_module(module), func)
-        except (ImportError, AttributeError) as exc:
-            print(f"{name}: not available ({exc})")
-            continue
         print(f"== {name}", flush=True)
-        result = fn()
+        result = BENCHMARKS[name]()
         results[name] = result
         print(json.dumps(result, indent=2))
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(RESULTS, results)
     print(f"results: {RESULTS}")
     return 0

@@ -18,21 +18,30 @@ backgrounds well and counts only loosely; a judge that counts can pick the candi
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from filelock import FileLock
 
-from ccsr.shapes import world
+from experiments.shapes import world
 
 if TYPE_CHECKING:
+    import torch
     from transformers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
+# Bumped when the recipe or the training code changes what is trained, so a cached model is rebuilt, not
+# trusted. 4: transformers' warm-up + cosine schedule (lr 0 at step 0, the cosine starting after the warm-up)
+# replaced a hand-written one. diffusers' EMAModel, which replaced a hand-written EMA at the same time, gives
+# the same weights bit for bit (its first step copies instead of averaging; that is gone within ~50 steps).
+VERSION = "4"
 MAX_LENGTH = 16  # tokens: the longest caption of the grammar is 10 with BOS/EOS; CLIP would use 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VAE_CROP = 32
@@ -86,9 +95,9 @@ def build_tokenizer() -> CLIPTokenizer:
     byte-level characters, so any other text still tokenizes (character by character)."""
     from transformers import CLIPTokenizer
 
-    from ccsr.tiny.sd import _byte_chars
+    from ccsr.tiny.sd import byte_chars
 
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
     merges: list[tuple[str, str]] = []
 
@@ -251,7 +260,8 @@ def reconstruction_accuracy(vae, pixels: np.ndarray, truths: list[world.SceneSpe
 
 
 def encode_latents(vae, pixels: np.ndarray, batch_size: int = 256):
-    """(mean, std) of the VAE posterior of every image, computed once (FIELD-NOTES: caching pays off)."""
+    """(mean, std) of the VAE posterior of every image, computed once: the UNet steps then draw latents from
+    them instead of running the VAE encoder on every batch."""
     import torch
 
     means, stds = [], []
@@ -263,46 +273,60 @@ def encode_latents(vae, pixels: np.ndarray, batch_size: int = 256):
     return torch.cat(means), torch.cat(stds)
 
 
-class EMA:
-    """A shadow copy of some parameters, moved towards them after every step (with a warm-up: the
-    decay grows as (1 + step) / (10 + step) up to ``decay``)."""
+@dataclass
+class CaptionIds:
+    """Token ids of every training caption and of the empty caption (classifier-free guidance's dropout)."""
 
-    def __init__(self, params, decay: float):
-        self.params = list(params)
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay = decay
+    ids: torch.Tensor
+    empty: torch.Tensor
 
-    def update(self, step: int) -> None:
-        import torch
+    @classmethod
+    def of(cls, tokenizer, captions: list[str]) -> CaptionIds:
+        def tokenize(texts):
+            return tokenizer(
+                texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
 
-        d = min(self.decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+        return cls(ids=tokenize(captions), empty=tokenize([""])[0])
 
-    def swap(self) -> None:
-        """Exchange the live weights and the averaged ones (call twice to undo)."""
-        import torch
 
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow, strict=True):
-                tmp = p.detach().clone()
-                p.copy_(s)
-                s.copy_(tmp)
+def denoising_loss(unet, text_encoder, noise_scheduler, latents, ids, g, cfg: BaseModelConfig):
+    """SD's objective on one batch: predict the noise (epsilon) or the velocity (v) of a random timestep,
+    optionally Min-SNR weighted."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_snr
+
+    from ccsr.trainer import min_snr_weight
+
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, text_encoder(ids)[0]).sample
+    if cfg.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    if cfg.min_snr_gamma > 0:
+        snr = compute_snr(noise_scheduler, t)
+        per_sample = per_sample * min_snr_weight(snr, cfg.min_snr_gamma, cfg.prediction_type)
+    return per_sample.mean()
 
 
 def train_unet(
     unet, text_encoder, tokenizer, means, stds, captions, scaling_factor, cfg: BaseModelConfig, on_step=None
 ):
-    """The SD denoising objective (epsilon or v) on cached latents; the text encoder trains too. The models
-    end with their EMA weights if ``cfg.ema_decay`` is set. ``on_step(step, ema)`` is called after every
-    optimizer step (models in train mode; ``ema`` is the EMA or None, ``ema.swap()`` to look at it)."""
+    """The SD denoising objective on cached latents; the text encoder trains too. The models end with their
+    EMA weights if ``cfg.ema_decay`` is set (diffusers' ``EMAModel``: decay (1 + s) / (10 + s) capped at
+    ``ema_decay``, the first step copied). ``on_step(step, ema)`` is called after every optimizer step (models
+    in train mode, ``ema`` the EMAModel or None). Returns the mean loss of the last 250 steps."""
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
+    from diffusers.training_utils import EMAModel
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from ccsr.tiny.sd import sd2_scheduler
-    from ccsr.trainer import min_snr_weight
 
     noise_scheduler = DDPMScheduler.from_config(
         sd2_scheduler(cfg.prediction_type, cfg.zero_terminal_snr).config
@@ -311,20 +335,11 @@ def train_unet(
     rng = random.Random(f"dropout:{cfg.seed}")
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_learning_rate, weight_decay=1e-2)
+    # Linear warm-up, then a half cosine down to a tenth of the peak learning rate.
     warmup = min(200, cfg.unet_steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1.0, (s + 1) / warmup)
-            * (0.5 * (1 + np.cos(np.pi * min(s, cfg.unet_steps) / cfg.unet_steps)) * 0.9 + 0.1)
-        ),
-    )
-    ids = tokenizer(
-        captions, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-    )
-    ids = ids.input_ids
-    empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
-    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, cfg.unet_steps, min_lr_rate=0.1)
+    captions_ids = CaptionIds.of(tokenizer, captions)
+    ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay > 0 else None
     unet.train()
     text_encoder.train()
     losses: list[float] = []
@@ -332,24 +347,11 @@ def train_unet(
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, len(captions), (cfg.unet_batch_size,), generator=g)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling_factor
-        batch_ids = ids[idx].clone()
+        ids = captions_ids.ids[idx].clone()
         for row in range(len(idx)):
             if rng.random() < cfg.caption_dropout:
-                batch_ids[row] = empty
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=g)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        hidden = text_encoder(batch_ids)[0]
-        pred = unet(noisy, t, hidden).sample
-        if cfg.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma > 0:
-            snr = compute_snr(noise_scheduler, t)
-            per_sample = per_sample * min_snr_weight(snr, cfg.min_snr_gamma, cfg.prediction_type)
-        loss = per_sample.mean()
+                ids[row] = captions_ids.empty
+        loss = denoising_loss(unet, text_encoder, noise_scheduler, latents, ids, g, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -357,22 +359,22 @@ def train_unet(
         sched.step()
         losses.append(loss.item())
         if ema is not None:
-            ema.update(step)
+            ema.step(params)
         if on_step is not None:
             on_step(step + 1, ema)
         if step % 250 == 0 or step == cfg.unet_steps - 1:
-            recent = sum(losses[-250:]) / len(losses[-250:])
+            elapsed = time.perf_counter() - start
             logger.info(
-                "unet step %d/%d: loss %.4f (%.0f s)",
-                step + 1,
-                cfg.unet_steps,
-                recent,
-                time.perf_counter() - start,
+                "unet step %d/%d: loss %.4f (%.0f s)", step + 1, cfg.unet_steps, _recent(losses), elapsed
             )
     if ema is not None:
-        ema.swap()
+        ema.copy_to(params)
     unet.eval()
     text_encoder.eval()
+    return _recent(losses)
+
+
+def _recent(losses: list[float]) -> float:
     return sum(losses[-250:]) / len(losses[-250:])
 
 
@@ -425,9 +427,36 @@ def _train_base_model(out_dir: Path, cfg: BaseModelConfig) -> dict:
     return info
 
 
-def build_shapes_sd(out_dir: Path, seed: int = 0) -> None:
-    """``ccsr-tiny/shapes-sd``: the base model with the default recipe (a builder of ``ccsr.models.BUILDERS``)."""
-    train_base_model(out_dir, BaseModelConfig(seed=seed))
+def model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where the default-recipe base model lives (built or not): ``<cache>/shapes-sd-v<VERSION>``, the cache
+    being ``cache_dir``, else the one of the embedded tiny models (``$CCSR_CACHE``)."""
+    from ccsr.models import default_cache_dir
+
+    return Path(cache_dir or default_cache_dir()) / f"shapes-sd-v{VERSION}"
+
+
+def cached_base_model(cache_dir: str | Path | None = None) -> Path:
+    """The default-recipe base model's folder, trained into it first if it is not there (~25 min). Processes
+    that ask at the same time wait on a file lock; the folder appears whole (built beside it, then renamed)."""
+    out = model_dir(cache_dir)
+    done = out / ".built"
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if done.exists():
+            return out
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("training the shapes base model into %s", out)
+        try:
+            train_base_model(tmp, BaseModelConfig())
+            (tmp / ".built").write_text(VERSION, encoding="utf-8")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _parse_bool(text: str) -> bool:

@@ -1,8 +1,8 @@
 """Role backends of the shapes world: a grammar prompter, a measuring judge, a measuring detector.
 
-They implement the same interfaces as the LLM, VLM and YOLO-World backends and are picked by name in a config
-(``prompter.backend: shapes``, ``judge.backend: shapes``, ``detector.backend: shapes``), so the loop, its run
-directory, the trainer, the evaluation and the gate run unchanged on this world.
+They implement the same interfaces as the LLM, VLM and YOLO-World backends and a config names them by import
+path (``judge.backend: experiments.shapes.backends:MeasuringJudge``, see ``configs/shapes.yaml``), so the loop,
+its run directory, the trainer, the evaluation and the gate run unchanged on this world.
 
 The judge answers the world's version of the ten questions (``prompts/questions_shapes.yaml``) by measuring
 the image; polarities, the Q3 dependency and eq. (1) scoring stay the loop's (``ccsr.questions.QuestionSet``).
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ccsr.config import resolve_data_path
 from ccsr.judge import JudgeAnswer
 from ccsr.questions import QuestionSet
-from ccsr.shapes import world
+from experiments.shapes import world
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -39,7 +39,7 @@ class GrammarPrompter:
     """Samples captions of the run's class from the world's grammar, as a numbered list like an LLM's.
 
     Held-out combinations (``world.is_held_out``) are never sampled: they are the validation prompts
-    (``prompter.validation_file``, written by ``python -m ccsr.shapes.proof``).
+    (``prompter.validation_file``, written by ``python -m experiments.shapes.proof``).
     """
 
     def __init__(self, cfg: Config):

@@ -7,14 +7,18 @@ eq. (1) score of the measuring judge; win/tie/loss against the base per (prompt,
 (section 4, a tie when the scores are equal); and image diversity, to catch collapse. Writes the tables and a
 plot to ``docs/proof.md`` and to the work folder.
 
-    python -m ccsr.shapes.proof                    # resumes runs in runs/proof, reuses a cached base model
-    python -m ccsr.shapes.proof --fresh            # from scratch: base model, loop, ablations
-    python -m ccsr.shapes.proof --quick --base-model DIR --work-dir DIR --out DIR/proof.md   # CI smoke run
+    python -m experiments.shapes.proof            # resumes runs in runs/proof, reuses the cached base model
+    python -m experiments.shapes.proof --fresh    # from scratch: base model, loop, ablations
+    python -m experiments.shapes.proof --quick --base-model DIR --work-dir DIR --out DIR/proof.md  # smoke run
+
+The base model is ``base_model.cached_base_model()``'s folder (trained there the first time; with ``--fresh``
+in the work folder) unless ``--base-model`` names one; every run gets it as ``generator.model``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -26,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from ccsr.config import REPO_ROOT, load_config, resolve_data_path
-from ccsr.rundir import read_json, read_jsonl
-from ccsr.shapes import world
+from ccsr.rundir import Candidate, EvalRecord, Pair, PromptRecord, RunDir, read_json, read_records
+from experiments.shapes import world
+from experiments.shapes.base_model import cached_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ VARIANTS = {
     "ccsr": ("the full loop: judge, detector filter, gate", []),
     "no-judge": (
         "judge answers at random: the best-scored of the ten is a random pick",
-        ["judge.backend=ccsr.shapes.backends:RandomJudge"],
+        ["judge.backend=experiments.shapes.backends:RandomJudge"],
     ),
     "no-detector": ("detector threshold 0: no image is filtered out", ["detector.threshold=0"]),
     "no-gate": ("every LoRA is accepted, better or not", ["gate.enabled=false"]),
@@ -66,7 +71,7 @@ class Settings:
     work_dir: Path = REPO_ROOT / "runs" / "proof"
     out: Path = REPO_ROOT / "docs" / "proof.md"
     config: Path = CONFIG
-    base_model: str | None = None  # a folder; default: the config's ccsr-tiny/shapes-sd (built and cached)
+    base_model: str | None = None  # a folder; default: base_model.cached_base_model() (trained once, cached)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     overrides: list[str] = field(default_factory=list)
     fresh: bool = False
@@ -89,8 +94,7 @@ def run_variant(s: Settings, name: str) -> tuple[Path, float]:
     run_dir = s.work_dir / name
     overrides = list(s.overrides) + VARIANTS[name][1]
     overrides.append(f"prompter.validation_file={s.work_dir / f'validation-{s.class_name}.txt'}")
-    if s.base_model:
-        overrides.append(f"generator.model={s.base_model}")
+    overrides.append(f"generator.model={s.base_model}")
     cache = _model_cache(s)
     if cache is not None:
         overrides.append(f"model_cache={cache}")
@@ -113,15 +117,12 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def build_base(s: Settings) -> tuple[str, float]:
-    """The base model's folder, built (trained) first if needed; returns it and the seconds spent."""
-    from ccsr.models import resolve_model
-
+def build_base(s: Settings) -> tuple[Path, float]:
+    """The base model's folder, trained first if it is not cached yet; returns it and the seconds spent."""
     if s.base_model:
-        return s.base_model, 0.0
-    cfg = load_config(s.config)
+        return Path(s.base_model), 0.0
     start = time.perf_counter()
-    path = resolve_model(cfg.generator.model, _model_cache(s))
+    path = cached_base_model(_model_cache(s))
     return path, time.perf_counter() - start
 
 
@@ -134,7 +135,7 @@ class Scorer:
 
     def __init__(self, s: Settings):
         from ccsr.questions import QuestionSet
-        from ccsr.shapes.backends import MeasuringJudge
+        from experiments.shapes.backends import MeasuringJudge
 
         cfg = load_config(s.config, class_name=s.class_name)
         self.judge = MeasuringJudge(cfg)
@@ -205,49 +206,67 @@ def _count_by_n(rows: list[dict]) -> dict[int, float | None]:
     return out
 
 
+def _mean(rows: list[dict], key: str) -> float | None:
+    return round(float(np.mean([r[key] for r in rows])), 4) if rows else None
+
+
+def measure_eval(run: RunDir, k: int, scorer: Scorer) -> dict[str, dict]:
+    """Iteration k's evaluation images measured, summarised per LoRA scale against the base (scale 0)."""
+    records = read_records(run.iteration_dir(k) / "eval" / "records.jsonl", EvalRecord)
+    rows = [
+        {"prompt_id": r.prompt_id, "prompt": r.prompt, "seed": r.seed, "scale": float(r.scale)}
+        | scorer(run.root / r.path, r.prompt)
+        for r in records
+    ]
+    base = {(r["prompt_id"], r["seed"]): r for r in rows if r["scale"] == 0.0}
+    return {
+        f"{scale:g}": _summary([r for r in rows if r["scale"] == scale], base)
+        for scale in sorted({r["scale"] for r in rows})
+    }
+
+
+def measure_selection(run: RunDir, k: int, scorer: Scorer) -> dict:
+    """Are iteration k's chosen pairs better than the candidates they were chosen from?"""
+    files = run.files(k)
+    prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
+    cands = [
+        {"prompt": prompts[c.prompt_id]} | scorer(run.root / c.path, prompts[c.prompt_id])
+        for c in read_records(files["candidates"], Candidate)
+    ]
+    pairs = [
+        {"prompt": p.prompt} | scorer(run.root / p.path, p.prompt) for p in read_records(files["pairs"], Pair)
+    ]
+    return {
+        "prompts": len(prompts),
+        "pairs": len(pairs),
+        "candidates_count": _mean(cands, "count"),
+        "candidates_exact": _mean(cands, "exact"),
+        "pairs_count": _mean(pairs, "count"),
+        "pairs_exact": _mean(pairs, "exact"),
+        "candidates_count_by_n": _count_by_n(cands),
+        "pairs_by_n": {
+            n: sum(world.parse_caption(p["prompt"]).count == n for p in pairs) for n in world.COUNTS
+        },
+    }
+
+
 def measure_run(run_dir: Path, scorer: Scorer) -> dict:
-    """Per iteration: eval metrics per LoRA scale, the selection's quality, the gate's decision."""
-    champion = read_json(run_dir / "champion.json", default={}) or {}
-    gate = {h["iteration"]: h for h in champion.get("history", [])}
-    result = {"iterations": {}, "champion": champion.get("champion", {})}
-    for it_dir in sorted(run_dir.glob("iterations/[0-9][0-9][0-9]")):
-        k = int(it_dir.name)
-        entry: dict = {"gate": gate.get(k)}
-        records = read_jsonl(it_dir / "eval" / "records.jsonl")
-        if records:
-            rows = []
-            for r in records:
-                rows.append({**r, **scorer(run_dir / r["path"], r["prompt"])})
-            base_rows = [r for r in rows if float(r["scale"]) == 0.0]
-            base = {(r["prompt_id"], r["seed"]): r for r in base_rows}
-            entry["scales"] = {
-                f"{scale:g}": _summary([r for r in rows if float(r["scale"]) == scale], base)
-                for scale in sorted({float(r["scale"]) for r in rows})
-            }
-        # Selection: are the chosen pairs better than the candidates they were chosen from?
-        prompts = {p["id"]: p["prompt"] for p in read_jsonl(it_dir / "prompts.jsonl")}
-        cands = [
-            {"prompt": prompts[c["prompt_id"]], **scorer(run_dir / c["path"], prompts[c["prompt_id"]])}
-            for c in read_jsonl(it_dir / "candidates.jsonl")
-        ]
-        pairs = [
-            {"prompt": p["prompt"], **scorer(run_dir / p["path"], p["prompt"])}
-            for p in read_jsonl(it_dir / "pairs.jsonl")
-        ]
-        entry["selection"] = {
-            "prompts": len(prompts),
-            "pairs": len(pairs),
-            "candidates_count": round(float(np.mean([c["count"] for c in cands])), 4) if cands else None,
-            "candidates_exact": round(float(np.mean([c["exact"] for c in cands])), 4) if cands else None,
-            "pairs_count": round(float(np.mean([p["count"] for p in pairs])), 4) if pairs else None,
-            "pairs_exact": round(float(np.mean([p["exact"] for p in pairs])), 4) if pairs else None,
-            "candidates_count_by_n": _count_by_n(cands),
-            "pairs_by_n": {
-                n: sum(world.parse_caption(p["prompt"]).count == n for p in pairs) for n in world.COUNTS
-            },
+    """Per iteration: eval metrics per LoRA scale (empty when no LoRA was trained), the selection's quality,
+    the gate's decision; and the champion after the last iteration."""
+    run = RunDir(run_dir)
+    state = read_json(run.champion_path)
+    if state is None:
+        raise RuntimeError(f"{run.champion_path}: missing or damaged; the run's gate never ran")
+    gate = {h["iteration"]: h for h in state["history"]}
+    iterations = {
+        k: {
+            "gate": gate.get(k),
+            "scales": measure_eval(run, k, scorer),
+            "selection": measure_selection(run, k, scorer),
         }
-        result["iterations"][k] = entry
-    return result
+        for k in run.iterations()
+    }
+    return {"iterations": iterations, "champion": state["champion"]}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,7 +294,7 @@ HEADER = (
 def final_model(measured: dict) -> tuple[str, dict | None]:
     """The champion after the last iteration, at its accepted scale (None: the gate kept the base)."""
     champ = measured["champion"]
-    if not champ or champ.get("iteration") is None:
+    if champ["iteration"] is None:
         return "base (no LoRA accepted)", None
     k, scale = champ["iteration"], float(champ["scale"])
     return f"iteration {k} LoRA at scale {scale:g}", measured["iterations"][k]["scales"][f"{scale:g}"]
@@ -291,7 +310,7 @@ def plot(results: dict, path: Path) -> None:
     for ax, metric, title in ((axes[0], "count", "count right (%)"), (axes[1], "exact", "all right (%)")):
         base = None
         for name, measured in results.items():
-            its = sorted(k for k, e in measured["iterations"].items() if "scales" in e)
+            its = sorted(k for k, e in measured["iterations"].items() if e["scales"])
             if not its:
                 continue
             top = max(float(s) for s in measured["iterations"][its[0]]["scales"])
@@ -310,34 +329,25 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(
-    s: Settings,
-    results: dict,
-    timings: dict,
-    path: Path,
-    plot_name: str | None,
-    base_info: dict | None = None,
-) -> str:
-    cfg = load_config(s.config, s.overrides)
-    evaluated = [e for m in results.values() for _, e in sorted(m["iterations"].items()) if "scales" in e]
-    if not evaluated:
-        raise RuntimeError(
-            "no iteration of any variant was evaluated (no pairs, so no LoRA): nothing to compare"
-        )
-    base = evaluated[0]["scales"]["0"]
-    lines = [
+def _setup_lines(s: Settings, cfg, base: dict) -> list[str]:
+    return [
         "# Does the loop improve the model? Measured on the shapes world",
         "",
-        "Generated by `python -m ccsr.shapes.proof` (`make proof`); every number below is measured, on held-out",
-        f"validation prompts of class **{s.class_name}** ({base['n']} images per row: "
+        "Generated by `python -m experiments.shapes.proof` (`make proof`); every number below is measured, on "
+        f"held-out validation prompts of class **{s.class_name}** ({base['n']} images per row: "
         f"{len(cfg.evaluator.seeds)} fixed seeds per prompt), against the world's ground truth. "
-        "The world, its base model and its backends are described in `ccsr/shapes/` and `configs/shapes.yaml`.",
+        "The world, its base model and its backends are described in `experiments/shapes/` and "
+        "`configs/shapes.yaml`.",
         "",
         f"Setup: {s.iterations} iterations, {cfg.prompter.n_prompts} prompts per iteration, "
         f"N={cfg.generator.num_candidates} candidates, detector threshold {cfg.detector.threshold}, "
         f"LoRA rank {cfg.trainer.rank} lr {cfg.trainer.learning_rate:g} {cfg.trainer.epochs} epochs, "
         f"gate on `{cfg.gate.metric}`, eval scales {cfg.evaluator.scales}.",
-        "",
+    ]
+
+
+def _final_lines(results: dict, base: dict) -> list[str]:
+    lines = [
         "## The final model of each variant against the base",
         "",
         "The final model is the gate's champion after the last iteration, at the scale it was accepted at.",
@@ -348,46 +358,53 @@ def write_report(
     for name, measured in results.items():
         label, m = final_model(measured)
         lines.append(_row(f"{name}: {label}", m) if m else f"| {name}: {label} | = base | | | | | | |")
-    lines += ["", "## Verdict", ""]
+    return lines
+
+
+def _change(m: dict, base: dict, key: str, what: str, unit: int) -> str:
+    """One measure of the final model against the base, with its bootstrap interval and what it says."""
+    lo, hi = m[f"{key}_delta_ci"]
+    delta = unit * (m[key] - base[key])
+    sign = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
+    points, d = (" points", 1) if unit == 100 else ("", 2)
+    return f"{what} {delta:+.{d}f}{points} (95% CI {unit * lo:+.{d}f} to {unit * hi:+.{d}f}: {sign})"
+
+
+def _verdict_lines(results: dict, base: dict) -> list[str]:
+    lines = ["## Verdict", ""]
     for name, measured in results.items():
         label, m = final_model(measured)
         if m is None:
             lines.append(f"- **{name}**: the gate accepted no LoRA; the final model is the base.")
             continue
-        parts = []
-        for key, what, unit in (
-            ("score", "eq. 1 score", 1),
-            ("exact", "all right", 100),
-            ("count", "count right", 100),
-        ):
-            lo, hi = m[f"{key}_delta_ci"]
-            delta = unit * (m[key] - base[key])
-            sign = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
-            points, d = (" points", 1) if unit == 100 else ("", 2)
-            parts.append(
-                f"{what} {delta:+.{d}f}{points} (95% CI {unit * lo:+.{d}f} to {unit * hi:+.{d}f}: {sign})"
-            )
+        measures = (("score", "eq. 1 score", 1), ("exact", "all right", 100), ("count", "count right", 100))
+        parts = [_change(m, base, key, what, unit) for key, what, unit in measures]
         lines.append(f"- **{name}** ({label}): " + "; ".join(parts) + ".")
-    lines += [
+    return lines + [
         "",
         "Intervals: bootstrap over the (prompt, seed) pairs of the evaluation, paired with the base's image of "
         "the same prompt and seed.",
-        "",
-        "## Every iteration at every LoRA scale",
-        "",
     ]
+
+
+def _iteration_lines(results: dict) -> list[str]:
+    lines = ["## Every iteration at every LoRA scale", ""]
     for name, measured in results.items():
         lines += [f"### {name}: {VARIANTS[name][0]}", "", HEADER]
         for k, e in sorted(measured["iterations"].items()):
-            for scale, m in e.get("scales", {}).items():
-                if scale != "0":
-                    lines.append(_row(f"iteration {k}, scale {scale}", m))
-            g = e.get("gate")
+            lines += [
+                _row(f"iteration {k}, scale {scale}", m) for scale, m in e["scales"].items() if scale != "0"
+            ]
+            g = e["gate"]
             if g:
                 verdict = "accepted" if g["accepted"] else "rejected"
-                lines.append(f"| gate after iteration {k}: {verdict} ({g.get('reason', '')}) | | | | | | | |")
+                lines.append(f"| gate after iteration {k}: {verdict} ({g['reason']}) | | | | | | | |")
         lines.append("")
-    lines += [
+    return lines
+
+
+def _selection_lines(results: dict) -> list[str]:
+    lines = [
         "## Selection: are the chosen pairs better than the candidates?",
         "",
         "| variant | iteration | prompts | pairs | candidates count % | pairs count % | candidates all right % "
@@ -401,8 +418,11 @@ def write_report(
                 f"| {name} | {k} | {sel['prompts']} | {sel['pairs']} | {_pct(sel['candidates_count'])} "
                 f"| {_pct(sel['pairs_count'])} | {_pct(sel['candidates_exact'])} | {_pct(sel['pairs_exact'])} |"
             )
-    lines += [
-        "",
+    return lines
+
+
+def _count_by_n_lines(results: dict, base: dict) -> list[str]:
+    lines = [
         "### Count right, by the number the prompt asks for",
         "",
         "Candidates: share of the ten drawn per prompt with the right count (best-of-10 can only pick what "
@@ -427,29 +447,55 @@ def write_report(
             lines.append(
                 f"| {name}: {label} | " + " | ".join(_pct(m["count_by_n"][n]) for n in world.COUNTS) + " |"
             )
-    if plot_name:
-        lines += ["", f"![count and all-right accuracy by iteration]({plot_name})"]
-    lines += ["", "## Time", ""]
-    lines += [f"- {k}: {v / 60:.1f} min" for k, v in timings.items()]
+    return lines
+
+
+def _time_lines(timings: dict, base_info: dict | None) -> list[str]:
+    lines = ["## Time", ""] + [f"- {k}: {v / 60:.1f} min" for k, v in timings.items()]
     if base_info:
         secs = base_info["seconds"]
         c = base_info["config"]
-        lines += [
+        lines.append(
             f"- base model training, from its record: {sum(secs.values()) / 60:.1f} min (render "
             f"{secs['render']:.0f} s, VAE {secs['vae']:.0f} s, UNet {secs['unet']:.0f} s; {c['images']} scenes, "
             f"{c['vae_steps']} VAE and {c['unet_steps']} UNet steps, {c['threads']} thread(s), count label noise "
             f"{c['count_label_noise']}); its VAE round trip keeps {100 * base_info['vae_reconstruction_exact']:.0f}% "
             "of scenes measurably exact"
-        ]
-    lines += [
-        "",
-        "Columns: *count/colour/background %*: share of images whose measured count (objects of the "
-        "class), colour or background equals the prompt's; *all right*: all three and no other shape; "
-        "*eq. 1 score*: the measuring judge's mean score (max 10); *win/tie/loss*: per (prompt, seed) "
-        "against the same seed at scale 0; *diversity*: mean absolute pixel difference between the seeds "
-        "of a prompt (a collapsed model tends to 0).",
-        "",
-    ]
+        )
+    return lines
+
+
+COLUMNS = (
+    "Columns: *count/colour/background %*: share of images whose measured count (objects of the "
+    "class), colour or background equals the prompt's; *all right*: all three and no other shape; "
+    "*eq. 1 score*: the measuring judge's mean score (max 10); *win/tie/loss*: per (prompt, seed) "
+    "against the same seed at scale 0; *diversity*: mean absolute pixel difference between the seeds "
+    "of a prompt (a collapsed model tends to 0)."
+)
+
+
+def write_report(
+    s: Settings,
+    results: dict,
+    timings: dict,
+    path: Path,
+    plot_name: str | None,
+    base_info: dict | None = None,
+) -> str:
+    """docs/proof.md: setup, the final models against the base, verdict, every iteration, selection, time."""
+    cfg = load_config(s.config, s.overrides)
+    evaluated = [e for m in results.values() for _, e in sorted(m["iterations"].items()) if e["scales"]]
+    if not evaluated:
+        raise RuntimeError(
+            "no iteration of any variant was evaluated (no pairs, so no LoRA): nothing to compare"
+        )
+    base = evaluated[0]["scales"]["0"]
+    lines = _setup_lines(s, cfg, base) + [""] + _final_lines(results, base) + [""]
+    lines += _verdict_lines(results, base) + [""] + _iteration_lines(results)
+    lines += _selection_lines(results) + [""] + _count_by_n_lines(results, base)
+    if plot_name:
+        lines += ["", f"![count and all-right accuracy by iteration]({plot_name})"]
+    lines += [""] + _time_lines(timings, base_info) + ["", COLUMNS, ""]
     text = "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -459,20 +505,9 @@ def write_report(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def prove(s: Settings) -> dict:
-    started = time.perf_counter()
-    if s.fresh and s.work_dir.exists():
-        shutil.rmtree(s.work_dir)
-    s.work_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    # Config and validation prompts first: a bad setting fails in a second, not after the base model's training.
-    cfg = load_config(s.config, s.overrides)
-    val = world.validation_captions(s.class_name, cfg.prompter.n_validation)
-    base_path, timings["base model (build or cache)"] = build_base(s)
-    base_info = read_json(Path(base_path) / "shapes_base_model.json", default=None)
-    (s.work_dir / f"validation-{s.class_name}.txt").write_text("\n".join(val) + "\n", encoding="utf-8")
+def run_variants(s: Settings, timings: dict[str, float]) -> dict[str, Path]:
+    """Every variant's loop, ``s.jobs`` side by side; their run folders (the seconds each took go to timings)."""
     run_dirs = {}
-    t = time.perf_counter()
     if s.jobs > 1 and len(s.variants) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -488,22 +523,35 @@ def prove(s: Settings) -> dict:
     else:
         for name in s.variants:
             run_dirs[name], timings[f"loop, {name}"] = run_variant(s, name)
+    return run_dirs
+
+
+def prove(s: Settings) -> dict:
+    started = time.perf_counter()
+    if s.fresh and s.work_dir.exists():
+        shutil.rmtree(s.work_dir)
+    s.work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    # Config and validation prompts first: a bad setting fails in a second, not after the base model's training.
+    cfg = load_config(s.config, s.overrides)
+    val = world.validation_captions(s.class_name, cfg.prompter.n_validation)
+    base_path, timings["base model (build or cache)"] = build_base(s)
+    s = dataclasses.replace(s, base_model=str(base_path))
+    base_info = read_json(base_path / "shapes_base_model.json", default=None)
+    (s.work_dir / f"validation-{s.class_name}.txt").write_text("\n".join(val) + "\n", encoding="utf-8")
+    t = time.perf_counter()
+    run_dirs = run_variants(s, timings)
     timings[f"loops, wall clock ({s.jobs} side by side)"] = time.perf_counter() - t
     scorer = Scorer(s)
     t = time.perf_counter()
     results = {name: measure_run(d, scorer) for name, d in run_dirs.items()}
     timings["measuring"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
-    plot_name = None
-    try:
-        plot(results, s.work_dir / "proof.png")
-        plot_name = "proof.png"
-        if s.out.parent.resolve() != s.work_dir.resolve():
-            s.out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(s.work_dir / "proof.png", s.out.parent / "proof.png")
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot")
-    text = write_report(s, results, timings, s.out, plot_name, base_info)
+    plot(results, s.work_dir / "proof.png")
+    if s.out.parent.resolve() != s.work_dir.resolve():
+        s.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(s.work_dir / "proof.png", s.out.parent / "proof.png")
+    text = write_report(s, results, timings, s.out, "proof.png", base_info)
     (s.work_dir / "proof.md").write_text(text, encoding="utf-8")
     (s.work_dir / "proof.json").write_text(
         json.dumps({"results": results, "timings": timings}, indent=1, default=str), encoding="utf-8"
@@ -513,14 +561,16 @@ def prove(s: Settings) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ccsr.shapes.proof", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.shapes.proof", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--class", dest="class_name", default=Settings.class_name, choices=world.CLASSES)
     parser.add_argument("--iterations", type=int, default=Settings.iterations)
     parser.add_argument("--work-dir", type=Path, default=Settings.work_dir)
     parser.add_argument("--out", type=Path, default=Settings.out)
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument(
-        "--base-model", help="a trained base model folder (default: build ccsr-tiny/shapes-sd)"
+        "--base-model", help="a trained base model folder (default: the cached one, trained first if missing)"
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument(

@@ -1,0 +1,1 @@
+"""Experiments built on the ccsr loop (not part of the installed package): the shapes world and its proof run."""
