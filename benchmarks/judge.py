@@ -60,15 +60,22 @@ def _prefix_reuse(judge, image, questions):
     return judge.answer([image], [questions])[0]
 
 
-def _timed(fn, images, questions) -> tuple[float, list]:
+def _timed(paths: dict, images, questions) -> dict[str, tuple[float, list]]:
+    """Images per second and answers of each path. The paths take turns image by image, so that a change of the
+    (shared, noisy) machine's load during the run falls on all of them alike: the ratios are what carry over."""
     import torch
 
+    elapsed = dict.fromkeys(paths, 0.0)
+    results: dict[str, list] = {name: [] for name in paths}
     with torch.inference_mode():
-        fn(images[0], questions)  # warm-up: the first call is several times slower
-        start = time.perf_counter()
-        results = [fn(image, questions) for image in images]
-        elapsed = time.perf_counter() - start
-    return len(images) / elapsed, results
+        for fn in paths.values():
+            fn(images[0], questions)  # warm-up: the first call is several times slower
+        for image in images:
+            for name, fn in paths.items():
+                start = time.perf_counter()
+                results[name].append(fn(image, questions))
+                elapsed[name] += time.perf_counter() - start
+    return {name: (len(images) / elapsed[name], results[name]) for name in paths}
 
 
 def _timed_batch(judge, images, questions) -> tuple[float, list]:
@@ -84,7 +91,7 @@ def _timed_batch(judge, images, questions) -> tuple[float, list]:
 
 def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (3,)) -> dict:
     """Images per second of (a) per-question generate, (b) batched full sequences, (c) prefix reuse one image
-    at a time, and (c) with the vision tower batched over ``image_batch_sizes`` images."""
+    at a time, and (d) prefix reuse with the vision tower batched over ``image_batch_sizes`` images."""
     from ccsr.config import Config, resolve_data_path
     from ccsr.judge import TransformersJudge
     from ccsr.questions import QuestionSet
@@ -99,11 +106,13 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
         judge = TransformersJudge(cfg)
         try:
             n_tokens = judge._encode(images[0], questions[:1])[0][0].count(judge.image_token_id)
-            rate_generate, generated = _timed(
-                lambda im, qs: _per_question_generate(judge, im, qs), images, questions
-            )
-            rate_batched, batched = _timed(lambda im, qs: _batched_full(judge, im, qs), images, questions)
-            rate_fast, fast = _timed(lambda im, qs: _prefix_reuse(judge, im, qs), images, questions)
+            paths = {
+                "generate": lambda im, qs: _per_question_generate(judge, im, qs),
+                "batched": lambda im, qs: _batched_full(judge, im, qs),
+                "fast": lambda im, qs: _prefix_reuse(judge, im, qs),
+            }
+            timed = _timed(paths, images, questions)
+            (rate_generate, generated), (rate_batched, batched), (rate_fast, fast) = timed.values()
         finally:
             judge.close()
         image_batched = {}

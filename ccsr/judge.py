@@ -98,9 +98,8 @@ class PrefixPlan(NamedTuple):
 
     prefix: torch.Tensor  # [1, P] ids shared by every prompt, the image token expanded
     suffixes: list[list[int]]  # each question's remaining ids (at least one)
-    image_inputs: dict[
-        str, torch.Tensor
-    ]  # the processed image: pixel_values [1, crops, 3, H, W], image_sizes
+    # The processed image: pixel_values [1, crops, 3, H, W] and image_sizes [1, 2].
+    image_inputs: dict[str, torch.Tensor]
 
 
 class TransformersJudge:
@@ -151,7 +150,8 @@ class TransformersJudge:
         self._answer_ids = torch.cat([self._yes, self._no])
         attn = getattr(self.model.config.text_config, "_attn_implementation", None) or "sdpa"
         self.suffix_strategy = suffix_strategy or ("packed" if attn in ("sdpa", "eager") else "batched")
-        self._exact_processor: bool | None = None  # None until the first image is checked (see _encode)
+        # Whether the processor's own encoding is used (ours differs); None until the first image (see _encode).
+        self._use_processor_encoding: bool | None = None
         # transformers 5 installs its hidden-state capturing hooks on the vision layers at the tower's first
         # forward; run one stock forward now so that they exist on every layer before _image_features runs the
         # tower with a shortened layer list (otherwise the stock path later misses the last layer's output).
@@ -200,7 +200,7 @@ class TransformersJudge:
         """Token ids of every full prompt (image tokens expanded) and the processed image, preprocessing the
         image once. The first image a judge sees is also encoded by the processor itself; if the two
         encodings ever differ, the judge uses the processor for every question from then on."""
-        if self._exact_processor:
+        if self._use_processor_encoding:
             prompts = [self.build_prompt(q) for q in questions]
             add_special = self._add_special_tokens(prompts[0])
             encoded = [self.processor(images=image, text=p, add_special_tokens=add_special) for p in prompts]
@@ -213,13 +213,13 @@ class TransformersJudge:
             [t for tok in row for t in ([tok] * n_image if tok == self.image_token_id else [tok])]
             for row in self._tokenize(questions)
         ]
-        if self._exact_processor is None:
+        if self._use_processor_encoding is None:
             prompt = self.build_prompt(questions[0])
             reference = self.processor(
                 images=image, text=prompt, add_special_tokens=self._add_special_tokens(prompt)
             )
-            self._exact_processor = list(reference["input_ids"][0]) != ids[0]
-            if self._exact_processor:
+            self._use_processor_encoding = list(reference["input_ids"][0]) != ids[0]
+            if self._use_processor_encoding:
                 logger.warning("judge: own prompt encoding differs from the processor's; using the processor")
                 return self._encode(image, questions)
         return ids, image_inputs
@@ -235,9 +235,9 @@ class TransformersJudge:
         boundary)."""
         import torch
 
-        if self._exact_processor is None:
+        if self._use_processor_encoding is None:
             self._encode(image, questions[:1])  # decides once whether our own encoding is exact
-        if self._exact_processor:
+        if self._use_processor_encoding:
             return None
         rows = self._tokenize(questions)
         first = rows[0]
