@@ -1,20 +1,26 @@
 """The judge: a VLM answers the yes/no questions of the question set (``ccsr.questions``) about every image.
 
 ``TransformersJudge`` runs LLaVA-Next. Its default ``logits`` mode reads the answer from the next-token
-probabilities of the Yes/No tokens, and encodes each image only once per image: the image and the prompt text
-before the question form a shared prefix whose KV cache is reused by all questions of that image (on the real
-v1.6 geometry the image is ~2,900 of the ~2,950 tokens of a question, so this saves ~90% of the work). The
-prefix is found on the prompts' ids before the image token is expanded, the vision tower stops at the layer
-LLaVA reads, and the LLM takes the image features as ``inputs_embeds``; ``image_batch_size`` images can share
-one vision-tower call (no gain on CPU, see ``bench_judge``).
+probabilities of the Yes/No tokens, and encodes each image only once: the image and the prompt text before the
+question form a shared prefix whose KV cache is reused by all questions of that image (on the real v1.6
+geometry the image is ~2,900 of the ~2,950 tokens of a question, so this saves ~90% of the work). Then every
+question's suffix is read from that cache in one forward:
+
+- ``suffix_strategy="packed"`` (eager and SDPA attention): all suffixes in ONE row with a block-diagonal
+  causal mask, positions restarting at the prefix length;
+- ``suffix_strategy="batched"`` (attention kernels that take no arbitrary mask, e.g. flash attention): one
+  row per question over the prefix cache repeated per row.
+
+When the judge's own prompt encoding differs from the processor's, or the image is not in the shared prefix,
+it falls back to the full forward of every question (``_full_forward``, also the benchmark's baseline). The
+``generate`` mode decodes free text instead. Throughput of each path: ``benchmarks/judge.py``.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ccsr.questions import parse_answer
 
@@ -25,6 +31,8 @@ if TYPE_CHECKING:
     from ccsr.config import Config
 
 logger = logging.getLogger(__name__)
+
+SUFFIX_STRATEGIES = ("packed", "batched")
 
 
 @dataclass
@@ -64,19 +72,61 @@ def llava_prompt(processor: Any, question: str) -> str:
     return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
 
 
-class TransformersJudge:
-    """LLaVA-Next (``LlavaNextForConditionalGeneration``) answering yes/no questions about images."""
+def packed_suffix_layout(
+    lengths: list[int], n_prefix: int, dtype: torch.dtype, device: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Position ids [1, S], additive attention mask [1, 1, S, n_prefix + S] and last-token indices [n] of
+    suffixes of these lengths packed into one row of S tokens after an ``n_prefix``-token cache.
 
-    def __init__(self, cfg: Config):
+    Each suffix token sees the whole prefix and the earlier tokens of its own suffix, at the rotary position it
+    has in that question's full sequence (restarting at ``n_prefix``). Both the eager and the SDPA kernels add
+    the mask to the attention scores. Every tensor is built on ``device`` (counts included)."""
+    import torch
+
+    counts = torch.tensor(lengths, device=device)
+    seq = torch.repeat_interleave(counts)  # the suffix each packed token belongs to
+    starts = counts.cumsum(0) - counts
+    local = torch.arange(len(seq), device=device) - starts[seq]
+    allowed = (seq[:, None] == seq[None, :]) & (local[None, :] <= local[:, None])
+    mask = torch.zeros(len(seq), n_prefix + len(seq), dtype=dtype, device=device)
+    mask[:, n_prefix:].masked_fill_(~allowed, torch.finfo(dtype).min)
+    return (local + n_prefix)[None], mask[None, None], starts + counts - 1
+
+
+class PrefixPlan(NamedTuple):
+    """One image's questions split for prefix reuse."""
+
+    prefix: torch.Tensor  # [1, P] ids shared by every prompt, the image token expanded
+    suffixes: list[list[int]]  # each question's remaining ids (at least one)
+    # The processed image: pixel_values [1, crops, 3, H, W] and image_sizes [1, 2].
+    image_inputs: dict[str, torch.Tensor]
+
+
+class TransformersJudge:
+    """LLaVA-Next (``LlavaNextForConditionalGeneration``) answering yes/no questions about images.
+
+    ``suffix_strategy``: "packed", "batched" or None (packed when the attention implementation is eager or
+    SDPA, which add an arbitrary mask to the scores; batched otherwise). ``image_batch_size``: images whose
+    crops go through the vision tower in one call. On a 2-core CPU batching gains nothing (tiny v1.6 model:
+    1 -> 3 images per call gave 7.15 -> 7.19 and 7.00 -> 6.69 images/s), so the default keeps memory flat; on a
+    GPU a larger value fills the device better."""
+
+    def __init__(self, cfg: Config, *, suffix_strategy: str | None = None, image_batch_size: int = 1):
         import torch
         from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
         from ccsr.devices import torch_device, torch_dtype
         from ccsr.models import resolve_model
 
-        self.cfg = cfg
+        if suffix_strategy not in (None, *SUFFIX_STRATEGIES):
+            raise ValueError(
+                f"suffix_strategy must be one of {SUFFIX_STRATEGIES} or None, not {suffix_strategy!r}"
+            )
+        if image_batch_size < 1:
+            raise ValueError(f"image_batch_size must be at least 1, not {image_batch_size}")
         self.mode = cfg.judge.mode
         self.max_new_tokens = cfg.judge.max_new_tokens
+        self.image_batch_size = image_batch_size
         self.device = torch_device(cfg)
         self.dtype = torch_dtype(cfg)
         path = resolve_model(cfg.judge.model, cfg.model_cache)
@@ -84,8 +134,8 @@ class TransformersJudge:
             path, trust_remote_code=cfg.judge.trust_remote_code
         )
         self.tokenizer = self.processor.tokenizer
-        # Reloaded tokenizers default to right padding; batched generation reads the last position, which must
-        # be a real token (FIELD-NOTES).
+        # Reloaded tokenizers default to right padding, but batched generation reads the last position, which
+        # must be a real token.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
@@ -93,22 +143,15 @@ class TransformersJudge:
             path, dtype=self.dtype, trust_remote_code=cfg.judge.trust_remote_code
         ).to(self.device)
         self.model.eval()
-        self.image_token = self.processor.image_token
         self.image_token_id = self.processor.image_token_id
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer) if self.mode == "logits" else ([], [])
         self._yes = torch.tensor(self.yes_ids, device=self.device, dtype=torch.long)
         self._no = torch.tensor(self.no_ids, device=self.device, dtype=torch.long)
         self._answer_ids = torch.cat([self._yes, self._no])
-        # A packed 4-D mask is added to the attention scores by the eager and SDPA kernels; flash attention
-        # takes no arbitrary mask, so it falls back to one row per question over a repeated cache.
         attn = getattr(self.model.config.text_config, "_attn_implementation", None) or "sdpa"
-        self.suffix_strategy = "packed" if attn in ("sdpa", "eager") else "batched"
-        self._decoder = self._trimmable_decoder()
-        self._exact_processor: bool | None = None  # None until the first image is checked (see _encode)
-        # Images whose crops go through the vision tower in one call. On this 2-core CPU batching gains nothing
-        # (bench_judge, tiny v1.6 model: 1 -> 3 images per call gave 7.15 -> 7.19 and 7.00 -> 6.69 images/s), so
-        # the default keeps memory flat; on a GPU a larger value fills the device better.
-        self.image_batch_size = 1
+        self.suffix_strategy = suffix_strategy or ("packed" if attn in ("sdpa", "eager") else "batched")
+        # Whether the processor's own encoding is used (ours differs); None until the first image (see _encode).
+        self._use_processor_encoding: bool | None = None
         # transformers 5 installs its hidden-state capturing hooks on the vision layers at the tower's first
         # forward; run one stock forward now so that they exist on every layer before _image_features runs the
         # tower with a shortened layer list (otherwise the stock path later misses the last layer's output).
@@ -118,7 +161,7 @@ class TransformersJudge:
                 torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype), output_hidden_states=True
             )
 
-    # -- prompt building --------------------------------------------------------------------------------------
+    # -- prompt encoding --------------------------------------------------------------------------------------
 
     def build_prompt(self, question: str) -> str:
         return llava_prompt(self.processor, question)
@@ -128,53 +171,87 @@ class TransformersJudge:
         bos = self.tokenizer.bos_token
         return not (bos is not None and prompt.startswith(bos))
 
+    def _process_image(self, image: Image.Image) -> tuple[dict[str, torch.Tensor], int]:
+        """The processed image on the judge's device and its number of image tokens."""
+        pixels = self.processor.image_processor(image, return_tensors="pt")
+        image_inputs = {
+            "pixel_values": pixels["pixel_values"].to(self.device, self.dtype),
+            "image_sizes": pixels["image_sizes"].to(self.device),
+        }
+        return image_inputs, self._image_token_count(image, pixels["image_sizes"])
+
+    def _image_token_count(self, image: Image.Image, image_sizes: torch.Tensor) -> int:
+        if hasattr(self.processor, "_get_num_multimodal_tokens"):
+            counts = self.processor._get_num_multimodal_tokens(image_sizes=image_sizes.tolist())
+            return int(counts["num_image_tokens"][0])
+        # A processor without that helper: count the image tokens in its own output.
+        text = self.build_prompt("?")
+        ids = self.processor(images=image, text=text, add_special_tokens=self._add_special_tokens(text))
+        return list(ids["input_ids"][0]).count(self.image_token_id)
+
+    def _tokenize(self, questions: list[str]) -> list[list[int]]:
+        """The prompts' ids with the image token NOT expanded (~60 ids each, not ~2,950)."""
+        prompts = [self.build_prompt(q) for q in questions]
+        return self.tokenizer(prompts, add_special_tokens=self._add_special_tokens(prompts[0]))["input_ids"]
+
     def _encode(
         self, image: Image.Image, questions: list[str]
     ) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
         """Token ids of every full prompt (image tokens expanded) and the processed image, preprocessing the
         image once. The first image a judge sees is also encoded by the processor itself; if the two
         encodings ever differ, the judge uses the processor for every question from then on."""
-        prompts = [self.build_prompt(q) for q in questions]
-        add_special = self._add_special_tokens(prompts[0])
-        if self._exact_processor is not True:
-            pixels = self.processor.image_processor(image, return_tensors="pt")
-            n_image = self._image_token_count(image, pixels["image_sizes"])
-            # The image token is a special token, tokenized on its own: expanding it after tokenization gives
-            # the processor's ids without tokenizing ~2,900 copies of it per question.
-            ids = [
-                [t for tok in row for t in ([tok] * n_image if tok == self.image_token_id else [tok])]
-                for row in self.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
-            ]
-        if self._exact_processor is None:
-            reference = self.processor(images=image, text=prompts[0], add_special_tokens=add_special)
-            self._exact_processor = list(reference["input_ids"][0]) != ids[0]
-            if self._exact_processor:
-                logger.warning("judge: own prompt encoding differs from the processor's; using the processor")
-        if self._exact_processor:
+        if self._use_processor_encoding:
+            prompts = [self.build_prompt(q) for q in questions]
+            add_special = self._add_special_tokens(prompts[0])
             encoded = [self.processor(images=image, text=p, add_special_tokens=add_special) for p in prompts]
-            ids = [list(e["input_ids"][0]) for e in encoded]
-            pixels = self.processor(images=image, text=prompts[0], return_tensors="pt")
-        image_inputs = {
-            "pixel_values": pixels["pixel_values"].to(self.device, self.dtype),
-            "image_sizes": pixels["image_sizes"].to(self.device),
-        }
+            image_inputs, _ = self._process_image(image)
+            return [list(e["input_ids"][0]) for e in encoded], image_inputs
+        image_inputs, n_image = self._process_image(image)
+        # The image token is a special token, tokenized on its own: expanding it after tokenization gives the
+        # processor's ids without tokenizing ~2,900 copies of it per question.
+        ids = [
+            [t for tok in row for t in ([tok] * n_image if tok == self.image_token_id else [tok])]
+            for row in self._tokenize(questions)
+        ]
+        if self._use_processor_encoding is None:
+            prompt = self.build_prompt(questions[0])
+            reference = self.processor(
+                images=image, text=prompt, add_special_tokens=self._add_special_tokens(prompt)
+            )
+            self._use_processor_encoding = list(reference["input_ids"][0]) != ids[0]
+            if self._use_processor_encoding:
+                logger.warning("judge: own prompt encoding differs from the processor's; using the processor")
+                return self._encode(image, questions)
         return ids, image_inputs
 
-    def _image_token_count(self, image: Image.Image, image_sizes: torch.Tensor) -> int:
-        try:
-            return int(
-                self.processor._get_num_multimodal_tokens(image_sizes=image_sizes.tolist())[
-                    "num_image_tokens"
-                ][0]
-            )
-        except (
-            AttributeError,
-            KeyError,
-            TypeError,
-        ):  # a processor without that helper: count from its output
-            text = self.build_prompt("?")
-            ids = self.processor(images=image, text=text, add_special_tokens=self._add_special_tokens(text))
-            return list(ids["input_ids"][0]).count(self.image_token_id)
+    def _plan(self, image: Image.Image, questions: list[str]) -> PrefixPlan | None:
+        """The shared prefix, each question's suffix and the processed image; None when prefix reuse does not
+        apply (the processor's own encoding is in use, or the image is not in the shared prefix).
+
+        The prefix is every token common to all prompts (chat header + image + ...), but at least one suffix
+        token per question so each one has its own last position. It is found on the prompts' ids BEFORE the
+        image token is expanded (checked against the processor on the first image by ``_encode``). Suffixes
+        are slices of each full tokenization, never separate tokenizations (tokens can merge across the
+        boundary)."""
+        import torch
+
+        if self._use_processor_encoding is None:
+            self._encode(image, questions[:1])  # decides once whether our own encoding is exact
+        if self._use_processor_encoding:
+            return None
+        rows = self._tokenize(questions)
+        first = rows[0]
+        n_prefix = min(len(x) for x in rows) - 1
+        for x in rows[1:]:
+            n_prefix = next((j for j in range(n_prefix) if first[j] != x[j]), n_prefix)
+        if self.image_token_id not in first[:n_prefix] or first.count(self.image_token_id) != 1:
+            return None
+        image_inputs, n_image = self._process_image(image)
+        k = first.index(self.image_token_id)
+        prefix = first[:k] + [self.image_token_id] * n_image + first[k + 1 : n_prefix]
+        return PrefixPlan(
+            torch.tensor([prefix], device=self.device), [x[n_prefix:] for x in rows], image_inputs
+        )
 
     # -- answering --------------------------------------------------------------------------------------------
 
@@ -184,13 +261,11 @@ class TransformersJudge:
 
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
-        out = []
+        images = [image.convert("RGB") for image in images]
         with torch.inference_mode():
             if self.mode == "logits":
-                return self._answer_logits_many([image.convert("RGB") for image in images], questions)
-            for image, qs in zip(images, questions, strict=True):
-                out.append(self._answer_generate(image.convert("RGB"), qs))
-        return out
+                return self._answer_logits(images, questions)
+            return [self._answer_generate(image, qs) for image, qs in zip(images, questions, strict=True)]
 
     def _decide(self, logits: torch.Tensor) -> JudgeAnswer:
         """Rows of next-token logits -> answers and P(yes)/(P(yes)+P(no)).
@@ -209,90 +284,27 @@ class TransformersJudge:
             p_yes=[float(p) for p in p_yes.tolist()],
         )
 
-    def _answer_logits(self, image: Image.Image, questions: list[str]) -> JudgeAnswer:
-        return self._answer_logits_many([image], [questions])[0]
-
-    def _answer_logits_many(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
-        """Prefix reuse for a group of images: the vision tower runs once over the crops of all of them
-        (``image_batch_size`` images per call), then each image gets one prefix forward and one suffix forward.
-        """
+    def _answer_logits(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+        """Prefix reuse where it applies, the full forward elsewhere. The vision tower runs over the crops of
+        ``image_batch_size`` images per call; then each image gets one prefix and one suffix forward."""
         import torch
 
         plans = [self._plan(image, qs) for image, qs in zip(images, questions, strict=True)]
         out: list[JudgeAnswer | None] = [None] * len(images)
-        todo = []
         for i, plan in enumerate(plans):
-            if plan is None:  # the processor's own encoding, or an image outside the shared prefix
-                ids, image_inputs = self._encode(images[i], questions[i])
-                out[i] = self._decide(self._full_forward(ids, image_inputs))
-            else:
-                todo.append(i)
-        for start in range(0, len(todo), max(1, self.image_batch_size)):
-            group = todo[start : start + max(1, self.image_batch_size)]
+            if plan is None:
+                out[i] = self._decide(self._full_forward(*self._encode(images[i], questions[i])))
+        todo = [i for i, plan in enumerate(plans) if plan is not None]
+        for start in range(0, len(todo), self.image_batch_size):
+            group = todo[start : start + self.image_batch_size]
             # The crops of all images of the group as one [sum crops, 3, H, W] batch: the model splits them back
             # by image_sizes. A single image is passed as a view (no copy of its ~7 MB of pixels).
-            crops = [plans[i][2]["pixel_values"][0] for i in group]
+            crops = [plans[i].image_inputs["pixel_values"][0] for i in group]
             pixel_values = crops[0] if len(crops) == 1 else torch.cat(crops)
-            image_sizes = torch.cat([plans[i][2]["image_sizes"] for i in group])
-            features = self._image_features(pixel_values, image_sizes)
-            for i, feature in zip(group, features, strict=True):
-                prefix, suffixes, _ = plans[i]
-                embeds = self.model.get_input_embeddings()(prefix)
-                embeds = embeds.masked_scatter(
-                    (prefix == self.image_token_id)[..., None].expand_as(embeds), feature.to(embeds.dtype)
-                )
-                if self.suffix_strategy == "packed" and self._decoder is not None:
-                    out[i] = self._decide(self._trimmed_forward(embeds, suffixes))
-                    continue
-                cache = self.model(
-                    inputs_embeds=embeds,
-                    attention_mask=torch.ones_like(prefix),
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).past_key_values
-                n_prefix = prefix.shape[1]
-                if self.suffix_strategy == "packed":
-                    logits = self._packed_suffix_forward(cache, n_prefix, suffixes)
-                else:
-                    logits = self._batched_suffix_forward(cache, n_prefix, suffixes)
-                out[i] = self._decide(logits)
+            image_sizes = torch.cat([plans[i].image_inputs["image_sizes"] for i in group])
+            for i, feature in zip(group, self._image_features(pixel_values, image_sizes), strict=True):
+                out[i] = self._decide(self._suffix_logits(plans[i], feature))
         return out  # type: ignore[return-value]
-
-    def _plan(
-        self, image: Image.Image, questions: list[str]
-    ) -> tuple[torch.Tensor, list[list[int]], dict[str, torch.Tensor]] | None:
-        """The shared prefix (image tokens expanded, as a [1, P] tensor), each question's suffix ids and the
-        processed image; None when the fast path does not apply.
-
-        The prefix is every token common to all prompts (chat header + image + ...), but at least one suffix
-        token per question so each one has its own last position. It is found on the prompts' ids BEFORE the
-        image token is expanded (~60 ids, not ~2,950): the image token is a special token, so expanding it
-        after tokenization gives the processor's ids (checked on the first image by ``_encode``). Suffixes are
-        slices of each full tokenization, never separate tokenizations (tokens can merge across the boundary).
-        """
-        import torch
-
-        if self._exact_processor is None:
-            self._encode(image, questions[:1])  # decides once whether our own encoding is exact
-        if self._exact_processor:
-            return None
-        prompts = [self.build_prompt(q) for q in questions]
-        rows = self.tokenizer(prompts, add_special_tokens=self._add_special_tokens(prompts[0]))["input_ids"]
-        first = rows[0]
-        n_prefix = min(len(x) for x in rows) - 1
-        for x in rows[1:]:
-            n_prefix = next((j for j in range(n_prefix) if first[j] != x[j]), n_prefix)
-        if self.image_token_id not in first[:n_prefix] or first.count(self.image_token_id) != 1:
-            return None
-        pixels = self.processor.image_processor(image, return_tensors="pt")
-        n_image = self._image_token_count(image, pixels["image_sizes"])
-        k = first.index(self.image_token_id)
-        prefix = torch.tensor(first[:k] + [self.image_token_id] * n_image + first[k + 1 : n_prefix])
-        image_inputs = {
-            "pixel_values": pixels["pixel_values"].to(self.device, self.dtype),
-            "image_sizes": pixels["image_sizes"].to(self.device),
-        }
-        return prefix[None].to(self.device), [x[n_prefix:] for x in rows], image_inputs
 
     def _image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
         """Projected, packed (unpadded + newline) image features, one [n_image_tokens, hidden] per image.
@@ -328,119 +340,36 @@ class TransformersJudge:
             features = features[0]
         return list(features)
 
-    def _trimmable_decoder(self) -> Any:
-        """The language model's decoder stack when ``_trimmed_forward`` can run it layer by layer: a Llama-style
-        decoder (Llama, Mistral, Vicuna: pre-norm layers, rotary keys, no sliding window, no q/k norms) in
-        transformers >= 5; None otherwise, and the stock forward is used."""
-        import importlib
-
-        lm = getattr(self.model.model, "language_model", None)
-        layers = getattr(lm, "layers", None)
-        if not layers or not all(hasattr(lm, a) for a in ("embed_tokens", "rotary_emb", "norm")):
-            return None
-        attn = getattr(layers[-1], "self_attn", None)
-        rotary = getattr(importlib.import_module(type(attn).__module__), "apply_rotary_pos_emb", None)
-        llama_like = all(hasattr(attn, a) for a in ("k_proj", "v_proj", "head_dim", "layer_idx"))
-        llama_like = llama_like and hasattr(layers[-1], "input_layernorm")
-        llama_like = llama_like and not any(hasattr(attn, a) for a in ("q_norm", "k_norm", "sinks"))
-        transformers_5 = "position_embeddings" in inspect.signature(type(layers[-1]).forward).parameters
-        if not (llama_like and rotary and transformers_5) or getattr(lm.config, "sliding_window", None):
-            return None
-        self._apply_rotary = rotary
-        return lm
-
-    def _run_layers(self, layers, hidden, position_ids, mask, cache) -> torch.Tensor:
-        position_embeddings = self._decoder.rotary_emb(hidden, position_ids)
-        for layer in layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_ids=position_ids,
-                past_key_values=cache,
-                use_cache=True,
-                position_embeddings=position_embeddings,
-            )
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        return hidden
-
-    def _append_keys(self, layer, hidden, position_ids, cache) -> None:
-        """Only the keys and values of ``layer`` for these positions, added to its cache (no attention, no MLP),
-        computed as the layer's own attention computes them."""
-        attn = layer.self_attn
-        x = layer.input_layernorm(hidden)
-        shape = (*x.shape[:-1], -1, attn.head_dim)
-        keys = attn.k_proj(x).view(shape).transpose(1, 2)
-        values = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = self._decoder.rotary_emb(x, position_ids)
-        _, keys = self._apply_rotary(keys, keys, cos, sin)
-        cache.update(keys, values, attn.layer_idx)
-
-    def _trimmed_forward(self, embeds: torch.Tensor, suffixes: list[list[int]]) -> torch.Tensor:
-        """Prefix and packed suffixes (as ``_packed_suffix_forward``), computing only what the answers read.
-
-        The last decoder layer's output is read at one position per question, the last token of its suffix.
-        So for the prefix and every other suffix token that layer only needs its keys and values (two
-        projections; no attention, no MLP), and its attention and MLP run on the 10 answer positions alone.
-        The same idea as running the vision tower without the layers after the one LLaVA reads. It saves one
-        layer in L of the language model's work: half of the tiny 2-layer model, ~3% of a 32-layer 7B model.
-        """
+    def _suffix_logits(self, plan: PrefixPlan, feature: torch.Tensor) -> torch.Tensor:
+        """Next-token logits at every question's last token: the prefix once, then all suffixes over its cache."""
         import torch
-        from transformers import DynamicCache
 
-        lm = self._decoder
-        *front, last = lm.layers
-        n_prefix = embeds.shape[1]
-        cache = DynamicCache(config=lm.config)
-        positions = torch.arange(n_prefix, device=self.device)[None]
-        hidden = self._run_layers(front, embeds, positions, None, cache)  # None: causal (SDPA's is_causal)
-        self._append_keys(last, hidden, positions, cache)
-
-        lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
-        seq = torch.repeat_interleave(torch.arange(len(suffixes), device=self.device), lengths)
-        starts = lengths.cumsum(0) - lengths
-        local = torch.arange(len(seq), device=self.device) - starts[seq]
-        ends = starts + lengths - 1
-        is_end = torch.zeros(len(seq), dtype=torch.bool, device=self.device)
-        is_end[ends] = True
-        rest = (~is_end).nonzero()[:, 0]
-        # Additive masks over [prefix | suffix keys]: a suffix token sees the prefix, and the earlier tokens of
-        # its own suffix at their restarted positions.
-        allowed = (seq[:, None] == seq[None, :]) & (local[None, :] <= local[:, None])
-        blocked = torch.zeros(len(seq), n_prefix + len(seq), dtype=self.dtype, device=self.device)
-        blocked[:, n_prefix:].masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        positions = (local + n_prefix)[None]
-        hidden = lm.embed_tokens(torch.tensor([[t for s in suffixes for t in s]], device=self.device))
-        hidden = self._run_layers(front, hidden, positions, blocked[None, None], cache)
-        # Last layer: keys of the non-answer tokens are appended first, then the layer's own forward on the
-        # answer tokens appends theirs, so its key order is [prefix | rest | ends]; the mask follows it.
-        self._append_keys(last, hidden[:, rest], positions[:, rest], cache)
-        order = torch.cat([torch.arange(n_prefix, device=self.device), n_prefix + rest, n_prefix + ends])
-        mask = blocked[ends][:, order]
-        hidden = self._run_layers([last], hidden[:, ends], positions[:, ends], mask[None, None], cache)
-        return self.model.lm_head(lm.norm(hidden))[0]
+        embeds = self.model.get_input_embeddings()(plan.prefix)
+        is_image = (plan.prefix == self.image_token_id)[..., None].expand_as(embeds)
+        embeds = embeds.masked_scatter(is_image, feature.to(embeds.dtype))
+        # The all-ones 2-D mask makes the model build its causal mask under every attention implementation.
+        cache = self.model(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(plan.prefix),
+            use_cache=True,
+            logits_to_keep=1,
+        ).past_key_values
+        n_prefix = plan.prefix.shape[1]
+        if self.suffix_strategy == "packed":
+            return self._packed_suffix_forward(cache, n_prefix, plan.suffixes)
+        return self._batched_suffix_forward(cache, n_prefix, plan.suffixes)
 
     def _packed_suffix_forward(self, cache: Any, n_prefix: int, suffixes: list[list[int]]) -> torch.Tensor:
-        """All suffixes in ONE row after the batch-1 prefix cache: each suffix token sees the whole prefix and
-        the earlier tokens of its own suffix (block-diagonal causal mask), and its rotary position restarts at
-        the end of the prefix, exactly as in that question's full sequence. No copy of the cache is made."""
+        """All suffixes in ONE row after the batch-1 prefix cache (``packed_suffix_layout``); no copy of the
+        cache is made."""
         import torch
 
-        lengths = [len(s) for s in suffixes]
-        total = sum(lengths)
-        packed = torch.tensor([[t for s in suffixes for t in s]], device=self.device)
-        position_ids = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None] + n_prefix
-        seq = torch.repeat_interleave(torch.arange(len(lengths), device=self.device), torch.tensor(lengths))
-        seq = seq.to(self.device)
-        local = position_ids[0] - n_prefix
-        allowed = (seq[:, None] == seq[None, :]) & (local[None, :] <= local[:, None])
-        # Additive float mask: both the eager and the SDPA kernels add it to the scores. Every suffix token sees
-        # the whole prefix, so only the [S, S] suffix block needs filling.
-        mask = torch.zeros(total, n_prefix + total, dtype=self.dtype, device=self.device)
-        mask[:, n_prefix:].masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        ends = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        position_ids, mask, ends = packed_suffix_layout(
+            [len(s) for s in suffixes], n_prefix, self.dtype, self.device
+        )
         out = self.model(
-            input_ids=packed,
-            attention_mask=mask[None, None],
+            input_ids=torch.tensor([[t for s in suffixes for t in s]], device=self.device),
+            attention_mask=mask,
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
@@ -450,62 +379,54 @@ class TransformersJudge:
 
     def _batched_suffix_forward(self, cache: Any, n_prefix: int, suffixes: list[list[int]]) -> torch.Tensor:
         """One right-padded row per question over the prefix cache repeated per row. The mask must span prefix
-        and suffix: a suffix-only mask is accepted silently and gives wrong answers (FIELD-NOTES)."""
+        and suffix: a suffix-only mask is accepted without error and gives wrong answers."""
         import torch
 
         lengths = [len(s) for s in suffixes]
         width = max(lengths)
         pad = self.tokenizer.pad_token_id
         rows = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=self.device)
-        suffix_mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=self.device)
-        mask = torch.cat(
-            [torch.ones(len(suffixes), n_prefix, dtype=torch.long, device=self.device), suffix_mask], 1
-        )
+        mask = torch.tensor([[1] * (n_prefix + n) + [0] * (width - n) for n in lengths], device=self.device)
         cache.batch_repeat_interleave(len(suffixes))  # in place
         out = self.model(input_ids=rows, attention_mask=mask, past_key_values=cache, use_cache=True)
         ends = torch.tensor(lengths, device=self.device) - 1
         return out.logits[torch.arange(len(suffixes), device=self.device), ends]
 
-    def _full_forward(self, ids: list[list[int]], image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Reference path without prefix reuse: one left-padded row per question, image repeated."""
+    def _full_inputs(
+        self, ids: list[list[int]], image_inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs of every full prompt: one left-padded row per question, the image repeated per row."""
         import torch
 
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id
-        rows = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
         n = len(ids)
-        out = self.model(
-            input_ids=rows,
-            attention_mask=mask,
-            pixel_values=image_inputs["pixel_values"].expand(n, *image_inputs["pixel_values"].shape[1:]),
-            image_sizes=image_inputs["image_sizes"].expand(n, -1),
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
+        return {
+            "input_ids": torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device),
+            "attention_mask": torch.tensor(
+                [[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device
+            ),
+            "pixel_values": image_inputs["pixel_values"].expand(n, *image_inputs["pixel_values"].shape[1:]),
+            "image_sizes": image_inputs["image_sizes"].expand(n, -1),
+        }
+
+    def _full_forward(self, ids: list[list[int]], image_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Reference path without prefix reuse: next-token logits of every full prompt."""
+        return self.model(**self._full_inputs(ids, image_inputs), logits_to_keep=1).logits[:, -1]
 
     def _answer_generate(self, image: Image.Image, questions: list[str]) -> JudgeAnswer:
         """Free text (greedy, ``judge.max_new_tokens``) parsed by ``parse_answer``: the paper's way, kept for
         models whose yes/no is not a single token or to read what the model actually says."""
-        import torch
-
-        ids, image_inputs = self._encode(image, questions)
-        width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        rows = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=self.device)
-        n = len(ids)
+        inputs = self._full_inputs(*self._encode(image, questions))
         generated = self.model.generate(
-            input_ids=rows,
-            attention_mask=mask,
-            pixel_values=image_inputs["pixel_values"].expand(n, *image_inputs["pixel_values"].shape[1:]),
-            image_sizes=image_inputs["image_sizes"].expand(n, -1),
+            **inputs,
             do_sample=False,
             max_new_tokens=self.max_new_tokens,
-            pad_token_id=pad,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
+        width = inputs["input_ids"].shape[1]
         texts = self.tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        return JudgeAnswer(answers=[parse_answer(t) for t in texts], p_yes=[None] * n)
+        return JudgeAnswer(answers=[parse_answer(t) for t in texts], p_yes=[None] * len(texts))
 
     def close(self) -> None:
         from ccsr.devices import free_memory

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ccsr.config import Config, resolve_data_path
-from ccsr.judge import JudgeAnswer, TransformersJudge, answer_token_ids
+from ccsr.judge import JudgeAnswer, TransformersJudge, answer_token_ids, packed_suffix_layout
 from ccsr.questions import QuestionSet
 
 N_IMAGES = 20
@@ -149,41 +149,76 @@ def test_answers_vary_between_images(fast_answers, question_set):
     assert len({question_set.score(r.answers) for r in fast_answers}) >= 2
 
 
-def test_batched_suffix_strategy_agrees(judge, images, rendered, fast_answers):
-    judge.suffix_strategy = "batched"
-    try:
-        batched = judge.answer(images[:5], rendered[:5])
-    finally:
-        judge.suffix_strategy = "packed"
-    for a, b in zip(batched, fast_answers[:5], strict=False):
+def _agree(answers: list[JudgeAnswer], reference: list[JudgeAnswer]) -> None:
+    assert len(answers) == len(reference)
+    for a, b in zip(answers, reference, strict=True):
         assert a.answers == b.answers
         assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
 
 
-def test_last_layer_trim_is_used_and_agrees(judge, images, rendered, fast_answers):
-    # The default path skips the last layer's attention and MLP where no answer is read; with every layer
-    # computed at every position (the stock forward over the prefix cache) the answers are the same.
-    assert judge._decoder is not None, "the tiny Mistral decoder must take the trimmed path"
-    decoder, judge._decoder = judge._decoder, None
+def test_packed_path_is_the_default(judge):
+    # The tiny model runs SDPA, which adds an arbitrary mask to the scores: all suffixes go in one row.
+    assert judge.suffix_strategy == "packed"
+    assert judge.image_batch_size == 1
+
+
+def test_packed_suffix_layout():
+    positions, mask, ends = packed_suffix_layout([2, 1, 3], n_prefix=4, dtype=torch.float32, device="cpu")
+    assert positions.tolist() == [[4, 5, 4, 4, 5, 6]]
+    assert ends.tolist() == [1, 2, 5]
+    # Every suffix token sees the whole prefix, and its own suffix up to itself.
+    own = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+    own += [[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]]
+    seen = (mask[0, 0] == 0).int().tolist()
+    assert seen == [[1] * 4 + row for row in own]
+    assert mask.shape == (1, 1, 6, 10)
+    assert mask.min() == torch.finfo(torch.float32).min
+
+
+def test_constructor_refuses_unknown_strategy(llava_cache):
+    with pytest.raises(ValueError, match="suffix_strategy"):
+        TransformersJudge(_config(llava_cache), suffix_strategy="flash")
+    with pytest.raises(ValueError, match="image_batch_size"):
+        TransformersJudge(_config(llava_cache), image_batch_size=0)
+
+
+def test_batched_suffix_strategy_agrees(llava_cache, images, rendered, fast_answers):
+    # One row per question over the repeated prefix cache (for attention kernels that take no arbitrary mask).
+    judge = TransformersJudge(_config(llava_cache), suffix_strategy="batched")
     try:
-        full = judge.answer(images[:5], rendered[:5])
+        _agree(judge.answer(images[:5], rendered[:5]), fast_answers[:5])
     finally:
-        judge._decoder = decoder
-    for a, b in zip(full, fast_answers[:5], strict=False):
-        assert a.answers == b.answers
-        assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
+        judge.close()
 
 
-def test_image_batching_agrees(judge, images, rendered, fast_answers):
+def test_full_forward_agrees(judge, images, rendered, fast_answers):
+    # The reference path without prefix reuse (the fallback when the processor's encoding must be used).
+    with torch.inference_mode():
+        full = [
+            judge._decide(judge._full_forward(*judge._encode(image, questions)))
+            for image, questions in zip(images[:3], rendered[:3], strict=True)
+        ]
+    _agree(full, fast_answers[:3])
+
+
+def test_eager_attention_agrees(llava_cache, images, rendered, fast_answers):
+    # The prefix forward and the packed mask are causal under eager attention too, not only under SDPA.
+    judge = TransformersJudge(_config(llava_cache))
+    try:
+        judge.model.set_attn_implementation("eager")
+        assert judge.model.config.text_config._attn_implementation == "eager"
+        _agree(judge.answer(images[:4], rendered[:4]), fast_answers[:4])
+    finally:
+        judge.close()
+
+
+def test_image_batching_agrees(llava_cache, images, rendered, fast_answers):
     # Several images' crops in one vision-tower call (sizes differ, so crop counts differ) give the same answers.
-    judge.image_batch_size = 4
+    judge = TransformersJudge(_config(llava_cache), image_batch_size=4)
     try:
-        grouped = judge.answer(images[:6], rendered[:6])
+        _agree(judge.answer(images[:6], rendered[:6]), fast_answers[:6])
     finally:
-        judge.image_batch_size = 1
-    for a, b in zip(grouped, fast_answers[:6], strict=False):
-        assert a.answers == b.answers
-        assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
+        judge.close()
 
 
 def test_generate_mode(llava_cache, images, rendered, fast_answers):
