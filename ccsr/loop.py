@@ -325,7 +325,7 @@ class Loop:
                     images = generator.images([p.prompt] * n, seeds, lora=lora, scale=scale)
                 records = []
                 for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
-                    path = self.run.iteration_dir(k) / "candidates" / f"{p.id}-{j:02d}.png"
+                    path = self.run.candidates_dir(k) / f"{p.id}-{j:02d}.png"
                     atomic_save_image(path, image)
                     rel = str(path.relative_to(self.run.root))
                     records.append(
@@ -448,7 +448,7 @@ class Loop:
 
         with self._model_call("eval"):
             summary = evaluate(
-                self.cfg, self.run, k, self.cfg.evaluator.scales, self.run.iteration_dir(k) / "eval", on_scale
+                self.cfg, self.run, k, self.cfg.evaluator.scales, self.run.eval_dir(k), on_scale
             )
         summary["gate"] = gate.gate_iteration(self.cfg.gate, self.run, k, summary)
         atomic_write_json(self.run.eval_path(k), summary)

@@ -477,6 +477,13 @@ class RunDir:
             "dataset": d / "dataset",
         }
 
+    def candidates_dir(self, k: int) -> Path:
+        return self.iteration_dir(k) / "candidates"
+
+    def eval_dir(self, k: int) -> Path:
+        """The loop's evaluation of iteration k: images per scale and ``records.jsonl``."""
+        return self.iteration_dir(k) / "eval"
+
     def lora_dir(self, k: int) -> Path:
         return self.iteration_dir(k) / "lora"
 
