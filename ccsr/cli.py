@@ -19,13 +19,12 @@ import os
 import re
 import signal
 import sys
-from contextlib import contextmanager
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn
 
 from ccsr.config import Config, ConfigError, load_config, resolve_data_path, save_config
-from ccsr.rundir import RunDir, RunDirError, slugify, validate_class_name
+from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name
 
 logger = logging.getLogger("ccsr")
 
@@ -313,39 +312,19 @@ def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
     return out
 
 
-@contextmanager
-def _run_lock(run: RunDir):
-    """One process per run directory. An OS file lock dies with its process, so a crash leaves no stale lock."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(run.lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        pid = (run.root / "run.pid").read_text().strip() if (run.root / "run.pid").exists() else "?"
-        raise UserError(
-            f"{run.root} is in use by another ccsr process (pid {pid}); stop it or pick another --run-dir"
-        ) from None
-    try:
-        (run.root / "run.pid").write_text(str(os.getpid()))
-        yield
-    finally:
-        lock.release()
-
-
 def cmd_run(args, daemon: bool = False) -> int:
     cfg = _load(args)
     if not cfg.class_name:
         raise UserError("no class: pass --class NAME (e.g. --class giraffe)")
     check_config(cfg)
     run = _open_run(args, cfg)
-    with _run_lock(run):
+    with run_lock(run):
         cfg = _resume_config(run, cfg)
         _setup_logging(logging.DEBUG if args.debug else logging.INFO, run.log_path)
         from ccsr.loop import Loop, StopRequested
 
         stop = {"flag": False}
-        stop_file = run.root / "STOP"
+        stop_file = run.stop_path
 
         def request_stop(signum, frame):
             logger.info("signal %d: stopping after the current unit", signum)
@@ -412,15 +391,6 @@ def _output_paths(out: Path, num: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(num)]
 
 
-def _champion_of(run_dir: Path) -> tuple[Path | None, float]:
-    from ccsr.rundir import read_json
-
-    champion = (read_json(run_dir / "champion.json", default={}) or {}).get("champion") or {}
-    if champion.get("iteration") is None:
-        return None, 0.0
-    return run_dir / champion["lora"], float(champion["scale"])
-
-
 def cmd_generate(args) -> int:
     if args.run:
         run_dir = Path(args.run)
@@ -433,7 +403,9 @@ def cmd_generate(args) -> int:
     check_models(cfg)
     scales = args.scale
     if args.lora is None and args.run:
-        args.lora, champion_scale = _champion_of(Path(args.run))
+        from ccsr.gate import current_champion
+
+        args.lora, champion_scale = current_champion(RunDir(args.run))
         scales = scales or [champion_scale]
         logging.getLogger("ccsr").info("champion: %s at scale %g", args.lora or "base model", scales[0])
     scales = scales or [1.0]
@@ -474,7 +446,7 @@ def _strip(images):
 
 
 def cmd_eval(args) -> int:
-    from ccsr.loop import Loop
+    from ccsr.evaluation import evaluate
     from ccsr.rundir import atomic_write_json
 
     run_dir = Path(args.run_dir)
@@ -483,9 +455,7 @@ def cmd_eval(args) -> int:
     cfg = load_config(run_dir / "config.yaml")
     _set_offline(cfg)
     run = RunDir(run_dir)
-    trained = [
-        k for k in run.iterations() if (run.lora_dir(k) / "pytorch_lora_weights.safetensors").is_file()
-    ]
+    trained = [k for k in run.iterations() if run.lora_file(k).is_file()]
     if not trained:
         raise UserError(f"{run_dir}: no iteration has a LoRA yet")
     k = args.iteration if args.iteration is not None else trained[-1]
@@ -495,10 +465,10 @@ def cmd_eval(args) -> int:
     if any(not 0.0 <= sc <= 1.0 for sc in scales):
         raise UserError(f"--scales must be within [0, 1], got {scales}")
     _setup_logging(logging.DEBUG if args.debug else logging.INFO)
-    with _run_lock(run):
+    with run_lock(run):
         tag = "-".join(f"{sc:g}" for sc in sorted({0.0, *scales}))
         out_dir = run.iteration_dir(k) / f"eval-scales-{tag}"
-        summary = Loop(cfg, run).evaluate(k, scales, out_dir)
+        summary = evaluate(cfg, run, k, scales, out_dir)
         atomic_write_json(out_dir / "eval.json", summary)  # the loop's eval.json and gate stay untouched
     print(json.dumps(summary, indent=2))
     print(f"written: {out_dir / 'eval.json'}", file=sys.stderr)

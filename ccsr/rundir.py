@@ -39,6 +39,12 @@ STAGES = ("prompts", "candidates", "judge", "filter", "train", "eval")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
+def derive_seed(base: int, *parts: Any) -> int:
+    """A stable 31-bit seed for one purpose, so every random draw of a run follows from ``cfg.seed``."""
+    text = ":".join(str(p) for p in (base, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
 class RunDirError(ValueError):
     """A problem with a run directory or a class name; the message says what and how to fix it."""
 
@@ -307,6 +313,13 @@ class EvalRecord(Record):
     confidence: float | None = None
     detected: bool | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        # Measures not taken (judge and detector off) are left out of the line, not written as null.
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in _EVAL_MEASURES}
+
+
+_EVAL_MEASURES = ("clip_score", "judge_score", "confidence", "detected")
+
 
 R = TypeVar("R", bound=Record)
 
@@ -328,6 +341,32 @@ def append_records(path: Path, records: Iterable[Record]) -> None:
 
 def write_records(path: Path, records: Iterable[Record]) -> None:
     write_jsonl(path, [r.to_dict() for r in records])
+
+
+def write_dataset(run: RunDir, k: int, pairs: Iterable[Pair]) -> Path:
+    """Iteration k's training set as an image folder with ``metadata.jsonl`` (the layout of diffusers'
+    training scripts and datasets' imagefolder); image names come from prompt ids, never prompt text."""
+    import shutil
+
+    final = run.files(k)["dataset"]
+    tmp = final.with_name(f".dataset.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    meta = []
+    for p in pairs:
+        name = f"{p.prompt_id}.png"
+        src = run.root / p.path
+        try:
+            os.link(src, tmp / name)
+        except OSError:
+            shutil.copyfile(src, tmp / name)
+        meta.append({"file_name": name, "text": p.prompt})
+    write_jsonl(tmp / "metadata.jsonl", meta)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
 
 
 # --- the run lock -----------------------------------------------------------------------------------------
@@ -437,6 +476,13 @@ class RunDir:
             "pairs": d / "pairs.jsonl",
             "dataset": d / "dataset",
         }
+
+    def candidates_dir(self, k: int) -> Path:
+        return self.iteration_dir(k) / "candidates"
+
+    def eval_dir(self, k: int) -> Path:
+        """The loop's evaluation of iteration k: images per scale and ``records.jsonl``."""
+        return self.iteration_dir(k) / "eval"
 
     def lora_dir(self, k: int) -> Path:
         return self.iteration_dir(k) / "lora"

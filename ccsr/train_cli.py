@@ -4,15 +4,15 @@
     torchrun --standalone --nproc_per_node 2 -m ccsr.train_cli --run-dir runs/giraffe --iteration 1
     python -m ccsr.train_cli --run-dir runs/giraffe --iteration 1          # one process
 
-It trains what the loop's train stage would: the run's saved ``config.yaml``, the pairs of
-``Loop.training_pairs(k)`` (iterations 1..k, or only k with ``trainer.train_on: newest``), started from
-``Loop.previous_lora(k)`` (the champion before k) when ``trainer.init_from: previous``, written to
-``iterations/NNN/lora`` with the run's shared encoding cache. The loop's own bookkeeping is left to the loop:
-when ``ccsr run`` reaches the train stage of k, train_lora finds the finished LoRA of the same setup and returns
-at once, so the run continues as if it had trained it itself.
+It runs the loop's own train-stage code (``ccsr.loop.train_iteration_lora``): the run's saved ``config.yaml``,
+the pairs of iterations 1..k (only k with ``trainer.train_on: newest``), started from the champion before k
+when ``trainer.init_from: previous``, written to ``iterations/NNN/lora`` with the run's shared encoding cache
+and prior images. The loop's own bookkeeping is left to the loop: when ``ccsr run`` reaches the train stage
+of k, train_lora finds the finished LoRA of the same setup and returns at once, so the run continues as if
+it had trained it itself.
 
 On a CPU-only machine use ``--multi_gpu`` (with the trainer's ``Accelerator(cpu=True)`` it runs gloo ranks):
-``accelerate launch --cpu --num_processes 2`` silently runs ONE process (FIELD-NOTES).
+``accelerate launch --cpu --num_processes 2`` silently runs ONE process.
 """
 
 from __future__ import annotations
@@ -21,16 +21,15 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from ccsr.config import ConfigError, load_config
-from ccsr.rundir import RunDir, RunDirError
+from ccsr.rundir import RunDir, RunDirError, run_lock
 
 logger = logging.getLogger("ccsr.train_cli")
 
 EXIT_BAD_INPUT = 2
-# The hub/ultralytics switches, read by those libraries at import time (same list as ccsr.cli).
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE")
 
 
 class TrainCliError(Exception):
@@ -54,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train_iteration(run_dir: Path, k: int):
-    """Train iteration ``k``'s LoRA of the run in ``run_dir`` the way the loop's train stage does."""
-    from ccsr.loop import Loop
+    """Train iteration ``k``'s LoRA of the run in ``run_dir`` with the loop's train-stage code."""
+    # Until the config branch is merged, the CLI's offline switch is private (then: ccsr.cli.set_offline).
+    from ccsr.cli import _set_offline
+    from ccsr.loop import init_lora, train_iteration_lora, training_pairs
 
     run = RunDir(run_dir)
     if not run.config_path.is_file():
@@ -63,28 +64,18 @@ def train_iteration(run_dir: Path, k: int):
     if k < 1:
         raise TrainCliError(f"--iteration must be >= 1, got {k}")
     cfg = load_config(run.config_path)
-    if cfg.offline:
-        for var in OFFLINE_VARS:
-            os.environ[var] = "1"
-    loop = Loop(cfg, run)
+    _set_offline(cfg)
     needed = [k] if cfg.trainer.train_on == "newest" else list(range(1, k + 1))
     missing = [j for j in needed if not run.files(j)["pairs"].is_file()]
     if missing:
         raise TrainCliError(
             f"{run.root}: iteration {missing[0]} has no pairs.jsonl yet; run the loop up to its filter stage"
         )
-    records = loop.training_pairs(k)
-    if not records:
+    pairs = training_pairs(cfg, run, k)
+    if not pairs:
         raise TrainCliError(f"{run.root}: no training pairs for iteration {k}; nothing to train")
-    init = loop.previous_lora(k) if cfg.trainer.init_from == "previous" else None
-
-    from ccsr.trainer import TrainPair, train_lora
-
-    pairs = [
-        TrainPair(prompt=p["prompt"], image_path=run.root / p["path"], score=float(p["score"]))
-        for p in records
-    ]
-    result = train_lora(cfg, pairs, run.lora_dir(k), init_lora=init, encode_cache_dir=run.encode_cache)
+    init = init_lora(cfg, run, k)
+    result = train_iteration_lora(cfg, run, k)
     if _is_main_process():
         run.event(
             "train_cli",
@@ -106,28 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    lock = None
+    run = RunDir(args.run_dir)
     try:
-        if main_process and (args.run_dir / "config.yaml").is_file():
-            from filelock import FileLock, Timeout
-
-            # The loop's lock: a running `ccsr run`/daemon on this run dir must not race our writes.
-            lock = FileLock(str(RunDir(args.run_dir).lock_path))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                raise TrainCliError(
-                    f"{args.run_dir} is in use by another ccsr process; stop it before training by hand"
-                ) from None
-        result = train_iteration(args.run_dir, args.iteration)
+        # The loop's lock, held by the main process: a running `ccsr run`/daemon must not race our writes.
+        with run_lock(run) if main_process and run.config_path.is_file() else nullcontext():
+            result = train_iteration(args.run_dir, args.iteration)
     except (TrainCliError, ConfigError, RunDirError, ValueError) as exc:
         if args.debug:
             raise
         print(f"ccsr.train_cli: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        if lock is not None:
-            lock.release()
     logger.info("iteration %d: LoRA in %s (%d steps)", args.iteration, result.lora_dir, result.steps)
     return 0
 

@@ -1,6 +1,6 @@
 import pytest
 
-from ccsr.evaluator import summarise, win_tie_loss
+from ccsr.evaluation import summarise, win_tie_loss
 from ccsr.rundir import RunDirError, append_jsonl, read_jsonl, slugify
 
 

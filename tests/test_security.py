@@ -239,7 +239,8 @@ def test_run_dir_refuses_paths_that_escape(tmp_path):
 @pytest.fixture(scope="module")
 def evil_candidates(tmp_path_factory, repo_root):
     """The real candidates stage (tiny SD) on prompts whose text tries to steer paths and templates."""
-    from ccsr.loop import Loop
+    from ccsr.loop import Loop, training_pairs
+    from ccsr.rundir import write_dataset
 
     cfg = load_config(
         repo_root / "configs" / "tiny.yaml",
@@ -273,7 +274,7 @@ def evil_candidates(tmp_path_factory, repo_root):
         if c["prompt_id"] == p["id"] and c["index"] == 0
     ]
     write_jsonl(run.files(1)["pairs"], pairs)
-    loop._write_dataset(1)
+    write_dataset(run, 1, training_pairs(cfg, run, 1))
     return run, prompts
 
 

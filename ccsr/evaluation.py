@@ -1,13 +1,32 @@
-"""Evaluator: CLIP score of held-out prompts at several LoRA scales, win/tie/loss against the base.
+"""The evaluation of an iteration's LoRA: held-out prompts x evaluator seeds x LoRA scales.
 
 Paper section 4: CLIP score curves from LoRA scale 0 (the base model) to 1, and wins+ties against the base
-per (prompt, seed) where a difference under 0.01 is a tie.
+per (prompt, seed) where a difference under 0.01 is a tie. CLIP score alone is a weak judge of alignment, so
+the loop's own judge (eq. 1 score) and detector (detection rate) also score the evaluation images
+(``evaluator.judge_and_detect``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from ccsr.backends import load_backend
+from ccsr.config import resolve_data_path
+from ccsr.devices import free_memory, keep_cpu_threads
+from ccsr.rundir import (
+    EvalRecord,
+    PromptRecord,
+    RunDir,
+    atomic_save_image,
+    derive_seed,
+    read_records,
+    write_records,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -136,3 +155,91 @@ def summarise(records: list[dict], scales: list[float], tie_band: float) -> dict
         "n_images_per_scale": len(keys),
         "tie_band": tie_band,
     }
+
+
+# --- the procedure ----------------------------------------------------------------------------------------
+
+
+def evaluate(
+    cfg: Config,
+    run: RunDir,
+    k: int,
+    scales: list[float],
+    eval_dir: Path,
+    on_scale: Callable[[float], None] | None = None,
+) -> dict:
+    """Iteration k's LoRA on the run's held-out prompts x ``cfg.evaluator.seeds`` at each of ``scales`` (scale
+    0, the base model, is always added: win/tie/loss needs it).
+
+    Writes the images and ``records.jsonl`` (``EvalRecord``) under ``eval_dir`` and returns the summary (no
+    gate decision). ``on_scale`` is called before each scale is drawn (the loop's heartbeat and stop check).
+    """
+    lora = run.lora_dir(k)
+    ec = cfg.evaluator
+    scales = sorted({0.0, *map(float, scales)})
+    with keep_cpu_threads():
+        records = _draw(cfg, run, k, scales, eval_dir, on_scale)
+        images = [_open(run, r.path) for r in records]
+        scorer = CLIPScorer(cfg)
+        for r, score in zip(records, scorer.clip_scores(images, [r.prompt for r in records]), strict=True):
+            r.clip_score = score
+        scorer.close()
+        if ec.judge_and_detect:
+            judge_and_detect(cfg, records, images)
+    write_records(eval_dir / "records.jsonl", records)
+    summary = summarise([r.to_dict() for r in records], scales, ec.tie_band)
+    summary["lora"] = str(lora.relative_to(run.root))
+    return summary
+
+
+def _draw(cfg: Config, run: RunDir, k: int, scales: list[float], eval_dir: Path, on_scale) -> list:
+    """The evaluation images, generator loaded once and the LoRA once, scales switched."""
+    lora = run.lora_dir(k)
+    validation = read_records(run.validation_path, PromptRecord)
+    jobs = [(v, seed) for v in validation for seed in cfg.evaluator.seeds]
+    prompts = [v.prompt for v, _ in jobs]
+    # The same seeds at every scale, so scale 0 is exactly the base model's image.
+    seeds = [derive_seed(cfg.seed, "eval", v.id, s) for v, s in jobs]
+    records = []
+    generator = load_backend("generator", cfg)
+    for scale in tqdm(scales, desc=f"iter {k} eval", unit="scale"):
+        if on_scale is not None:
+            on_scale(scale)
+        images = generator.images(prompts, seeds, lora=lora, scale=scale)
+        for (v, s), seed, image in zip(jobs, seeds, images, strict=True):
+            path = eval_dir / f"scale-{scale:g}" / f"{v.id}-s{s}.png"
+            atomic_save_image(path, image)
+            rel = str(path.relative_to(run.root))
+            records.append(EvalRecord(v.id, v.prompt, s, seed, scale, rel))
+    generator.close()
+    del generator
+    free_memory()
+    return records
+
+
+def _open(run: RunDir, rel_path: str):
+    from PIL import Image
+
+    return Image.open(run.root / rel_path).convert("RGB")
+
+
+def judge_and_detect(cfg: Config, records: list[EvalRecord], images: list) -> None:
+    """The loop's judge (eq. 1 score) and detector (confidence, detected at the threshold) on eval images."""
+    from ccsr.questions import QuestionSet
+
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    judge = load_backend("judge", cfg)
+    for start in range(0, len(records), cfg.judge.batch_size):
+        chunk = slice(start, start + cfg.judge.batch_size)
+        rendered = [questions.render(cfg.class_name, r.prompt) for r in records[chunk]]
+        for r, res in zip(records[chunk], judge.answer(images[chunk], rendered), strict=True):
+            r.judge_score = questions.score(questions.apply_dependencies(res.answers))
+    judge.close()
+    del judge
+    free_memory()
+    detector = load_backend("detector", cfg)
+    confidences = detector.confidence(images, cfg.class_name)
+    for r, c in zip(records, confidences, strict=True):
+        r.confidence = round(float(c), 6)
+        r.detected = bool(c >= cfg.detector.threshold)
+    detector.close()
