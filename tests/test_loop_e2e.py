@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,7 +262,13 @@ def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path):
     cmd += ["--run-dir", str(run_dir), "--iterations", "2"]
     for s in SMALL:
         cmd += ["--set", s]
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    # CPU pixels depend on the thread count: redraw with the one this process drew the originals with
+    # (importing ultralytics here may have left OMP_NUM_THREADS=1 in the environment).
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stderr
     assert "damaged candidate images" in text and "LoRA fails its checksum" in text
