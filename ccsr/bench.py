@@ -57,7 +57,7 @@ def bench_iteration() -> dict:
 BENCHMARKS = {
     "iteration": "ccsr.bench:bench_iteration",
     "judge": "ccsr.bench_judge:bench_judge",
-    "train": "ccsr.bench_train:bench_train",
+    "train": "benchmarks.train:bench_train",
 }
 
 
