@@ -5,6 +5,7 @@ into VAE latent distributions and CLIP caption embeddings, the on-disk encoding 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -52,13 +53,11 @@ def sha256_text(*parts: Any) -> str:
 # pixels and the frozen encoder
 
 
-def load_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (bilinear), center-crop a square, scale to [-1, 1]; shape
-    (3, R, R). The transform of diffusers' ``train_text_to_image_lora.py`` (its flip is drawn by the trainer)."""
-    from PIL import Image
+@functools.cache
+def _pixel_transform(resolution: int):
     from torchvision import transforms
 
-    transform = transforms.Compose(
+    return transforms.Compose(
         [
             transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
             transforms.CenterCrop(resolution),
@@ -66,8 +65,16 @@ def load_pixels(path: Path, resolution: int) -> torch.Tensor:
             transforms.Normalize([0.5], [0.5]),
         ]
     )
+
+
+def load_pixels(path: Path, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (bilinear), center-crop a square, scale to [-1, 1]; shape
+    (3, R, R): the transform of diffusers' ``train_text_to_image_lora.py`` (its flip is drawn by the trainer).
+    Resize truncates the longer side (a 4:3 image at 512 px becomes 682 x 512, not 683 x 512)."""
+    from PIL import Image
+
     with Image.open(path) as img:
-        return transform(img.convert("RGB"))
+        return _pixel_transform(resolution)(img.convert("RGB"))
 
 
 class FrozenEncoder:

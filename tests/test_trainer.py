@@ -108,7 +108,7 @@ def test_cached_and_uncached_paths_agree(sd_models, pairs, tmp_path, caplog):
     # One latent file (both flips) per image and one text file per caption, reused by a later run.
     assert len(list(cache_dir.glob("latent-*.safetensors"))) == len(pairs)
     assert len(list(cache_dir.glob("text-*.safetensors"))) == len(pairs)
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         again = train_lora(
             make_cfg(sd_models["epsilon"], max_steps=3), pairs, tmp_path / "c2", encode_cache_dir=cache_dir
         )
@@ -159,7 +159,7 @@ def test_torn_and_corrupt_checkpoints_are_skipped(sd_models, pairs, reference_ru
     adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
     shutil.copytree(ckpts / "step-2", ckpts / "step-5")
     (ckpts / "step-5" / "complete.json").unlink()
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         train_lora(cfg, pairs, tmp_path)
     assert "skipping checkpoint" in caplog.text and "step-5" in caplog.text and "checksum" in caplog.text
     assert "step 2 of 6" in caplog.text
@@ -412,7 +412,7 @@ def test_prior_resume_equals_uninterrupted_and_reuses_images(
     prior_files = sorted((tmp_path / "prior").iterdir())
     stamps = {p.name: p.stat().st_mtime_ns for p in prior_files}
     caplog.clear()  # only the resumed run's log counts (an earlier test may have left the root at INFO)
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         train_lora(cfg, pairs, tmp_path)
     assert "reusing 4 cached prior images" in caplog.text and "drawing" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "prior").iterdir()} == stamps
@@ -429,7 +429,7 @@ def test_prior_resume_equals_uninterrupted_and_reuses_images(
     original = victim.read_bytes()
     victim.write_bytes(original[:-8] + b"\0" * 8)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         train_lora(
             make_prior_cfg(sd_models["epsilon"], max_steps=1),
             pairs,
