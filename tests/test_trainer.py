@@ -14,7 +14,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ccsr.config import Config
-from ccsr.trainer import LORA_WEIGHTS_NAME, TrainPair, _generator, train_lora
+from ccsr.rundir import LORA_WEIGHTS_NAME
+from ccsr.trainer import TrainPair, train_lora
+from ccsr.training_data import seeded_generator
 
 RESOLUTION = 32  # the VAE downsamples 8x: 4x4 latents, enough for the UNet's one down block
 
@@ -106,7 +108,7 @@ def test_cached_and_uncached_paths_agree(sd_models, pairs, tmp_path, caplog):
     # One latent file (both flips) per image and one text file per caption, reused by a later run.
     assert len(list(cache_dir.glob("latent-*.safetensors"))) == len(pairs)
     assert len(list(cache_dir.glob("text-*.safetensors"))) == len(pairs)
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         again = train_lora(
             make_cfg(sd_models["epsilon"], max_steps=3), pairs, tmp_path / "c2", encode_cache_dir=cache_dir
         )
@@ -157,7 +159,7 @@ def test_torn_and_corrupt_checkpoints_are_skipped(sd_models, pairs, reference_ru
     adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
     shutil.copytree(ckpts / "step-2", ckpts / "step-5")
     (ckpts / "step-5" / "complete.json").unlink()
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         train_lora(cfg, pairs, tmp_path)
     assert "skipping checkpoint" in caplog.text and "step-5" in caplog.text and "checksum" in caplog.text
     assert "step 2 of 6" in caplog.text
@@ -174,7 +176,7 @@ def test_target_follows_the_scheduler_config(sd_models, pairs, tmp_path, predict
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from ccsr.trainer import _load_pixels
+    from ccsr.training_data import load_pixels
 
     model = sd_models[prediction_type]
     cfg = make_cfg(model, max_steps=1, batch_size=2)
@@ -188,12 +190,12 @@ def test_target_follows_the_scheduler_config(sd_models, pairs, tmp_path, predict
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     assert scheduler.config.prediction_type == prediction_type
 
-    indices = torch.randperm(len(pairs), generator=_generator(cfg.seed, 0, 0)).tolist()[:2]
-    g = _generator(cfg.seed, 1, 0, 0)
+    indices = torch.randperm(len(pairs), generator=seeded_generator(cfg.seed, 0, 0)).tolist()[:2]
+    g = seeded_generator(cfg.seed, 1, 0, 0)
     flips = (torch.rand(2, generator=g) < 0.5).tolist()
     pixels = []
     for i, flip in zip(indices, flips, strict=True):
-        x = _load_pixels(pairs[i].image_path, RESOLUTION)
+        x = load_pixels(pairs[i].image_path, RESOLUTION)
         pixels.append(torch.flip(x, dims=[2]) if flip else x)
     with torch.no_grad():
         dist = vae.encode(torch.stack(pixels)).latent_dist
@@ -352,7 +354,7 @@ def test_prior_term_step_one_by_hand(sd_models, pairs, prior_reference, tmp_path
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from ccsr.trainer import _load_pixels
+    from ccsr.training_data import load_pixels
 
     model = sd_models["epsilon"]
     plain = train_lora(make_cfg(model, max_steps=1), pairs, tmp_path / "plain")
@@ -369,12 +371,12 @@ def test_prior_term_step_one_by_hand(sd_models, pairs, prior_reference, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
     size = 4  # min(batch_size 4, 4 prior images)
-    indices = torch.randperm(len(images), generator=_generator(0, 3, 0)).tolist()[:size]
-    g = _generator(0, 4, 0, 0)
+    indices = torch.randperm(len(images), generator=seeded_generator(0, 3, 0)).tolist()[:size]
+    g = seeded_generator(0, 4, 0, 0)
     flips = (torch.rand(size, generator=g) < 0.5).tolist()
     pixels = []
     for i, flip in zip(indices, flips, strict=True):
-        x = _load_pixels(images[i], RESOLUTION)
+        x = load_pixels(images[i], RESOLUTION)
         pixels.append(torch.flip(x, dims=[2]) if flip else x)
     with torch.no_grad():
         dist = vae.encode(torch.stack(pixels)).latent_dist
@@ -410,7 +412,7 @@ def test_prior_resume_equals_uninterrupted_and_reuses_images(
     prior_files = sorted((tmp_path / "prior").iterdir())
     stamps = {p.name: p.stat().st_mtime_ns for p in prior_files}
     caplog.clear()  # only the resumed run's log counts (an earlier test may have left the root at INFO)
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         train_lora(cfg, pairs, tmp_path)
     assert "reusing 4 cached prior images" in caplog.text and "drawing" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "prior").iterdir()} == stamps
@@ -427,7 +429,7 @@ def test_prior_resume_equals_uninterrupted_and_reuses_images(
     original = victim.read_bytes()
     victim.write_bytes(original[:-8] + b"\0" * 8)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="ccsr.trainer"):
+    with caplog.at_level(logging.INFO, logger="ccsr"):
         train_lora(
             make_prior_cfg(sd_models["epsilon"], max_steps=1),
             pairs,

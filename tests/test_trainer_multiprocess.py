@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ccsr.config import Config, save_config
-from ccsr.trainer import LORA_WEIGHTS_NAME, _shard
+from ccsr.rundir import LORA_WEIGHTS_NAME
+from ccsr.trainer import _shard
 
 # 5 pairs, global batch 4, 2 epochs: step 1 splits 2 + 2, step 2 (the epoch's last sample) splits 0 + 1, so
 # an empty share is exercised too.
