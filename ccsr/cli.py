@@ -16,15 +16,14 @@ import errno
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn
 
-from ccsr.config import Config, ConfigError, load_config, resolve_data_path, save_config
-from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name
+from ccsr.config import Config, ConfigError, load_config, model_keys, resolve_data_path, save_config
+from ccsr.rundir import LORA_WEIGHTS_NAME, RunDir, RunDirError, run_lock, slugify, validate_class_name
 
 logger = logging.getLogger("ccsr")
 
@@ -45,12 +44,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"ccsr: error: {message} (see {self.prog} --help)\n")
 
 
-def _set_offline(cfg: Config) -> None:
-    """Set the hub/ultralytics offline switches when the config asks for it or every model is local.
+def set_offline(cfg: Config) -> None:
+    """Set the hub/ultralytics offline switches when the config asks for it or every model is on disk.
 
-    The libraries read these variables when they are imported (FIELD-NOTES: importing ultralytics without
-    YOLO_OFFLINE does DNS look-ups), so this runs before any of them is imported. For an in-process caller
-    that imported huggingface_hub already, its module-level flag is switched too.
+    The libraries read these variables when they are imported (ultralytics without YOLO_OFFLINE does DNS
+    look-ups on import), so this runs before any of them is imported: deciding needs no hub library (see
+    ``all_models_local``). For an in-process caller that imported huggingface_hub already, its module-level
+    flag is switched too.
     """
     if cfg.offline or all_models_local(cfg):
         for var in OFFLINE_VARS:
@@ -102,7 +102,8 @@ def _remove_log_handlers() -> None:
 
 
 # --- cheap checks of the models a config names (file names only: no weights are loaded) ---------------
-# key -> (what a local folder must be, a file it must hold, accepted config.json model_type prefixes)
+# What a local folder named by a model key must be: (what it is, a file it must hold, accepted config.json
+# model_type prefixes). detector.model is a YOLO-World .pt file instead (_check_detector).
 MODEL_FOLDERS = {
     "prompter.model": ("a causal language model folder", "config.json", ()),
     "generator.model": ("a diffusers Stable Diffusion folder", "model_index.json", ()),
@@ -110,8 +111,8 @@ MODEL_FOLDERS = {
     "detector.text_model": ("a CLIP folder", "config.json", ("clip",)),
     "evaluator.model": ("a CLIP folder", "config.json", ("clip",)),
 }
-# A hub id is ``name`` or ``org/name``; anything else that does not exist locally is a missing path.
-_HUB_ID_RE = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# Loaded whatever the backends: the trainer fine-tunes generator.model, the evaluation's CLIP score.
+_ALWAYS_LOADED = ("generator.model", "evaluator.model")
 
 
 def _value(cfg: Config, key: str) -> str | None:
@@ -119,44 +120,44 @@ def _value(cfg: Config, key: str) -> str | None:
     return getattr(getattr(cfg, section), field_name)
 
 
-def _is_local(name: str) -> bool:
+def _on_disk(name: str) -> bool:
     from ccsr.models import is_embedded
 
-    if is_embedded(name):
-        return True
-    path = Path(name).expanduser()
-    return path.exists() or not _HUB_ID_RE.match(name) or name.startswith(("./", "../", "~"))
+    return is_embedded(name) or Path(name).expanduser().exists()
 
 
-def _is_local_detector(name: str) -> bool:
-    # ultralytics knows no hub ids: a name is a path, or a bare asset name (yolov8s-worldv2.pt) it downloads.
-    from ccsr.models import is_embedded
+def _is_hub_id(name: str) -> bool:
+    """``name`` or ``org/name`` by the hub's own rules. Imports huggingface_hub: call after ``set_offline``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    return is_embedded(name) or Path(name).expanduser().exists() or "/" in name or os.sep in name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _models_in_use(cfg: Config) -> list[str]:
-    """The model keys the configured backends will load (folder-checked ones first, then detector.model)."""
-    keys = ["generator.model", "evaluator.model"]
-    for role, role_keys in (
-        ("prompter", ["prompter.model"]),
-        ("judge", ["judge.model"]),
-        ("detector", ["detector.text_model", "detector.model"]),
-    ):
-        # TEMPORARY (redesign in progress): a backend named by import path is taken to load no model.
-        from ccsr.backends import is_import_path
+    """The model keys this config's run loads, in config order: each backend class's ``model_keys``."""
+    from ccsr.backends import BACKENDS, backend_class, loaded_model_keys
 
-        if not is_import_path(getattr(cfg, role).backend):
-            keys += role_keys
-    return keys
+    in_use = set(_ALWAYS_LOADED)
+    for role in BACKENDS:
+        try:
+            in_use.update(loaded_model_keys(role, backend_class(role, getattr(cfg, role).backend)))
+        except ValueError as exc:
+            raise UserError(f"{role}.backend: {exc}") from None
+    return [key for key in model_keys() if key in in_use]
 
 
 def all_models_local(cfg: Config) -> bool:
-    """True when no model of the config is a hub id or a download, so the run never needs the network."""
-    return all(
-        _is_local_detector(_value(cfg, key)) if key == "detector.model" else _is_local(_value(cfg, key))
-        for key in _models_in_use(cfg)
-    )
+    """True when every model the run loads is embedded or an existing file or folder.
+
+    Any other name is a hub id or an ultralytics asset name, both downloads, or no model at all, which
+    ``check_models`` refuses before anything runs: either way the run is not an offline one. So this needs
+    no hub library, and can run before the offline switches are set.
+    """
+    return all(_on_disk(_value(cfg, key)) for key in _models_in_use(cfg))
 
 
 def _check_readable(key: str, path: Path) -> None:
@@ -182,7 +183,7 @@ def _check_folder(key: str, name: str) -> None:
         return _check_tiny(key, name)
     path = Path(name).expanduser()
     if not path.exists():
-        if _is_local(name):
+        if not _is_hub_id(name):
             raise UserError(f"{key}: {name} does not exist; give {what} or a hub id")
         return  # a hub id: resolved (or refused, offline) by the library when the model is loaded
     if not path.is_dir():
@@ -212,8 +213,9 @@ def _check_detector(cfg: Config) -> None:
         return _check_tiny(key, name)
     path = Path(name).expanduser()
     if not path.exists():
-        # ultralytics downloads a bare asset name such as yolov8s-worldv2.pt; offline that cannot work.
-        if _is_local_detector(name) or cfg.offline:
+        # ultralytics downloads a bare asset name such as yolov8s-worldv2.pt (a name with a slash is a path);
+        # offline that cannot work.
+        if "/" in name or os.sep in name or cfg.offline:
             raise UserError(
                 f"{key}: {name} does not exist; give a local YOLO-World .pt file"
                 + (" (offline: true forbids ultralytics' download)" if cfg.offline else "")
@@ -231,8 +233,9 @@ def _check_detector(cfg: Config) -> None:
 
 
 def check_models(cfg: Config) -> None:
-    """Every model a config names must be a known embedded model, a hub id, or a local folder of the right
-    kind. Judged from the files a folder holds, without loading weights; hub ids are not looked up."""
+    """Every model the run loads must be a known embedded model, a hub id, or a local folder of the right
+    kind. Judged from the files a folder holds, without loading weights; hub ids are not looked up. Imports
+    huggingface_hub for a name that is not on disk: call after ``set_offline``."""
     for key in _models_in_use(cfg):
         if key == "detector.model":
             _check_detector(cfg)
@@ -248,6 +251,16 @@ def check_data_files(cfg: Config) -> None:
         value = _value(cfg, key)
         if value is not None and not resolve_data_path(value).is_file():
             raise UserError(f"{key}: file {value} not found; give an existing file (see prompts/)")
+    validation = cfg.prompter.validation_file
+    if validation is not None:
+        try:
+            text = resolve_data_path(validation).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"prompter.validation_file: {validation} cannot be read ({exc})") from None
+        if not text.strip():  # the evaluation would have no prompt to score, the gate nothing to compare
+            raise UserError(
+                f"prompter.validation_file: {validation} holds no prompt; give one prompt per line"
+            )
     try:
         QuestionSet.load(resolve_data_path(cfg.judge.questions))
     except ValueError as exc:  # QuestionSet names the file, the question and the problem
@@ -269,7 +282,7 @@ def _load(args) -> Config:
     cfg = load_config(args.config, args.set or [], class_name=class_name)
     if iterations is not None:
         cfg.iterations = iterations
-    _set_offline(cfg)
+    set_offline(cfg)
     return cfg
 
 
@@ -297,7 +310,7 @@ def _resume_config(run: RunDir, cfg: Config) -> Config:
             "resuming with the run's saved config; ignoring changed keys: %s", ", ".join(sorted(diff))
         )
     saved.iterations = cfg.iterations
-    _set_offline(saved)
+    set_offline(saved)
     return saved
 
 
@@ -410,12 +423,14 @@ def cmd_generate(args) -> int:
         logging.getLogger("ccsr").info("champion: %s at scale %g", args.lora or "base model", scales[0])
     scales = scales or [1.0]
     if args.lora:
-        from ccsr.generator import LORA_FILE
-
         if not Path(args.lora).is_dir():
-            raise UserError(f"--lora {args.lora}: folder not found; give a folder holding {LORA_FILE}")
-        if not (Path(args.lora) / LORA_FILE).is_file():
-            raise UserError(f"--lora {args.lora}: no {LORA_FILE} in that folder; give a trained LoRA folder")
+            raise UserError(
+                f"--lora {args.lora}: folder not found; give a folder holding {LORA_WEIGHTS_NAME}"
+            )
+        if not (Path(args.lora) / LORA_WEIGHTS_NAME).is_file():
+            raise UserError(
+                f"--lora {args.lora}: no {LORA_WEIGHTS_NAME} in that folder; give a trained LoRA folder"
+            )
     if any(not 0.0 <= sc <= 1.0 for sc in scales):
         raise UserError(f"--scale must be within [0, 1], got {scales}")
     if args.num <= 0:
@@ -453,7 +468,7 @@ def cmd_eval(args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a ccsr run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
-    _set_offline(cfg)
+    set_offline(cfg)
     run = RunDir(run_dir)
     trained = [k for k in run.iterations() if run.lora_file(k).is_file()]
     if not trained:
@@ -488,8 +503,8 @@ def cmd_export(args) -> int:
     from ccsr.export import export_kohya
 
     lora = Path(args.lora)
-    if not (lora / "pytorch_lora_weights.safetensors").is_file() and not lora.is_file():
-        raise UserError(f"{lora}: no pytorch_lora_weights.safetensors; give a LoRA folder written by ccsr")
+    if not (lora / LORA_WEIGHTS_NAME).is_file() and not lora.is_file():
+        raise UserError(f"{lora}: no {LORA_WEIGHTS_NAME}; give a LoRA folder written by ccsr")
     try:
         print(export_kohya(lora, Path(args.out)))
     except ValueError as exc:

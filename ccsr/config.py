@@ -1,7 +1,9 @@
 """Typed configuration: dataclasses filled from YAML, overridden by ``--set key.path=value``.
 
-Unknown keys and wrong types are rejected with a message naming the key and the file. The resolved
-config is written to the run directory as ``config.yaml`` so that a run can be resumed or reproduced.
+Unknown keys and wrong types are rejected with a message naming the key and the file. Each section checks
+its own ranges and choices when it is built (``__post_init__``) and again on ``validate()``; ``Config``
+adds the checks that span sections. The resolved config is written to the run directory as ``config.yaml``
+so that a run can be resumed or reproduced.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+
+from ccsr.backends import backend_target, is_import_path
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -27,79 +31,173 @@ class ConfigError(ValueError):
     """A problem with a config file or an override; the message names the key and the source."""
 
 
+class _Section:
+    """What every section shares: its key in the config and the range checks its ``validate`` is made of.
+
+    A failed check raises ConfigError naming the dotted key (``'generator.steps' must be > 0, got 0``);
+    ``load_config`` puts the file in front.
+    """
+
+    section: ClassVar[str] = ""  # the section's key ("generator"); "" for the top level
+    model_fields: ClassVar[tuple[str, ...]] = ()  # fields naming a model: hub id, local folder or ccsr-tiny/*
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in self.model_fields:
+            if not getattr(self, name).strip():
+                raise ConfigError(
+                    f"'{self._key(name)}' is empty; give a hub id, a local folder or ccsr-tiny/<name>"
+                )
+
+    def _key(self, name: str) -> str:
+        return f"{self.section}.{name}" if self.section else name
+
+    def _require(self, ok: bool, name: str, requirement: str) -> None:
+        if not ok:
+            raise ConfigError(f"'{self._key(name)}' {requirement}, got {getattr(self, name)!r}")
+
+    def _one_of(self, name: str, allowed: tuple[str, ...]) -> None:
+        self._require(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}")
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            self._require(getattr(self, name) > 0, name, "must be > 0")
+
+    def _positive_or_none(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            self._require(value is None or value > 0, name, "must be > 0 (or null for none)")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+
+    def _unit_interval(self, *names: str) -> None:
+        for name in names:
+            self._require(0.0 <= getattr(self, name) <= 1.0, name, "must be within [0, 1]")
+
+    def _backend(self) -> None:
+        """A name of the backend table (``ccsr.backends.BACKENDS``) or an import path ``package.module:Class``."""
+        try:
+            backend_target(self.section, self.backend)
+        except ValueError as exc:
+            raise ConfigError(f"'{self.section}.backend': {exc}") from None
+
+
 @dataclass
-class PrompterConfig:
-    backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
-    model: str = field(default="ccsr-tiny/mistral", metadata={"help": "hub id, local folder or ccsr-tiny/*"})
-    n_prompts: int = field(default=100, metadata={"help": "new training prompts per iteration (paper: 100)"})
-    n_validation: int = field(default=50, metadata={"help": "held-out validation prompts (paper: 50)"})
-    validation_file: str | None = field(
-        default=None, metadata={"help": "one prompt per line; else generated"}
-    )
+class PrompterConfig(_Section):
+    section: ClassVar[str] = "prompter"
+    model_fields: ClassVar[tuple[str, ...]] = ("model",)
+
+    backend: str = "transformers"
+    model: str = "ccsr-tiny/mistral"
+    n_prompts: int = 100  # new training prompts per iteration (paper: 100)
+    n_validation: int = 50  # held-out validation prompts (paper: 50), unless validation_file lists them
+    validation_file: str | None = None  # one prompt per line
     temperature: float = 0.7  # paper section 3
     top_p: float = 0.95  # paper section 3
     max_new_tokens: int = 512
     prompts_per_call: int = 10
     max_attempts: int = 20
-    similarity_threshold: float = field(
-        default=0.8, metadata={"help": "drop a prompt whose word-trigram Jaccard similarity is above this"}
-    )
-    max_words: int = field(default=60, metadata={"help": "longer prompts are cut (CLIP reads 77 tokens)"})
-    ensure_class: bool = field(
-        default=True, metadata={"help": "prefix the class name when a prompt lacks it"}
-    )
+    similarity_threshold: float = 0.8  # a prompt more similar than this to one already kept is dropped
+    max_words: int = 60  # longer prompts are cut (CLIP reads 77 tokens)
+    ensure_class: bool = True  # prefix the class name when a prompt lacks it
     system_prompt: str = "prompts/system_prompt.txt"
     examples: str = "prompts/examples.txt"
     trust_remote_code: bool = False
-    quantization: str | None = field(default=None, metadata={"help": "vllm: None lets vLLM auto-detect"})
+    quantization: str | None = None  # vllm: None lets vLLM detect it from the checkpoint
     gpu_memory_utilization: float = 0.85
+
+    def validate(self) -> None:
+        super().validate()
+        self._backend()
+        self._positive("n_prompts", "n_validation", "max_new_tokens", "prompts_per_call", "max_attempts")
+        self._positive("max_words")
+        self._unit_interval("similarity_threshold", "top_p")
+        self._require(0.0 < self.temperature <= 5.0, "temperature", "must be within (0, 5]")
+        self._require(
+            0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be within (0, 1]"
+        )
 
 
 @dataclass
-class GeneratorConfig:
-    backend: str = field(default="diffusers", metadata={"help": "diffusers"})
+class GeneratorConfig(_Section):
+    section: ClassVar[str] = "generator"
+    model_fields: ClassVar[tuple[str, ...]] = ("model",)
+
+    backend: str = "diffusers"
     model: str = "ccsr-tiny/stable-diffusion"
-    num_candidates: int = field(default=10, metadata={"help": "N images per prompt (paper: 10)"})
+    num_candidates: int = 10  # N images per prompt (paper: 10)
     resolution: int = 512
     steps: int = 50
     guidance_scale: float = 7.5
     batch_size: int = 10
-    generation_scale: float = field(default=1.0, metadata={"help": "LoRA scale for the next candidates"})
+    generation_scale: float = 1.0  # LoRA scale of the previous iteration's LoRA for the next candidates
+
+    def validate(self) -> None:
+        super().validate()
+        self._backend()
+        self._positive("num_candidates", "resolution", "steps", "batch_size")
+        self._non_negative("guidance_scale")
+        self._unit_interval("generation_scale")
+        self._require(self.resolution % 8 == 0, "resolution", "must be a multiple of 8")
 
 
 @dataclass
-class JudgeConfig:
-    backend: str = field(default="transformers", metadata={"help": "transformers | vllm"})
+class JudgeConfig(_Section):
+    section: ClassVar[str] = "judge"
+    model_fields: ClassVar[tuple[str, ...]] = ("model",)
+
+    backend: str = "transformers"
     model: str = "ccsr-tiny/llava-next"
     questions: str = "prompts/questions.yaml"
-    mode: str = field(default="logits", metadata={"help": "logits (fast, one pass) | generate (free text)"})
-    tie_break: str = field(default="none", metadata={"help": "none (paper) | p_yes"})
-    min_score: int | None = field(
-        default=None,
-        metadata={
-            "help": "a prompt yields a pair only if its best eq. 1 score reaches this (None: the paper)"
-        },
+    mode: str = "logits"  # logits: the answer token's probability, one pass; generate: free text, parsed
+    tie_break: str = "none"  # none (paper) | p_yes: images of the same eq. 1 score ranked by signed P(yes)
+    min_score: int | None = (
+        None  # a prompt yields a pair only if its best eq. 1 score reaches it (paper: None)
     )
     batch_size: int = 4
     max_new_tokens: int = 16
     trust_remote_code: bool = False
 
+    def validate(self) -> None:
+        super().validate()
+        self._backend()
+        self._one_of("mode", ("logits", "generate"))
+        self._one_of("tie_break", ("none", "p_yes"))
+        self._positive("batch_size", "max_new_tokens")
+        # The table's judges read P(yes) in logits mode only (generate mode gives None); the tie-break would
+        # silently rank every tied image equal.
+        if self.tie_break == "p_yes" and self.mode == "generate" and not is_import_path(self.backend):
+            raise ConfigError(
+                "'judge.tie_break' p_yes needs judge.mode: logits (generate mode reads no P(yes))"
+            )
+
 
 @dataclass
-class DetectorConfig:
-    backend: str = field(default="yolo_world", metadata={"help": "yolo_world"})
-    model: str = field(
-        default="ccsr-tiny/yolo-world", metadata={"help": "folder or .pt of a YOLO-World model"}
-    )
-    text_model: str = field(
-        default="ccsr-tiny/clip", metadata={"help": "CLIP model whose text tower embeds the class name"}
-    )
-    threshold: float = field(default=0.6, metadata={"help": "minimum detection confidence (paper: 0.6)"})
+class DetectorConfig(_Section):
+    section: ClassVar[str] = "detector"
+    model_fields: ClassVar[tuple[str, ...]] = ("model", "text_model")
+
+    backend: str = "yolo_world"
+    model: str = "ccsr-tiny/yolo-world"  # a YOLO-World .pt file or a folder holding one
+    text_model: str = "ccsr-tiny/clip"  # CLIP model whose text tower embeds the class name
+    threshold: float = 0.6  # minimum detection confidence (paper: 0.6)
     image_size: int = 640
 
+    def validate(self) -> None:
+        super().validate()
+        self._backend()
+        self._unit_interval("threshold")
+        self._positive("image_size")
+
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Section):
+    section: ClassVar[str] = "trainer"
+
     rank: int = 4
     alpha: float = 4.0
     learning_rate: float = 1e-4
@@ -110,68 +208,116 @@ class TrainerConfig:
     max_steps: int | None = None
     resolution: int = 512
     random_flip: bool = True
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    mixed_precision: str = "no"
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     max_grad_norm: float = 1.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train_on: str = field(default="all", metadata={"help": "all (pairs of every iteration) | newest"})
-    init_from: str = field(default="previous", metadata={"help": "previous (LoRA of k-1) | fresh"})
+    train_on: str = "all"  # all: the pairs of every iteration so far; newest: this iteration's only
+    init_from: str = "previous"  # previous: continue from the LoRA of iteration k-1; fresh: a new LoRA
     checkpoint_every: int = 0
     checkpoints_kept: int = 2
     cache_latents: bool = True
     reward_weighted: bool = False
-    prior_weight: float = field(
-        default=0.0,
-        metadata={"help": "beta of the prior-preservation term (Lee et al. 2023, eq. 2); 0 = off"},
-    )
-    prior_images: int = field(
-        default=8, metadata={"help": "base-model images of class prompts for the prior"}
-    )
+    prior_weight: float = 0.0  # beta of the prior-preservation term (Lee et al. 2023, eq. 2); 0 = off
+    prior_images: int = 8  # base-model images of class prompts for the prior term
+    # Class prompt templates of the prior images, cycled; {class_name} is filled in.
     prior_prompts: list[str] = field(
         default_factory=lambda: [
             "a photo of a {class_name}",
             "a photo of the {class_name}",
             "a close-up photo of a {class_name}",
             "a picture of a {class_name}",
-        ],
-        metadata={"help": "class prompt templates of the prior images, cycled; {class_name} is filled in"},
+        ]
     )
+
+    def validate(self) -> None:
+        super().validate()
+        self._one_of("lr_scheduler", ("constant", "constant_with_warmup", "linear", "cosine"))
+        self._one_of("mixed_precision", ("no", "fp16", "bf16"))
+        self._one_of("train_on", ("all", "newest"))
+        self._one_of("init_from", ("previous", "fresh"))
+        self._positive("rank", "batch_size", "epochs", "resolution", "gradient_accumulation_steps")
+        self._positive("checkpoints_kept", "learning_rate", "alpha")
+        self._positive_or_none("max_steps", "snr_gamma")
+        self._non_negative(
+            "lr_warmup_steps", "checkpoint_every", "noise_offset", "prior_weight", "max_grad_norm"
+        )
+        self._require(self.resolution % 8 == 0, "resolution", "must be a multiple of 8")
+        if self.prior_weight > 0:
+            if self.prior_images < 1 or not self.prior_prompts:
+                raise ConfigError(
+                    "'trainer.prior_weight' > 0 needs trainer.prior_images >= 1 and trainer.prior_prompts"
+                )
+            for template in self.prior_prompts:
+                try:
+                    template.format(class_name="x")
+                except (KeyError, IndexError, ValueError, AttributeError) as exc:
+                    raise ConfigError(
+                        f"'trainer.prior_prompts': a template may only use the {{class_name}} placeholder, "
+                        f"got {template!r} ({exc!r})"
+                    ) from None
 
 
 @dataclass
-class EvaluatorConfig:
-    model: str = field(default="ccsr-tiny/clip", metadata={"help": "CLIP model for the CLIP score"})
+class EvaluatorConfig(_Section):
+    section: ClassVar[str] = "evaluator"
+    model_fields: ClassVar[tuple[str, ...]] = ("model",)
+
+    model: str = "ccsr-tiny/clip"  # CLIP model of the CLIP score
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # paper: 50 prompts x 4 seeds
     scales: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.7, 1.0])  # paper fig. 9
     tie_band: float = 0.01  # paper: a difference under 0.01 is a tie
-    judge_and_detect: bool = field(
-        default=True, metadata={"help": "also score eval images with the judge and the detector"}
-    )
+    judge_and_detect: bool = True  # also score the evaluation images with the judge and the detector
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.scales:
+            raise ConfigError("'evaluator.scales' must list at least one LoRA scale")
+        for s in self.scales:
+            if not 0.0 <= s <= 1.0:
+                raise ConfigError(f"'evaluator.scales' must be within [0, 1], got {s!r}")
+        # Scale 0 is the base model, always evaluated; without a scale > 0 the LoRA never is, and the gate
+        # would score it 0.0.
+        self._require(any(s > 0 for s in self.scales), "scales", "must list at least one LoRA scale > 0")
+        if not self.seeds:
+            raise ConfigError("'evaluator.seeds' must list at least one seed")
+        self._require(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
+        self._non_negative("tie_band")
+
+
+# The evaluation's summary per scale: what each gate metric needs it to compute.
+GATE_METRICS = ("win_rate", "clip_score", "judge_score", "detection_rate")
+_NEEDS_JUDGE_AND_DETECT = ("judge_score", "detection_rate")
 
 
 @dataclass
-class GateConfig:
-    enabled: bool = field(default=True, metadata={"help": "accept a LoRA only if it beats the champion"})
-    metric: str = field(
-        default="win_rate", metadata={"help": "win_rate | clip_score | judge_score | detection_rate"}
-    )
-    margin: float = field(
-        default=0.0, metadata={"help": "the new LoRA must beat the champion by more than this"}
-    )
+class GateConfig(_Section):
+    section: ClassVar[str] = "gate"
+
+    enabled: bool = True  # accept a LoRA only if it beats the champion
+    metric: str = "win_rate"
+    margin: float = 0.0  # the new LoRA must beat the champion by more than this
+
+    def validate(self) -> None:
+        super().validate()
+        self._one_of("metric", GATE_METRICS)
+
+
+DEVICES = ("auto", "cpu", "mps", "cuda")  # or cuda:N
 
 
 @dataclass
-class Config:
+class Config(_Section):
     seed: int = 0
     class_name: str | None = None
     iterations: int = 1
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16 for inference"})
-    offline: bool = field(default=False, metadata={"help": "set the hub/ultralytics offline switches"})
-    model_cache: str | None = field(default=None, metadata={"help": "where ccsr-tiny/* models are built"})
+    device: str = "auto"  # auto | cpu | mps | cuda | cuda:N
+    dtype: str = "float32"  # of inference
+    offline: bool = False  # set the hub/ultralytics offline switches even for hub ids
+    model_cache: str | None = None  # where ccsr-tiny/* models are built (default: $CCSR_CACHE)
     prompter: PrompterConfig = field(default_factory=PrompterConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
@@ -180,69 +326,43 @@ class Config:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
+    def sections(self) -> list[_Section]:
+        return [value for value in vars(self).values() if isinstance(value, _Section)]
+
+    def validate(self) -> None:
+        """Every section's checks, the top level's and those across sections (for a config changed in place,
+        as tests and notebooks do, call it again)."""
+        for section in self.sections():
+            section.validate()
+        self._one_of("dtype", ("float32", "float16", "bfloat16"))
+        self._positive("iterations")
+        self._non_negative("seed")
+        device, _, index = self.device.partition(":")
+        if (
+            device not in DEVICES
+            or (index and not (device == "cuda" and index.isdigit()))
+            or self.device.endswith(":")
+        ):
+            raise ConfigError(f"'device' must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.gate.metric in _NEEDS_JUDGE_AND_DETECT and not self.evaluator.judge_and_detect:
+            raise ConfigError(
+                f"'gate.metric' {self.gate.metric} is computed only with evaluator.judge_and_detect: true; "
+                "set it, or use gate.metric win_rate or clip_score"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    "judge.mode": ("logits", "generate"),
-    "judge.tie_break": ("none", "p_yes"),
-    "trainer.mixed_precision": ("no", "fp16", "bf16"),
-    "trainer.train_on": ("all", "newest"),
-    "trainer.init_from": ("previous", "fresh"),
-    "trainer.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
-    "dtype": ("float32", "float16", "bfloat16"),
-    "gate.metric": ("win_rate", "clip_score", "judge_score", "detection_rate"),
-}
-POSITIVE = (
-    "iterations",
-    "prompter.n_prompts",
-    "prompter.n_validation",
-    "prompter.max_new_tokens",
-    "prompter.prompts_per_call",
-    "prompter.max_attempts",
-    "prompter.max_words",
-    "generator.num_candidates",
-    "generator.resolution",
-    "generator.steps",
-    "generator.batch_size",
-    "judge.batch_size",
-    "judge.max_new_tokens",
-    "detector.image_size",
-    "trainer.rank",
-    "trainer.batch_size",
-    "trainer.epochs",
-    "trainer.resolution",
-    "trainer.gradient_accumulation_steps",
-    "trainer.checkpoints_kept",
-    "trainer.learning_rate",
-    "trainer.alpha",
-)
-UNIT_INTERVAL = (
-    "detector.threshold",
-    "prompter.similarity_threshold",
-    "prompter.top_p",
-    "generator.generation_scale",
-)
-NON_NEGATIVE = (
-    "seed",
-    "generator.guidance_scale",
-    "trainer.lr_warmup_steps",
-    "trainer.checkpoint_every",
-    "trainer.noise_offset",
-    "trainer.prior_weight",
-    "trainer.max_grad_norm",
-)
-POSITIVE_OR_NONE = ("trainer.max_steps", "trainer.snr_gamma")
-MODEL_KEYS = (
-    "prompter.model",
-    "generator.model",
-    "judge.model",
-    "detector.model",
-    "detector.text_model",
-    "evaluator.model",
-)
-DEVICES = ("auto", "cpu", "mps", "cuda")  # or cuda:N
+def model_keys() -> tuple[str, ...]:
+    """Every config key that names a model (``judge.model``, ``detector.text_model``, ...), in config order."""
+    hints = typing.get_type_hints(Config)
+    return tuple(
+        f"{hints[f.name].section}.{name}"
+        for f in dataclasses.fields(Config)
+        if isinstance(hints[f.name], type) and issubclass(hints[f.name], _Section)
+        for name in hints[f.name].model_fields
+    )
 
 
 def _type_name(tp: Any) -> str:
@@ -304,76 +424,10 @@ def _fill(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any
             kwargs[name] = _fill(tp, value, source, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(value, tp, prefix + name, source)
-    return cls(**kwargs)
-
-
-def _get(cfg: Config, dotted: str) -> Any:
-    obj: Any = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def validate(cfg: Config, source: str) -> Config:
-    """Range and choice checks that types alone can't express."""
-    from ccsr.backends import BACKENDS, backend_target
-
-    for role in BACKENDS:
-        try:
-            backend_target(role, getattr(cfg, role).backend)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: '{role}.backend': {exc}") from None
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{source}: '{key}' must be > 0, got {_get(cfg, key)!r}")
-    for key in POSITIVE_OR_NONE:
-        if _get(cfg, key) is not None and _get(cfg, key) <= 0:
-            raise ConfigError(f"{source}: '{key}' must be > 0 (or null for none), got {_get(cfg, key)!r}")
-    for key in NON_NEGATIVE:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{source}: '{key}' must be >= 0, got {_get(cfg, key)!r}")
-    for key in UNIT_INTERVAL:
-        if not 0.0 <= _get(cfg, key) <= 1.0:
-            raise ConfigError(f"{source}: '{key}' must be within [0, 1], got {_get(cfg, key)!r}")
-    if not 0.0 < cfg.prompter.gpu_memory_utilization <= 1.0:
-        raise ConfigError(
-            f"{source}: 'prompter.gpu_memory_utilization' must be within (0, 1], "
-            f"got {cfg.prompter.gpu_memory_utilization!r}"
-        )
-    for key in MODEL_KEYS:
-        if not _get(cfg, key).strip():
-            raise ConfigError(
-                f"{source}: '{key}' is empty; give a hub id, a local folder or ccsr-tiny/<name>"
-            )
-    device, _, index = cfg.device.partition(":")
-    if (
-        device not in DEVICES
-        or (index and not (device == "cuda" and index.isdigit()))
-        or cfg.device.endswith(":")
-    ):
-        raise ConfigError(f"{source}: 'device' must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
-    if any(s < 0 for s in cfg.evaluator.seeds):
-        raise ConfigError(f"{source}: 'evaluator.seeds' must be >= 0, got {cfg.evaluator.seeds!r}")
-    if not 0.0 < cfg.prompter.temperature <= 5.0:
-        raise ConfigError(
-            f"{source}: 'prompter.temperature' must be within (0, 5], got {cfg.prompter.temperature}"
-        )
-    if not cfg.evaluator.scales:
-        raise ConfigError(f"{source}: 'evaluator.scales' must list at least one LoRA scale")
-    for s in cfg.evaluator.scales:
-        if not 0.0 <= s <= 1.0:
-            raise ConfigError(f"{source}: 'evaluator.scales' must be within [0, 1], got {s!r}")
-    if not cfg.evaluator.seeds:
-        raise ConfigError(f"{source}: 'evaluator.seeds' must list at least one seed")
-    if cfg.evaluator.tie_band < 0:
-        raise ConfigError(f"{source}: 'evaluator.tie_band' must be >= 0, got {cfg.evaluator.tie_band}")
-    if cfg.generator.resolution % 8 or cfg.trainer.resolution % 8:
-        raise ConfigError(f"{source}: 'generator.resolution' and 'trainer.resolution' must be multiples of 8")
-    return cfg
+    try:
+        return cls(**kwargs)  # the section validates itself
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -429,7 +483,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), class_name: 
         data["class_name"] = class_name
     if overrides:
         source += " (with --set overrides)"
-    return validate(_fill(Config, data, source), source)
+    return _fill(Config, data, source)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -65,6 +65,8 @@ def set_class_embedding(model, feats, name: str) -> None:
 class YoloWorldDetector:
     """ultralytics YOLO-World with class embeddings set offline; one class at a time, images in batches."""
 
+    model_keys = ("detector.model", "detector.text_model")
+
     def __init__(self, cfg: Config):
         from ultralytics import YOLOWorld
 

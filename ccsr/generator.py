@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ccsr.rundir import LORA_WEIGHTS_NAME
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -14,11 +16,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-
 
 class DiffusersGenerator:
     """A diffusers ``StableDiffusionPipeline`` loaded once; LoRAs are loaded once each, scales switched freely."""
+
+    model_keys = ("generator.model",)
 
     def __init__(self, cfg: Config):
         import torch
@@ -46,10 +48,10 @@ class DiffusersGenerator:
             return
         key = str(Path(lora).resolve())
         if key not in self._adapters:
-            if not (Path(key) / LORA_FILE).is_file():
-                raise FileNotFoundError(f"no {LORA_FILE} in LoRA folder {lora}")
+            if not (Path(key) / LORA_WEIGHTS_NAME).is_file():
+                raise FileNotFoundError(f"no {LORA_WEIGHTS_NAME} in LoRA folder {lora}")
             name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:10]
-            self.pipe.load_lora_weights(key, weight_name=LORA_FILE, adapter_name=name)
+            self.pipe.load_lora_weights(key, weight_name=LORA_WEIGHTS_NAME, adapter_name=name)
             self._adapters[key] = name
         self.pipe.enable_lora()
         self.pipe.set_adapters([self._adapters[key]], adapter_weights=[float(scale)])

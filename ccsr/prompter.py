@@ -185,6 +185,8 @@ def collect_prompts(
 class TransformersPrompter:
     """Any causal LM folder or hub id with a chat template, through transformers."""
 
+    model_keys = ("prompter.model",)
+
     def __init__(self, cfg: Config):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,7 +1,8 @@
 """vLLM prompter for GPU boxes (paper: Mistral-7B-Instruct, AWQ).
 
 The quantization method is left to vLLM's auto-detection unless the config names one: vLLM reads AWQ
-checkpoints itself and picks its faster Marlin kernels on recent GPUs when left to choose (FIELD-NOTES).
+checkpoints itself and picks its faster Marlin kernels on recent GPUs when left to choose (naming
+``awq`` explicitly selects the slower plain AWQ kernels).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
 
 
 class VLLMPrompter:
+    model_keys = ("prompter.model",)
+
     def __init__(self, cfg: Config):
         from vllm import LLM  # CUDA-only wheel: an optional extra, imported only here
 

@@ -54,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_iteration(run_dir: Path, k: int):
     """Train iteration ``k``'s LoRA of the run in ``run_dir`` with the loop's train-stage code."""
-    # Until the config branch is merged, the CLI's offline switch is private (then: ccsr.cli.set_offline).
-    from ccsr.cli import _set_offline
+    from ccsr.cli import set_offline
     from ccsr.loop import init_lora, train_iteration_lora, training_pairs
 
     run = RunDir(run_dir)
@@ -64,7 +63,7 @@ def train_iteration(run_dir: Path, k: int):
     if k < 1:
         raise TrainCliError(f"--iteration must be >= 1, got {k}")
     cfg = load_config(run.config_path)
-    _set_offline(cfg)
+    set_offline(cfg)
     needed = [k] if cfg.trainer.train_on == "newest" else list(range(1, k + 1))
     missing = [j for j in needed if not run.files(j)["pairs"].is_file()]
     if missing:

@@ -91,6 +91,12 @@ def fake_folders(tmp_path) -> dict[str, Path]:
         ("generator.generation_scale=2", "'generator.generation_scale' must be within [0, 1]"),
         ("device=gpu", "'device' must be auto, cpu, mps, cuda or cuda:N"),
         ("judge.model=", "'judge.model' is empty"),
+        ("detector.text_model= ", "'detector.text_model' is empty"),
+        ("judge.backend=nope", "unknown judge backend 'nope': use one of transformers, vllm"),
+        ("generator.resolution=500", "'generator.resolution' must be a multiple of 8"),
+        ("evaluator.scales=[0]", "'evaluator.scales' must list at least one LoRA scale > 0"),
+        ("trainer.prior_weight=-1", "'trainer.prior_weight' must be >= 0"),
+        ("trainer.checkpoint_every=-1", "'trainer.checkpoint_every' must be >= 0"),
     ],
 )
 def test_config_values_are_refused_before_anything_is_written(tmp_path, capsys, override, expected):
@@ -182,6 +188,34 @@ def test_missing_data_files(tmp_path, capsys):
     assert "prompter.examples" in line and "not found" in line
     line = refused(["validate", "--config", str(tmp_path / "none.yaml")], capsys)
     assert "config file not found" in line
+
+
+@pytest.mark.parametrize("metric", ["judge_score", "detection_rate"])
+def test_a_gate_metric_the_evaluation_does_not_compute_is_refused(capsys, metric):
+    # Without judge and detector on the evaluation images, the summary has no such metric: the gate would
+    # score every LoRA 0.0.
+    base = ["validate", "--config", TINY, "--set", f"gate.metric={metric}"]
+    assert main(base) == 0
+    line = refused([*base, "--set", "evaluator.judge_and_detect=false"], capsys)
+    assert f"'gate.metric' {metric}" in line and "evaluator.judge_and_detect: true" in line
+    for computed in ("win_rate", "clip_score"):
+        argv = ["validate", "--config", TINY, "--set", f"gate.metric={computed}"]
+        assert main([*argv, "--set", "evaluator.judge_and_detect=false"]) == 0
+
+
+def test_a_p_yes_tie_break_needs_the_logits_mode(capsys):
+    base = ["validate", "--config", TINY, "--set", "judge.tie_break=p_yes"]
+    assert main(base) == 0
+    line = refused([*base, "--set", "judge.mode=generate"], capsys)
+    assert "'judge.tie_break' p_yes needs judge.mode: logits" in line
+
+
+def test_an_empty_validation_file_is_refused(tmp_path, capsys):
+    path = write(tmp_path / "validation.txt", "\n  \n")
+    line = refused(["validate", "--config", TINY, "--set", f"prompter.validation_file={path}"], capsys)
+    assert line.startswith("ccsr: error: prompter.validation_file: ") and "holds no prompt" in line
+    write(path, "a giraffe at dusk\n")
+    assert main(["validate", "--config", TINY, "--set", f"prompter.validation_file={path}"]) == 0
 
 
 # --- class names -------------------------------------------------------------------------------------
@@ -440,8 +474,12 @@ def test_log_file_on_a_full_disk_prints_no_traceback(tmp_path, capsys):
     assert "Logging error" not in err and "Traceback" not in err
 
 
+# The shapes world's backends (configs/shapes.yaml) declare ``model_keys = ()``.
+SHAPES_BACKENDS = "experiments.shapes.backends"
+
+
 def test_model_keys_of_model_free_backends_are_not_checked(capsys):
-    shapes = "ccsr.shapes.backends"
+    shapes = SHAPES_BACKENDS
     sets = [f"judge.backend={shapes}:MeasuringJudge", "judge.model=/no/such/llava"]
     sets += [f"detector.backend={shapes}:MeasuringDetector", "detector.model=/no/such.pt"]
     sets += [f"prompter.backend={shapes}:GrammarPrompter", "prompter.model=/no/such/lm"]
@@ -451,3 +489,50 @@ def test_model_keys_of_model_free_backends_are_not_checked(capsys):
     assert main(argv) == 0
     line = refused(["validate", "--config", TINY, "--set", "judge.model=/no/such/llava"], capsys)
     assert "judge.model" in line
+
+
+def test_a_backend_class_without_model_keys_is_checked_for_its_sections_models(capsys):
+    # ccsr.prompter:TransformersPrompter declares its keys; collect_prompts is no class and says nothing.
+    import ccsr.prompter
+
+    assert not hasattr(ccsr.prompter.PromptBatch, "model_keys")
+    sets = ["prompter.backend=ccsr.prompter:PromptBatch", "prompter.model=/no/such/lm"]
+    line = refused(["validate", "--config", TINY, "--set", sets[0], "--set", sets[1]], capsys)
+    assert line.startswith("ccsr: error: prompter.model: ") and "does not exist" in line
+    sets = ["detector.backend=ccsr.prompter:PromptBatch", "detector.text_model=/no/such/clip"]
+    line = refused(["validate", "--config", TINY, "--set", sets[0], "--set", sets[1]], capsys)
+    assert line.startswith("ccsr: error: detector.text_model: ")
+
+
+def test_a_backend_that_cannot_be_imported_is_named(capsys):
+    line = refused(["validate", "--config", TINY, "--set", "judge.backend=ccsr.no_such_module:Judge"], capsys)
+    assert "judge.backend" in line and "cannot import ccsr.no_such_module:Judge" in line
+    line = refused(["validate", "--config", TINY, "--set", "judge.backend=ccsr.judge:NoSuchJudge"], capsys)
+    assert "judge.backend" in line and "NoSuchJudge" in line
+
+
+@pytest.mark.parametrize(
+    "name, is_hub_id",
+    [
+        ("gpt2", True),
+        ("openai/clip-vit-base-patch32", True),
+        ("llava-hf/llava-v1.6-mistral-7b-hf", True),
+        ("./gpt2", False),
+        ("../models/gpt2", False),
+        ("~/models", False),
+        ("/abs/path", False),
+        ("a/b/c", False),
+        ("foo--bar", False),
+        ("has space", False),
+    ],
+)
+def test_model_names_that_are_not_on_disk_are_hub_ids_or_missing_paths(capsys, name, is_hub_id):
+    argv = ["validate", "--config", TINY, "--set", f"prompter.model={name}"]
+    if is_hub_id:
+        assert main(argv) == 0
+    else:
+        line = refused(argv, capsys)
+        assert (
+            line
+            == f"ccsr: error: prompter.model: {name} does not exist; give a causal language model folder or a hub id"
+        )

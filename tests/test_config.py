@@ -99,3 +99,67 @@ def test_defaults_roundtrip(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
+
+
+def test_each_section_validates_itself_when_built_and_on_demand():
+    from ccsr.config import EvaluatorConfig, GeneratorConfig, TrainerConfig
+
+    with pytest.raises(ConfigError, match=r"'generator\.steps' must be > 0, got 0"):
+        GeneratorConfig(steps=0)
+    with pytest.raises(ConfigError, match=r"'trainer\.max_steps' must be > 0 \(or null for none\)"):
+        TrainerConfig(max_steps=0)
+    with pytest.raises(ConfigError, match=r"'evaluator\.seeds' must be >= 0"):
+        EvaluatorConfig(seeds=[0, -1])
+    cfg = Config()
+    cfg.trainer.prior_weight = -1.0  # changed in place, as tests and notebooks do: validate() sees it
+    with pytest.raises(ConfigError, match=r"'trainer\.prior_weight' must be >= 0"):
+        cfg.validate()
+    cfg = Config()
+    cfg.gate.metric, cfg.evaluator.judge_and_detect = "detection_rate", False
+    with pytest.raises(ConfigError, match=r"'gate\.metric' detection_rate is computed only with"):
+        cfg.validate()
+
+
+def test_trainer_prior_checks_apply_only_with_a_prior_term(repo_root):
+    tiny = repo_root / "configs" / "tiny.yaml"
+    assert load_config(tiny, ["trainer.prior_images=0", "trainer.prior_prompts=[]"]).trainer.prior_weight == 0
+    with pytest.raises(ConfigError, match=r"needs trainer.prior_images >= 1 and trainer.prior_prompts"):
+        load_config(tiny, ["trainer.prior_weight=0.5", "trainer.prior_images=0"])
+    with pytest.raises(ConfigError, match=r"needs trainer.prior_images >= 1 and trainer.prior_prompts"):
+        load_config(tiny, ["trainer.prior_weight=0.5", "trainer.prior_prompts=[]"])
+    for template in ("a {0}", "a {class_name", "a {class_name.x}"):
+        with pytest.raises(ConfigError, match=r"'trainer\.prior_prompts': a template may only use"):
+            load_config(tiny, ["trainer.prior_weight=0.5", f"trainer.prior_prompts=['{template}']"])
+    ok = load_config(tiny, ["trainer.prior_weight=0.5", "trainer.prior_prompts=['a {class_name}, {{x}}']"])
+    assert ok.trainer.prior_prompts == ["a {class_name}, {{x}}"]
+
+
+def test_every_model_key_is_a_section_field_with_a_known_kind():
+    from ccsr.cli import MODEL_FOLDERS
+    from ccsr.config import model_keys
+
+    keys = model_keys()
+    assert keys == (
+        "prompter.model",
+        "generator.model",
+        "judge.model",
+        "detector.model",
+        "detector.text_model",
+        "evaluator.model",
+    )
+    assert set(MODEL_FOLDERS) | {"detector.model"} == set(keys)  # detector.model: a .pt file, checked apart
+
+
+def test_backend_classes_declare_the_models_they_load():
+    from ccsr.backends import BACKENDS, backend_class, loaded_model_keys
+    from ccsr.config import model_keys
+
+    for role, table in BACKENDS.items():
+        for name in table:
+            keys = loaded_model_keys(role, backend_class(role, name))
+            assert keys and set(keys) <= set(model_keys()) and all(k.startswith(f"{role}.") for k in keys)
+    assert loaded_model_keys("detector", backend_class("detector", "yolo_world")) == (
+        "detector.model",
+        "detector.text_model",
+    )
+    assert loaded_model_keys("judge", object) == ("judge.model",)  # a class that says nothing: its section's

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ccsr.cli import OFFLINE_VARS, _set_offline, all_models_local
+from ccsr.cli import OFFLINE_VARS, all_models_local, set_offline
 from ccsr.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_local_models_switch_offline_on_even_when_the_config_does_not(monkeypatc
         monkeypatch.delenv(var, raising=False)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["offline=false"])
     assert all_models_local(cfg)
-    _set_offline(cfg)
+    set_offline(cfg)
     assert all(os.environ[v] == "1" for v in OFFLINE_VARS)
 
 
@@ -122,10 +122,10 @@ def test_hub_ids_stay_online_unless_the_config_says_offline(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["offline=false", "judge.model=llava-hf/llava-v1.6"])
     assert not all_models_local(cfg)
-    _set_offline(cfg)
+    set_offline(cfg)
     assert not any(v in os.environ for v in OFFLINE_VARS)
     cfg.offline = True
-    _set_offline(cfg)
+    set_offline(cfg)
     assert all(os.environ[v] == "1" for v in OFFLINE_VARS)
 
 

@@ -42,6 +42,8 @@ class GrammarPrompter:
     (``prompter.validation_file``, written by ``python -m experiments.shapes.proof``).
     """
 
+    model_keys = ()  # loads no model
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.shape = _class_of(cfg)
@@ -159,6 +161,8 @@ class _QuestionReader:
 class MeasuringJudge:
     """Answers by measuring the image (palette segmentation, connected components, shape features)."""
 
+    model_keys = ()  # loads no model
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.reader = _QuestionReader(cfg)
@@ -185,6 +189,8 @@ class RandomJudge:
     """The 'without the judge' ablation: every answer a fair coin, seeded by the image's pixels (so a resumed
     run answers the same). The best eq. (1) score of a prompt is then a random subset of its candidates."""
 
+    model_keys = ()  # loads no model
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.reader = _QuestionReader(cfg)
@@ -205,6 +211,8 @@ class RandomJudge:
 class MeasuringDetector:
     """Per image, the confidence that the class is present: its best component's similarity to the class
     prototype (1.0 for a clean render, ~0 for a blank image or a blob of another shape)."""
+
+    model_keys = ()  # loads no model
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
