@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# Set before any hub library is imported by a test module (FIELD-NOTES: offline pitfalls).
+# Set before any hub library is imported by a test module (they read the switches at import time).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
