@@ -12,6 +12,8 @@ before anything is loaded; a class that says nothing is taken to load every mode
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import typing
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +59,10 @@ def backend_class(role: str, name: str) -> type:
     """
     target = backend_target(role, name)
     module, cls = target.split(":")
+    if name not in BACKENDS[role] and "" not in sys.path and os.getcwd() not in sys.path:
+        # An import path is looked up as ``python -m`` would, the current folder first: the ``ccsr`` script's
+        # own sys.path starts at its bin folder, where no experiment lives.
+        sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as exc:

@@ -536,3 +536,16 @@ def test_model_names_that_are_not_on_disk_are_hub_ids_or_missing_paths(capsys, n
             line
             == f"ccsr: error: prompter.model: {name} does not exist; give a causal language model folder or a hub id"
         )
+
+
+def test_the_ccsr_script_finds_an_experiments_backend_from_the_repository_root():
+    """The console script's sys.path starts at its bin folder; an import-path backend is looked up from the
+    current folder first, as ``python -m`` does."""
+    script = Path(sys.executable).with_name("ccsr")
+    if not script.exists():
+        pytest.skip("no ccsr console script beside this interpreter")
+    cmd = [str(script), "validate", "--config", "configs/shapes.yaml"]
+    cmd += ["--set", "generator.model=ccsr-tiny/stable-diffusion"]
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
