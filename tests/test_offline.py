@@ -129,6 +129,29 @@ def test_hub_ids_stay_online_unless_the_config_says_offline(monkeypatch):
     assert all(os.environ[v] == "1" for v in OFFLINE_VARS)
 
 
+def test_deciding_the_offline_switches_imports_no_hub_library(repo_root):
+    """The decision runs before the switches are set, so it must not import what reads them (the hub's own
+    repo-id validation is used later, by check_models). Checked in a fresh process without the switches."""
+    code = (
+        "import sys\n"
+        "from ccsr.cli import all_models_local, set_offline\n"
+        "from ccsr.config import load_config\n"
+        "for name in ('tiny',):\n"
+        "    cfg = load_config(f'configs/{name}.yaml', ['offline=false'])\n"
+        "    assert all_models_local(cfg), name\n"
+        "    set_offline(cfg)\n"
+        "hub = {'huggingface_hub', 'transformers', 'diffusers', 'ultralytics', 'torch'}\n"
+        "print(sorted(hub & {m.split('.')[0] for m in sys.modules}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_validate_and_generate_make_no_connection(tmp_path):
     proc, events = run_guarded(tmp_path, ["validate", "--config", "configs/tiny.yaml"])
     assert_offline(proc, events)
