@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -58,29 +59,38 @@ def model_path(name: str, cache_dir: str | Path | None = None) -> Path:
     return root / f"{name[len(PREFIX) :]}-v{BUILD_VERSION}"
 
 
+def build_once(out: Path, build: Callable[[Path], None], stamp: str) -> Path:
+    """``out``, built first by ``build(folder)`` if it is not there yet. Processes that ask at the same time
+    wait on a file lock; the folder is built under a temporary name beside it and renamed, so it appears whole
+    or not at all (a failed build leaves nothing behind). ``stamp`` (a build version) marks it finished."""
+    done = out / ".ccsr-built"
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if done.exists():
+            return out
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            (tmp / ".ccsr-built").write_text(stamp, encoding="utf-8")
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
     """Return a loadable path or id for ``name``, building the embedded model first if needed."""
     if not is_embedded(name):
         return name
-    key = name[len(PREFIX) :]
-    out = model_path(name, cache_dir)
-    root = out.parent
-    done = out / ".ccsr-built"
-    if done.exists():
-        return str(out)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{key}.lock")):
-        if done.exists():
-            return str(out)
-        tmp = root / f".{key}-v{BUILD_VERSION}.tmp{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        logger.info("building embedded tiny model %s in %s", name, out)
-        module, func = BUILDERS[key].split(":")
-        getattr(importlib.import_module(module), func)(tmp, seed=0)
-        (tmp / ".ccsr-built").write_text(BUILD_VERSION)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    return str(out)
+    module, func = BUILDERS[name[len(PREFIX) :]].split(":")
+
+    def build(folder: Path) -> None:
+        logger.info("building embedded tiny model %s", name)
+        folder.mkdir(parents=True)
+        getattr(importlib.import_module(module), func)(folder, seed=0)
+
+    return str(build_once(model_path(name, cache_dir), build, BUILD_VERSION))

@@ -18,16 +18,13 @@ backgrounds well and counts only loosely; a judge that counts can pick the candi
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from filelock import FileLock
 
 from experiments.shapes import world
 
@@ -438,25 +435,13 @@ def model_dir(cache_dir: str | Path | None = None) -> Path:
 def cached_base_model(cache_dir: str | Path | None = None) -> Path:
     """The default-recipe base model's folder, trained into it first if it is not there (~25 min). Processes
     that ask at the same time wait on a file lock; the folder appears whole (built beside it, then renamed)."""
-    out = model_dir(cache_dir)
-    done = out / ".built"
-    if done.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f".{out.name}.lock")):
-        if done.exists():
-            return out
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("training the shapes base model into %s", out)
-        try:
-            train_base_model(tmp, BaseModelConfig())
-            (tmp / ".built").write_text(VERSION, encoding="utf-8")
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    from ccsr.models import build_once
+
+    def build(folder: Path) -> None:
+        logger.info("training the shapes base model into %s", model_dir(cache_dir))
+        train_base_model(folder, BaseModelConfig())
+
+    return build_once(model_dir(cache_dir), build, VERSION)
 
 
 def _parse_bool(text: str) -> bool:
