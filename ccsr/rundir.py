@@ -299,6 +299,20 @@ class Pair(Record):
 
 
 @dataclass
+class Preference(Record):
+    """preferences.jsonl: a winner and a strictly lower-scored loser of one prompt (Diffusion-DPO's data)."""
+
+    prompt_id: str
+    prompt: str
+    winner_index: int
+    loser_index: int
+    winner_path: str
+    loser_path: str
+    winner_score: int
+    loser_score: int
+
+
+@dataclass
 class EvalRecord(Record):
     """eval/records.jsonl: one evaluation image (held-out prompt x seed x LoRA scale) and its measures."""
 
@@ -474,6 +488,7 @@ class RunDir:
             "judgments": d / "judgments.jsonl",
             "detections": d / "detections.jsonl",
             "pairs": d / "pairs.jsonl",
+            "preferences": d / "preferences.jsonl",
             "dataset": d / "dataset",
         }
 

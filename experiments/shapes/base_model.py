@@ -9,10 +9,13 @@ Training, in two phases on freshly rendered 64 px scenes:
 1. the VAE (3 blocks: a 64 px image becomes a 4x16x16 latent) learns to reconstruct scenes;
 2. the UNet and the text encoder learn the denoising objective on the VAE's latents of captioned scenes.
 
-The deliberate weakness (what the loop is meant to fix): with probability ``count_label_noise`` a training
-caption carries a wrong count word, the way web captions often miscount (Lee et al. 2023 report that Stable
-Diffusion gets counts wrong but colours and backgrounds right). The base model therefore learns colours and
-backgrounds well and counts only loosely; a judge that counts can pick the candidates that got it right.
+The deliberate weaknesses (what the loop is meant to fix), both the kind of error web captions make:
+1. the targeted one, a mis-captioned class-colour binding: scenes captioned "purple circle(s)" show purple
+   circles only with probability ``weak_binding_shown``; the others show circles of another colour, so the
+   base draws a purple circle for a purple-circle prompt in only a fraction of samples, and a judge that
+   reads colours can pick those (the loop's premise: best-of-ten can reach what the base draws rarely);
+2. a secondary one: with probability ``count_label_noise`` a caption carries the wrong count word (Lee et
+   al. 2023 report that Stable Diffusion gets counts wrong but colours and backgrounds right).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ logger = logging.getLogger(__name__)
 # trusted. 4: transformers' warm-up + cosine schedule (lr 0 at step 0, the cosine starting after the warm-up)
 # replaced a hand-written one. diffusers' EMAModel, which replaced a hand-written EMA at the same time, gives
 # the same weights bit for bit (its first step copies instead of averaging; that is gone within ~50 steps).
-VERSION = "4"
+# 5: counts one and two only; the purple-circle binding mis-captioned; count label noise 0.25.
+VERSION = "5"
 MAX_LENGTH = 16  # tokens: the longest caption of the grammar is 10 with BOS/EOS; CLIP would use 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VAE_CROP = 32
@@ -47,14 +51,14 @@ EXTRA_WORDS = ("a", "an", "on", "with", "against", "background", "of", "in", "th
 
 @dataclass
 class BaseModelConfig:
-    """How the base model is trained. Defaults: ~25 minutes on 2 idle CPU cores (docs/proof.md)."""
+    """How the base model is trained. Defaults: about 20 minutes on 2 idle CPU cores (docs/proof.md)."""
 
     seed: int = 0
     images: int = 12000  # rendered training scenes (each drawn with a fresh random layout)
     vae_steps: int = 1500
     vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
-    unet_steps: int = 6000
+    unet_steps: int = 5000
     unet_batch_size: int = 32
     unet_learning_rate: float = 1e-3
     # A 16x16 latent under SD's schedule keeps 6.8% of the signal at the last timestep, as much as the mean
@@ -70,7 +74,10 @@ class BaseModelConfig:
     # sample much cleaner shapes from their EMA weights than from the last step's.
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty captions, so classifier-free guidance works
-    count_label_noise: float = 0.5  # the deliberate weakness, see the module docstring
+    count_label_noise: float = 0.25  # the secondary weakness, see the module docstring
+    # The targeted weakness: "class:colour", and how often a scene captioned with it shows it.
+    weak_binding: str = "circle:purple"
+    weak_binding_shown: float = 0.25
     # CPU results depend on the thread count (reduction order): a fixed count makes the model the same on
     # every machine of the same kind. Two threads: a UNet step took 0.25 s against 0.34 s with one on an idle
     # machine; on a busy one, two OpenMP threads waiting on each other can be far slower than one.
@@ -185,18 +192,39 @@ def _template_of(scene: world.Scene) -> str:
     raise ValueError(f"caption not from the grammar: {scene.caption!r}")
 
 
-def render_dataset(n: int, seed: int, noise: float) -> tuple[np.ndarray, list[str], list[world.SceneSpec]]:
+def weak_binding(cfg: BaseModelConfig) -> tuple[str, str]:
+    shape, _, colour = cfg.weak_binding.partition(":")
+    if shape not in world.CLASSES or colour not in world.COLOURS:
+        raise ValueError(f"weak_binding must be 'class:colour' of the world, got {cfg.weak_binding!r}")
+    return shape, colour
+
+
+def shown_spec(spec: world.SceneSpec, rng: random.Random, cfg: BaseModelConfig) -> world.SceneSpec:
+    """What a scene captioned ``spec`` really shows: ``spec`` itself, except for the weak binding, which is
+    shown only with probability ``cfg.weak_binding_shown`` and otherwise in another colour, chosen uniformly."""
+    shape, colour = weak_binding(cfg)
+    if spec.shape != shape or spec.colour != colour or rng.random() < cfg.weak_binding_shown:
+        return spec
+    other = rng.choice([c for c in world.COLOURS if c != colour])
+    return world.SceneSpec(spec.shape, spec.count, other, spec.background)
+
+
+def render_dataset(
+    n: int, seed: int, cfg: BaseModelConfig
+) -> tuple[np.ndarray, list[str], list[world.SceneSpec]]:
     """``n`` scenes over every class and combination (held-out ones included: they are pre-training data,
-    held out only from the loop's prompts), their possibly miscounted captions, and their true specs."""
+    held out only from the loop's prompts), their captions (miscounted with probability
+    ``cfg.count_label_noise``; the weak binding's captions mostly wrong in colour), and what they really show."""
     rng = random.Random(f"base-data:{seed}")
     specs = [s for shape in world.CLASSES for s in world.all_specs(shape)]
     pixels = np.empty((n, world.SIZE, world.SIZE, 3), dtype=np.uint8)
     captions, truths = [], []
     for i in range(n):
         scene = world.random_scene(rng.choice(specs), rng)
-        pixels[i] = np.asarray(world.render(scene.spec, scene.objects))
-        captions.append(noisy_caption(scene, rng, noise))
-        truths.append(scene.spec)
+        truth = shown_spec(scene.spec, rng, cfg)
+        pixels[i] = np.asarray(world.render(truth, scene.objects))
+        captions.append(noisy_caption(scene, rng, cfg.count_label_noise))
+        truths.append(truth)
     return pixels, captions, truths
 
 
@@ -395,7 +423,7 @@ def _train_base_model(out_dir: Path, cfg: BaseModelConfig) -> dict:
     started = time.perf_counter()
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_parts(tokenizer, cfg.seed)
-    pixels, captions, truths = render_dataset(cfg.images, cfg.seed, cfg.count_label_noise)
+    pixels, captions, truths = render_dataset(cfg.images, cfg.seed, cfg)
     t_data = time.perf_counter() - started
     logger.info("rendered %d scenes in %.0f s", len(pixels), t_data)
     torch.manual_seed(cfg.seed)
