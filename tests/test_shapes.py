@@ -79,7 +79,7 @@ def test_judge_catches_wrong_count_colour_and_background():
     image = world.render(spec, world.place_objects(spec, rng))
     ids = questions.ids
     prompts = {
-        "count": "three red squares on a white background",
+        "count": "one red square on a white background",
         "colour": "two blue squares on a white background",
         "background": "two red squares on a black background",
     }
@@ -124,6 +124,22 @@ def test_grammar_prompter_and_random_judge():
     assert first == RandomJudge(cfg).answer([image], rendered)[0].answers
     with pytest.raises(ValueError, match="shapes world draws"):
         GrammarPrompter(_cfg("giraffe"))
+
+
+def test_base_data_mis_captions_only_the_weak_binding():
+    from experiments.shapes.base_model import BaseModelConfig, render_dataset
+
+    cfg = BaseModelConfig(weak_binding_shown=0.25, count_label_noise=0.0)
+    _, captions, truths = render_dataset(4000, 0, cfg)
+    asked = [(world.parse_caption(c), t) for c, t in zip(captions, truths, strict=True)]
+    weak = [t for spec, t in asked if (spec.shape, spec.colour) == ("circle", "purple")]
+    shown = sum(t.colour == "purple" for t in weak) / len(weak)
+    assert 0.15 < shown < 0.35, shown  # 25% of ~170 scenes
+    assert all(t.shape == "circle" and t.colour != "purple" for t in weak if t.colour != "purple")
+    # every other caption shows what it says (count noise is off here)
+    assert all(spec == t for spec, t in asked if (spec.shape, spec.colour) != ("circle", "purple"))
+    with pytest.raises(ValueError, match="class:colour"):
+        render_dataset(2, 0, BaseModelConfig(weak_binding="circle:pink"))
 
 
 def test_tokenizer_has_one_token_per_grammar_word():
