@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 # replaced a hand-written one. diffusers' EMAModel, which replaced a hand-written EMA at the same time, gives
 # the same weights bit for bit (its first step copies instead of averaging; that is gone within ~50 steps).
 # 5: counts one and two only; the purple-circle binding mis-captioned; count label noise 0.25.
-VERSION = "5"
+# 6: objects 1.4x larger (a shape spans several latent pixels).
+VERSION = "6"
 MAX_LENGTH = 16  # tokens: the longest caption of the grammar is 10 with BOS/EOS; CLIP would use 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VAE_CROP = 32

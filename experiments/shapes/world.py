@@ -187,8 +187,10 @@ def _polygon(shape: str, obj: PlacedObject, scale: float) -> list[tuple[float, f
     return [(cx + d * math.cos(a + obj.angle), cy + d * math.sin(a + obj.angle)) for d, a in vertices]
 
 
-# Circumradius range per class, chosen so the four classes cover similar areas (~100-350 px).
-_SIZE_RANGE = {"circle": (6.0, 9.5), "square": (7.0, 11.0), "triangle": (8.5, 13.0), "star": (9.0, 13.5)}
+# Circumradius range per class, chosen so the four classes cover similar areas (~230-700 px). Large enough
+# that a shape spans several latent pixels (the VAE downsamples 4x): with objects half this size the base
+# model drew one blob for every class word (docs/proof.md).
+_SIZE_RANGE = {"circle": (8.5, 13.0), "square": (10.0, 15.5), "triangle": (12.0, 18.0), "star": (12.5, 19.0)}
 
 
 def place_objects(spec: SceneSpec, rng: random.Random) -> list[PlacedObject]:
