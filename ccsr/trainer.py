@@ -8,15 +8,24 @@ see :mod:`ccsr.training_data`), then runs training steps over a :class:`MicroBat
 (:mod:`ccsr.checkpoints`) and writes a diffusers-format LoRA. :func:`train_lora` is the entry point.
 
 Where an objective goes: :meth:`LoRATrainer.compute_loss` turns one micro-batch of each data stream into
-``(loss, logs)``. Today's objective is the fidelity term plus ``beta`` times the prior term (Lee et al. 2023,
-eq. 2), each a :meth:`LoRATrainer.denoising_loss` over a :class:`DenoisingBatch`. Another objective (e.g.
-Diffusion-DPO: a frozen reference UNet and winner/loser batches that share noise and timesteps) replaces
-``compute_loss``, builds its streams in ``_build_streams`` and names its log keys in ``log_names``.
+``(loss, logs)``, the streams are built in ``_build_streams`` and the logged terms named in ``log_names``.
+``trainer.objective: sft`` (the paper) is the fidelity term plus ``beta`` times the prior term (Lee et al.
+2023, eq. 2), each a :meth:`LoRATrainer.denoising_loss` over a :class:`DenoisingBatch`.
+
+``trainer.objective: dpo`` is Diffusion-DPO (Wallace et al. 2023) on (prompt, winner, loser) preference pairs
+(:class:`PreferenceStream`: a pair's two images share flip, noise and timestep). With l(x) the per-sample MSE
+of the prediction target, logits = (l_ref(w) - l_ref(l)) - (l(w) - l(l)) and the loss is
+``-logsigmoid(dpo_beta * logits)``, diffusers' convention (``train_diffusion_dpo.py``): without the paper's
+1/2 factor, so ``dpo_beta`` 2500 is the paper's beta 5000. ``dpo_sft_weight`` adds the plain denoising loss on
+the winners, and the prior term adds on as for sft. The reference is the model the candidates were drawn
+with: the base (the UNet's adapters disabled) or the champion LoRA at the generation scale, a second peft
+adapter that is never trained; both run without gradients, before the trained adapter's forward pass.
 
 Reproducibility does not depend on where a run was interrupted: every random draw of optimizer step ``s``
 comes from a generator seeded by ``(cfg.seed, 1, s, micro_batch)`` (``(cfg.seed, 4, s, micro_batch)`` for the
-prior images) and the data order of epoch ``e`` from ``(cfg.seed, 0, e)`` (``(cfg.seed, 3, e)``), so a
-resumed run draws exactly what the uninterrupted run drew. Nor does it depend on the number of processes
+prior images, ``(cfg.seed, 6, s, micro_batch)`` for the preference pairs) and the data order of epoch ``e`` from
+``(cfg.seed, 0, e)`` (``(cfg.seed, 3, e)``, ``(cfg.seed, 5, e)``), so a resumed run draws exactly what the
+uninterrupted run drew. Nor does it depend on the number of processes
 (``accelerate launch`` / torchrun, see ``ccsr.train_cli``): each process draws the whole global batch's
 numbers and keeps its slice, so only the float summation order differs.
 """
@@ -28,6 +37,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -701,7 +711,9 @@ class LoRATrainer:
         import torch
 
         folder, weight = (lora, LORA_WEIGHTS_NAME) if lora.is_dir() else (lora.parent, lora.name)
-        with torch.random.fork_rng(devices=[]):  # nothing of the caller's generator is drawn
+        # Nothing of the caller's generator is drawn; peft's warning about a second adapter is this design.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             self.unet.load_lora_adapter(
                 str(folder),
                 weight_name=weight,
