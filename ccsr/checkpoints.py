@@ -40,13 +40,25 @@ TRAIN_LOG = "train_log.jsonl"
 # Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
 # still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
 FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")
+# The Diffusion-DPO settings: left out of an sft fingerprint, so the sft LoRAs and checkpoints written before these
+# settings existed keep their fingerprints (and are not trained again).
+DPO_FIELDS = ("objective", "dpo_beta", "dpo_sft_weight")
 
 
 def fingerprint(
-    cfg: Config, model_path: str, pairs: list[TrainPair], image_hashes: list[str], init_hash: str | None
+    cfg: Config,
+    model_path: str,
+    pairs: list[TrainPair],
+    image_hashes: list[str],
+    init_hash: str | None,
+    dpo: dict | None = None,
 ) -> str:
-    """sha256 of everything the trained weights depend on: model, seed, trainer settings, data, init LoRA."""
+    """sha256 of everything the trained weights depend on: model, seed, trainer settings, data, init LoRA; for
+    objective dpo also ``dpo`` (the preference pairs' prompts and image hashes, the reference LoRA's hash and
+    scale; see ``ccsr.trainer.train_lora``)."""
     trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in FINGERPRINT_EXCLUDED}
+    if cfg.trainer.objective == "sft":
+        trainer = {k: v for k, v in trainer.items() if k not in DPO_FIELDS}
     payload = {
         "model": model_path,
         "seed": cfg.seed,
@@ -55,6 +67,8 @@ def fingerprint(
         "init_lora": init_hash,
         "pixels": PIXEL_TRANSFORM,
     }
+    if dpo is not None:
+        payload["dpo"] = dpo
     if cfg.trainer.prior_weight > 0:
         # The prior images are a function of these (and of model, seed, resolution, already above).
         payload["prior"] = {

@@ -31,6 +31,7 @@ from ccsr.rundir import (
     Detection,
     Judgment,
     Pair,
+    Preference,
     PromptRecord,
     RunDir,
     append_records,
@@ -66,10 +67,26 @@ def init_lora(cfg: Config, run: RunDir, k: int) -> Path | None:
 
 def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
     """Train iteration k's LoRA into ``run.lora_dir(k)`` with the run's encoding cache and prior images;
-    returns the trainer's ``TrainResult`` (at once when the finished LoRA of the same setup is there)."""
-    from ccsr.trainer import TrainPair, train_lora
+    returns the trainer's ``TrainResult`` (at once when the finished LoRA of the same setup is there).
 
-    pairs = [TrainPair(p.prompt, run.root / p.path, float(p.score)) for p in training_pairs(cfg, run, k)]
+    Objective dpo trains on the preference pairs against the model iteration k drew its candidates with:
+    the champion before k at ``generator.generation_scale``, or the base model.
+    """
+    from ccsr.trainer import PreferencePair, TrainPair, train_lora
+
+    dpo: dict = {}
+    if cfg.trainer.objective == "dpo":
+        pairs = []
+        dpo = {
+            "preferences": [
+                PreferencePair(p.prompt, run.root / p.winner_path, run.root / p.loser_path)
+                for p in training_preferences(cfg, run, k)
+            ],
+            "reference_lora": gate.champion_lora(run, k),
+            "reference_scale": cfg.generator.generation_scale,
+        }
+    else:
+        pairs = [TrainPair(p.prompt, run.root / p.path, float(p.score)) for p in training_pairs(cfg, run, k)]
     return train_lora(
         cfg,
         pairs,
@@ -78,6 +95,7 @@ def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
         encode_cache_dir=run.encode_cache,
         on_step=on_step,
         prior_dir=run.prior_cache,
+        **dpo,
     )
 
 
@@ -414,21 +432,27 @@ class Loop:
 
     # --- stage 5: train ------------------------------------------------------------------------
     def stage_train(self, k: int) -> dict:
-        if not read_records(self.run.files(k)["pairs"], Pair):
+        dpo = self.cfg.trainer.objective == "dpo"
+        kind, record = ("preferences", Preference) if dpo else ("pairs", Pair)
+        if not read_records(self.run.files(k)[kind], record):
             # Nothing new to learn from: retraining on earlier pairs alone would only repeat an iteration.
-            logger.warning("iteration %d: no new pairs, training skipped", k)
-            self.run.event("train_skipped", iteration=k, reason="no new pairs")
-            return {"skipped": True, "reason": "no new pairs"}
+            reason = "no preference pairs" if dpo else "no new pairs"
+            logger.warning("iteration %d: %s, training skipped", k, reason)
+            self.run.event("train_skipped", iteration=k, reason=reason)
+            return {"skipped": True, "reason": reason}
         init = init_lora(self.cfg, self.run, k)
         with self._model_call("train"):
             result = train_iteration_lora(self.cfg, self.run, k)
-        return {
+        info = {
             "pairs": len(training_pairs(self.cfg, self.run, k)),
             "lora_sha256": sha256_file(self.run.lora_file(k)),
             "steps": result.steps,
             "final_loss": result.final_loss,
             "init_lora": str(init) if init else None,
         }
+        if dpo:
+            info["preferences"] = len(training_preferences(self.cfg, self.run, k))
+        return info
 
     # --- stage 6: eval -------------------------------------------------------------------------
     def stage_eval(self, k: int) -> dict:

@@ -8,15 +8,24 @@ see :mod:`ccsr.training_data`), then runs training steps over a :class:`MicroBat
 (:mod:`ccsr.checkpoints`) and writes a diffusers-format LoRA. :func:`train_lora` is the entry point.
 
 Where an objective goes: :meth:`LoRATrainer.compute_loss` turns one micro-batch of each data stream into
-``(loss, logs)``. Today's objective is the fidelity term plus ``beta`` times the prior term (Lee et al. 2023,
-eq. 2), each a :meth:`LoRATrainer.denoising_loss` over a :class:`DenoisingBatch`. Another objective (e.g.
-Diffusion-DPO: a frozen reference UNet and winner/loser batches that share noise and timesteps) replaces
-``compute_loss``, builds its streams in ``_build_streams`` and names its log keys in ``log_names``.
+``(loss, logs)``, the streams are built in ``_build_streams`` and the logged terms named in ``log_names``.
+``trainer.objective: sft`` (the paper) is the fidelity term plus ``beta`` times the prior term (Lee et al.
+2023, eq. 2), each a :meth:`LoRATrainer.denoising_loss` over a :class:`DenoisingBatch`.
+
+``trainer.objective: dpo`` is Diffusion-DPO (Wallace et al. 2023) on (prompt, winner, loser) preference pairs
+(:class:`PreferenceStream`: a pair's two images share flip, noise and timestep). With l(x) the per-sample MSE
+of the prediction target, logits = (l_ref(w) - l_ref(l)) - (l(w) - l(l)) and the loss is
+``-logsigmoid(dpo_beta * logits)``, diffusers' convention (``train_diffusion_dpo.py``): without the paper's
+1/2 factor, so ``dpo_beta`` 2500 is the paper's beta 5000. ``dpo_sft_weight`` adds the plain denoising loss on
+the winners, and the prior term adds on as for sft. The reference is the model the candidates were drawn
+with: the base (the UNet's adapters disabled) or the champion LoRA at the generation scale, a second peft
+adapter that is never trained; both run without gradients, before the trained adapter's forward pass.
 
 Reproducibility does not depend on where a run was interrupted: every random draw of optimizer step ``s``
 comes from a generator seeded by ``(cfg.seed, 1, s, micro_batch)`` (``(cfg.seed, 4, s, micro_batch)`` for the
-prior images) and the data order of epoch ``e`` from ``(cfg.seed, 0, e)`` (``(cfg.seed, 3, e)``), so a
-resumed run draws exactly what the uninterrupted run drew. Nor does it depend on the number of processes
+prior images, ``(cfg.seed, 6, s, micro_batch)`` for the preference pairs) and the data order of epoch ``e`` from
+``(cfg.seed, 0, e)`` (``(cfg.seed, 3, e)``, ``(cfg.seed, 5, e)``), so a resumed run draws exactly what the
+uninterrupted run drew. Nor does it depend on the number of processes
 (``accelerate launch`` / torchrun, see ``ccsr.train_cli``): each process draws the whole global batch's
 numbers and keeps its slice, so only the float summation order differs.
 """
@@ -28,8 +37,9 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +52,7 @@ from ccsr.training_data import (
     PRIOR_DIR,
     EncodingCache,
     FrozenEncoder,
+    PreferencePair,
     TrainPair,
     draw_prior,
     load_prior,
@@ -55,11 +66,20 @@ if TYPE_CHECKING:
 
     from ccsr.config import Config, TrainerConfig
 
-__all__ = ["LoRATrainer", "TrainPair", "TrainResult", "min_snr_weight", "save_lora", "train_lora"]
+__all__ = [
+    "LoRATrainer",
+    "PreferencePair",
+    "TrainPair",
+    "TrainResult",
+    "min_snr_weight",
+    "save_lora",
+    "train_lora",
+]
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
+REFERENCE_ADAPTER = "reference"  # Diffusion-DPO's reference LoRA: a second adapter, frozen, never saved
 RESULT_FILE = "train_result.json"
 
 
@@ -307,13 +327,34 @@ class MicroBatchStream:
         mine = indices[lo:hi]
         if not mine:
             return None
-        if self.cache is not None:
-            mean, std, text = self.cache.batch(mine, flips[lo:hi])
+        return self._slice(
+            self.pairs,
+            self.cache,
+            mine,
+            flips[lo:hi],
+            latent_draw[lo:hi],
+            noise[lo:hi],
+            timesteps[lo:hi],
+            size,
+        )
+
+    def _slice(
+        self,
+        pairs: list[TrainPair],
+        cache: EncodingCache | None,
+        mine: list[int],
+        flips: list[bool],
+        latent_draw: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        global_size: int,
+    ) -> DenoisingBatch:
+        """The samples ``mine`` of ``pairs`` encoded (from ``cache`` when there is one), with their draws."""
+        if cache is not None:
+            mean, std, text = cache.batch(mine, flips)
         else:
-            mean, std = self.encoder.latent_distribution(
-                [self.pairs[i].image_path for i in mine], flips[lo:hi]
-            )
-            text = self.encoder.text_embeddings([self.pairs[i].prompt for i in mine])
+            mean, std = self.encoder.latent_distribution([pairs[i].image_path for i in mine], flips)
+            text = self.encoder.text_embeddings([pairs[i].prompt for i in mine])
         if tuple(mean.shape[1:]) != self.latent_shape:
             raise RuntimeError(
                 f"VAE latents of the {self.name} are {tuple(mean.shape[1:])}, expected {self.latent_shape}"
@@ -324,11 +365,78 @@ class MicroBatchStream:
             latent_mean=mean,
             latent_std=std,
             text=text,
-            latent_draw=latent_draw[lo:hi],
-            noise=noise[lo:hi],
-            timesteps=timesteps[lo:hi],
+            latent_draw=latent_draw,
+            noise=noise,
+            timesteps=timesteps,
             weights=self.weights[mine],
-            global_size=size,
+            global_size=global_size,
+        )
+
+
+@dataclass
+class PreferenceBatch:
+    """This process's slice of one global micro-batch of preference pairs: the winners and the losers, sample
+    i of each from the same pair, with the same flip, noise and timestep (their latent draws differ)."""
+
+    winner: DenoisingBatch
+    loser: DenoisingBatch
+
+
+class PreferenceStream(MicroBatchStream):
+    """Micro-batches of (winner, loser) pairs for Diffusion-DPO: the epochs, seeding and process slices of
+    :class:`MicroBatchStream` over the preference pairs, and per global batch the draws in this fixed order:
+    flips, the winners' latent sample, the losers' latent sample, noise, noise offset, timesteps. A pair's two
+    images share the flip, the noise and the timestep, so the loss difference between them measures the images,
+    not the draws (Wallace et al. 2023; diffusers' train_diffusion_dpo.py does the same).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        preferences: list[PreferencePair],
+        *,
+        caches: tuple[EncodingCache | None, EncodingCache | None],
+        **common: Any,
+    ):
+        sides = [p.sides() for p in preferences]
+        super().__init__(name, [w for w, _ in sides], [1.0] * len(sides), cache=caches[0], **common)
+        self.losers, self.loser_cache = [lo for _, lo in sides], caches[1]
+
+    def pair_draws(
+        self, g: torch.Generator, size: int
+    ) -> tuple[list[bool], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flips, winners' and losers' latent samples, noise and timesteps of a global batch, in the fixed order."""
+        import torch
+
+        shape = self.latent_shape
+        flips = (torch.rand(size, generator=g) < 0.5).tolist() if self.random_flip else [False] * size
+        winner_draw = torch.randn((size, *shape), generator=g)
+        loser_draw = torch.randn((size, *shape), generator=g)
+        noise = torch.randn((size, *shape), generator=g)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn((size, shape[0], 1, 1), generator=g)
+        timesteps = torch.randint(0, self.num_train_timesteps, (size,), generator=g)
+        return flips, winner_draw, loser_draw, noise, timesteps
+
+    def batch(self, step: int, micro: int) -> PreferenceBatch | None:
+        """This process's slice of micro-batch ``micro`` of optimizer step ``step``; None if the slice is empty."""
+        indices = self.indices(step * self.accumulation + micro)
+        size = len(indices)
+        g = seeded_generator(self.seed, self.draw_key, step, micro)
+        flips, winner_draw, loser_draw, noise, timesteps = self.pair_draws(g, size)
+        lo, hi = _shard(size, self.num_processes, self.process_index)
+        mine = indices[lo:hi]
+        if not mine:
+            return None
+        shared = (flips[lo:hi], noise[lo:hi], timesteps[lo:hi])
+
+        def side(pairs: list[TrainPair], cache: EncodingCache | None, draw: torch.Tensor) -> DenoisingBatch:
+            flip, eps, t = shared
+            return self._slice(pairs, cache, mine, flip, draw[lo:hi], eps, t, size)
+
+        return PreferenceBatch(
+            winner=side(self.pairs, self.cache, winner_draw),
+            loser=side(self.losers, self.loser_cache, loser_draw),
         )
 
 
@@ -348,10 +456,36 @@ def _loss_weights(pairs: list[TrainPair], reward_weighted: bool) -> list[float]:
     return [c * len(pairs) / total for c in clipped]
 
 
-def _validate(cfg: Config, pairs: list[TrainPair]) -> None:
+def _validate_dpo(
+    cfg: Config, pairs: list[TrainPair], preferences: list[PreferencePair] | None, reference_lora: Path | None
+) -> None:
+    """The inputs of objective dpo: preference pairs (no plain pairs), their images, the reference LoRA."""
+    cfg.trainer.validate()  # one ConfigError for a bad objective, dpo_beta or dpo_sft_weight (or combination)
+    if not preferences:
+        raise ValueError("trainer.objective dpo needs at least one preference pair (winner, loser); got none")
+    if pairs:
+        raise ValueError("trainer.objective dpo trains on the preference pairs, not on pairs: pass pairs=[]")
+    paths = [Path(path) for p in preferences for path in (p.winner_path, p.loser_path)]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise ValueError(f"preference image not found: {missing[0]} ({len(missing)} missing in total)")
+    if reference_lora is not None and not Path(reference_lora).exists():
+        raise ValueError(f"reference LoRA {reference_lora} does not exist")
+
+
+def _validate(
+    cfg: Config,
+    pairs: list[TrainPair],
+    preferences: list[PreferencePair] | None = None,
+    reference_lora: Path | None = None,
+) -> None:
     t = cfg.trainer
-    if not pairs:
+    if t.objective != "sft":
+        _validate_dpo(cfg, pairs, preferences, reference_lora)
+    elif not pairs:
         raise ValueError("train_lora needs at least one (prompt, image) pair")
+    elif preferences or reference_lora is not None:
+        raise ValueError("preferences and reference_lora are inputs of trainer.objective dpo (it is sft)")
     if t.prior_weight < 0:
         raise ValueError(f"trainer.prior_weight must be >= 0, got {t.prior_weight}")
     if t.prior_weight > 0:
@@ -377,10 +511,27 @@ def _validate(cfg: Config, pairs: list[TrainPair]) -> None:
 
 
 def _init_lora_hash(init_lora: Path | None) -> str | None:
+    """sha256 of a LoRA folder's weights file (or of a LoRA file); None for no LoRA."""
     if init_lora is None:
         return None
     path = Path(init_lora)
     return sha256_file(path / LORA_WEIGHTS_NAME if path.is_dir() else path)
+
+
+def _dpo_setup(
+    preferences: list[PreferencePair],
+    hashes: list[tuple[str, str]],
+    reference_lora: Path | None,
+    scale: float,
+) -> dict[str, Any]:
+    """What a DPO LoRA depends on besides the config: the pairs' prompts and image hashes, the reference."""
+    reference_hash = _init_lora_hash(reference_lora)
+    return {
+        "preferences": [[p.prompt, w, lo] for p, (w, lo) in zip(preferences, hashes, strict=True)],
+        "reference_lora": reference_hash,
+        # The base model as reference has no scale.
+        "reference_scale": float(scale) if reference_hash is not None else None,
+    }
 
 
 def _tracker_config(cfg: Config) -> dict[str, Any]:
@@ -409,10 +560,17 @@ class LoRATrainer:
         init_lora: Path | None = None,
         encode_cache_dir: Path | None = None,
         prior_dir: Path | None = None,
+        preferences: list[PreferencePair] | None = None,
+        preference_hashes: list[tuple[str, str]] | None = None,
+        reference_lora: Path | None = None,
+        reference_scale: float = 1.0,
     ):
         self.started = time.perf_counter()
         self.cfg, self.t = cfg, cfg.trainer
         self.pairs, self.image_hashes = pairs, image_hashes
+        self.dpo = self.t.objective == "dpo"
+        self.preferences, self.preference_hashes = preferences or [], preference_hashes or []
+        self.reference_lora, self.reference_scale = reference_lora, reference_scale
         self.out_dir = Path(out_dir)
         self.model_path, self.fingerprint = model_path, fingerprint
         self.encode_cache_dir = Path(encode_cache_dir) if encode_cache_dir is not None else None
@@ -423,7 +581,16 @@ class LoRATrainer:
         self._add_adapter(init_lora)
         self._setup_optimizer()
         # The loss terms compute_loss reports, in the order they are reduced over processes and logged.
-        self.log_names = ["loss", "fidelity_loss", "prior_loss"] if self.prior_pairs else ["loss"]
+        self.log_names = self._log_names()
+
+    def _log_names(self) -> list[str]:
+        """The objective's logged terms (see compute_loss and dpo_loss)."""
+        if not self.dpo:
+            return ["loss", "fidelity_loss", "prior_loss"] if self.prior_pairs else ["loss"]
+        names = ["loss", "dpo_loss", "implicit_acc", "winner_loss", "winner_vs_ref"]
+        if self.t.dpo_sft_weight > 0:
+            names.append("sft_loss")
+        return names + ["prior_loss"] if self.prior_pairs else names
 
     # ---- setup
 
@@ -526,8 +693,38 @@ class LoRATrainer:
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()
+        if self.dpo and self.reference_lora is not None:
+            self._add_reference_adapter(Path(self.reference_lora))
         # A list, not a generator: clip_grad_norm_ on an exhausted iterator silently clips nothing.
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        trained = {id(p) for name, p in self.unet.named_parameters() if f".{ADAPTER_NAME}." in name}
+        if {id(p) for p in self.params} != trained:
+            raise RuntimeError("only the trained LoRA adapter may have trainable parameters")
+
+    def _add_reference_adapter(self, lora: Path) -> None:
+        """Diffusion-DPO's reference LoRA as a second, frozen peft adapter of the same UNet (no second UNet).
+
+        Its scale is set the way the generator sets a LoRA's scale (diffusers' ``set_adapters``), so the
+        reference is the very model the candidates were drawn with. Loading it makes it the active adapter and
+        trainable: the trained adapter is made the active one again, which freezes the reference.
+        """
+        import torch
+
+        folder, weight = (lora, LORA_WEIGHTS_NAME) if lora.is_dir() else (lora.parent, lora.name)
+        # Nothing of the caller's generator is drawn; peft's warning about a second adapter is this design.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            self.unet.load_lora_adapter(
+                str(folder),
+                weight_name=weight,
+                prefix="unet",
+                adapter_name=REFERENCE_ADAPTER,
+                low_cpu_mem_usage=True,
+            )
+        self.unet.to(self.device)
+        self.unet.set_adapters([REFERENCE_ADAPTER], weights=[float(self.reference_scale)])
+        self.unet.set_adapter(ADAPTER_NAME)
+        logger.info("DPO reference: LoRA %s at scale %g", lora, self.reference_scale)
 
     def _setup_optimizer(self) -> None:
         import torch
@@ -537,8 +734,9 @@ class LoRATrainer:
         optimizer = torch.optim.AdamW(
             self.params, lr=t.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8
         )
-        self.batch_size = min(t.batch_size, len(self.pairs))
-        self.batches_per_epoch = math.ceil(len(self.pairs) / self.batch_size)
+        examples = len(self.preferences) if self.dpo else len(self.pairs)
+        self.batch_size = min(t.batch_size, examples)
+        self.batches_per_epoch = math.ceil(examples / self.batch_size)
         self.accumulation = t.gradient_accumulation_steps
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.batches_per_epoch / self.accumulation)
         self.lr_scheduler = get_scheduler(
@@ -619,7 +817,8 @@ class LoRATrainer:
             )
 
     def _build_streams(self, start_step: int) -> None:
-        """``self.stream`` over the pairs and ``self.prior_stream`` over the prior images (None without them).
+        """``self.stream`` over the pairs (a :class:`PreferenceStream` over the preference pairs for objective
+        dpo) and ``self.prior_stream`` over the prior images (None without them).
 
         The prior set runs its own epochs (its size differs from the pairs') and draws from its own generators,
         so the fidelity term's numbers are the same with and without it.
@@ -646,11 +845,14 @@ class LoRATrainer:
             num_processes=self.num_processes,
             process_index=self.process_index,
         )
-        cache = self._encoding_cache(encoder, self.pairs, self.image_hashes) if encode_now else None
-        weights = _loss_weights(self.pairs, t.reward_weighted)
-        self.stream = MicroBatchStream(
-            "pairs", self.pairs, weights, order_key=0, draw_key=1, cache=cache, **common
-        )
+        if self.dpo:
+            self.stream = self._preference_stream(encoder, encode_now, common)
+        else:
+            cache = self._encoding_cache(encoder, self.pairs, self.image_hashes) if encode_now else None
+            weights = _loss_weights(self.pairs, t.reward_weighted)
+            self.stream = MicroBatchStream(
+                "pairs", self.pairs, weights, order_key=0, draw_key=1, cache=cache, **common
+            )
         self.prior_stream = None
         if self.prior_pairs:
             prior_cache = (
@@ -661,13 +863,24 @@ class LoRATrainer:
                 "prior images", self.prior_pairs, ones, order_key=3, draw_key=4, cache=prior_cache, **common
             )
 
+    def _preference_stream(self, encoder: FrozenEncoder, encode_now: bool, common: dict) -> PreferenceStream:
+        """The preference pairs' stream; its epochs and draws have keys of their own (5 and 6)."""
+        caches: tuple[EncodingCache | None, EncodingCache | None] = (None, None)
+        if encode_now:
+            winners, losers = zip(*(p.sides() for p in self.preferences), strict=True)
+            winner_hashes, loser_hashes = zip(*self.preference_hashes, strict=True)
+            caches = (
+                self._encoding_cache(encoder, list(winners), list(winner_hashes)),
+                self._encoding_cache(encoder, list(losers), list(loser_hashes)),
+            )
+        return PreferenceStream(
+            "preference pairs", self.preferences, order_key=5, draw_key=6, caches=caches, **common
+        )
+
     # ---- the objective
 
-    def denoising_loss(self, batch: DenoisingBatch) -> torch.Tensor:
-        """This process's share of the (weighted) global-batch mean of the denoising loss on ``batch``."""
-        import torch.nn.functional as F
-        from diffusers.training_utils import compute_snr
-
+    def _model_inputs(self, batch: DenoisingBatch) -> tuple[torch.Tensor, ...]:
+        """(noisy latents, timesteps, caption embeddings, prediction target) of ``batch``, on the device."""
         device, scheduler = self.device, self.noise_scheduler
         latent = batch.latent_mean + batch.latent_std * batch.latent_draw
         latents = (latent * self.vae.config.scaling_factor).to(device)
@@ -680,9 +893,23 @@ class LoRATrainer:
             target = noise
         else:
             target = scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, timesteps, text, target
+
+    def _per_sample_loss(self, noisy, timesteps, text, target) -> torch.Tensor:
+        """The UNet's (as it is now) mean squared error on each sample."""
+        import torch.nn.functional as F
+
         with self.accelerator.autocast():
             pred = self.unet(noisy.to(self.weight_dtype), timesteps, text, return_dict=False)[0]
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def denoising_loss(self, batch: DenoisingBatch) -> torch.Tensor:
+        """This process's share of the (weighted) global-batch mean of the denoising loss on ``batch``."""
+        from diffusers.training_utils import compute_snr
+
+        device, scheduler = self.device, self.noise_scheduler
+        noisy, timesteps, text, target = self._model_inputs(batch)
+        per_sample = self._per_sample_loss(noisy, timesteps, text, target)
         weights = batch.weights.to(device)
         if self.t.snr_gamma is not None:
             snr = compute_snr(scheduler, timesteps)
@@ -696,10 +923,12 @@ class LoRATrainer:
         """The objective: (loss to backpropagate, its terms as floats keyed by ``self.log_names``).
 
         Lee et al. 2023, eq. 2: loss = fidelity + beta * (unweighted) denoising loss on the prior images. At
-        least one of the two slices is non-empty.
+        least one of the two slices is non-empty. Objective dpo: :meth:`dpo_loss`.
         """
         import torch
 
+        if self.dpo:
+            return self.dpo_loss(batch, prior)
         loss = torch.zeros((), device=self.device)
         logs = dict.fromkeys(self.log_names, 0.0)
         if batch is not None:
@@ -707,6 +936,79 @@ class LoRATrainer:
             loss = fidelity
             if self.prior_stream is not None:
                 logs["fidelity_loss"] = fidelity.detach().item()
+        if prior is not None:
+            prior_loss = self.denoising_loss(prior)
+            loss = loss + self.t.prior_weight * prior_loss
+            logs["prior_loss"] = prior_loss.detach().item()
+        logs["loss"] = loss.detach().item()
+        return loss, logs
+
+    @contextmanager
+    def _reference_model(self):
+        """The UNet as Diffusion-DPO's reference, without gradients: the base model (adapters disabled) or the
+        reference LoRA alone at its scale. The trained adapter is active (and trainable) again afterwards."""
+        import torch
+
+        if self.reference_lora is None:
+            self.unet.disable_adapters()
+        else:
+            self.unet.set_adapter(REFERENCE_ADAPTER)
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            if self.reference_lora is None:
+                self.unet.enable_adapters()
+            else:
+                self.unet.set_adapter(ADAPTER_NAME)
+
+    def dpo_terms(self, batch: PreferenceBatch) -> dict[str, torch.Tensor]:
+        """Diffusion-DPO on this process's slice, each term its share of the global-batch mean.
+
+        l(x) is the per-sample MSE of the prediction target; logits = (l_ref(w) - l_ref(l)) - (l(w) - l(l)),
+        positive when the model prefers the winner more than the reference does. The reference runs first, so
+        the backward pass only ever sees the trained adapter active.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        winner, loser = self._model_inputs(batch.winner), self._model_inputs(batch.loser)
+        inputs = [torch.cat(parts) for parts in zip(winner, loser, strict=True)]
+        with self._reference_model():
+            ref = self._per_sample_loss(*inputs)
+        model = self._per_sample_loss(*inputs)
+        n, size = len(batch.winner.indices), batch.winner.global_size
+        model_w, model_l, ref_w, ref_l = model[:n], model[n:], ref[:n], ref[n:]
+        logits = (ref_w - ref_l) - (model_w - model_l)
+        return {
+            "dpo_loss": -F.logsigmoid(self.t.dpo_beta * logits).sum() / size,
+            "implicit_acc": (logits > 0).float().sum() / size,
+            "winner_loss": model_w.sum() / size,
+            "winner_vs_ref": (model_w - ref_w).detach().sum() / size,
+        }
+
+    def dpo_loss(
+        self, batch: PreferenceBatch | None, prior: DenoisingBatch | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Objective dpo: dpo_loss + dpo_sft_weight * winner_loss (+ prior_weight * the prior term).
+
+        Logged: dpo_loss; implicit_acc, the share of pairs with logits > 0 (diffusers counts a tie as half; here
+        it counts as a miss, so a model equal to its reference scores 0); winner_loss, the model's denoising
+        loss on the winners; winner_vs_ref, that minus the reference's (rising above 0 is the warning sign that
+        DPO buys the margin by making the winners worse too); sft_loss (= winner_loss) when it is weighted in.
+        """
+        import torch
+
+        loss = torch.zeros((), device=self.device)
+        logs = dict.fromkeys(self.log_names, 0.0)
+        if batch is not None:
+            terms = self.dpo_terms(batch)
+            loss = terms["dpo_loss"]
+            if self.t.dpo_sft_weight > 0:
+                loss = loss + self.t.dpo_sft_weight * terms["winner_loss"]
+                logs["sft_loss"] = terms["winner_loss"].detach().item()
+            for name in ("dpo_loss", "implicit_acc", "winner_loss", "winner_vs_ref"):
+                logs[name] = terms[name].detach().item()
         if prior is not None:
             prior_loss = self.denoising_loss(prior)
             loss = loss + self.t.prior_weight * prior_loss
@@ -825,6 +1127,9 @@ def train_lora(
     encode_cache_dir: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     prior_dir: Path | None = None,
+    preferences: list[PreferencePair] | None = None,
+    reference_lora: Path | None = None,
+    reference_scale: float = 1.0,
 ) -> TrainResult:
     """Fine-tune a LoRA on the UNet of ``cfg.generator.model`` and write it to ``out_dir``.
 
@@ -838,16 +1143,27 @@ def train_lora(
     once and cached in ``prior_dir`` (default ``out_dir/prior``); pass the same folder to several runs to share
     them.
 
+    With ``trainer.objective: dpo`` it trains on ``preferences`` instead (Diffusion-DPO; ``pairs`` must be
+    empty) against a frozen reference: the model the candidates were drawn with, i.e. the base model, or
+    ``reference_lora`` at ``reference_scale``. The setup then also covers the preference images, the DPO
+    settings and the reference LoRA's hash and scale.
+
     Under ``accelerate launch --multi_gpu --num_processes P`` (or torchrun) every process takes a contiguous
     share of each global batch of ``trainer.batch_size``, gradients are summed over processes before the
     optimizer step, and only the main process writes files (LoRA, checkpoints, logs, encoding cache); see
     docs/performance.md for what matches the single-process run exactly and what only to float rounding.
     """
-    _validate(cfg, pairs)
+    _validate(cfg, pairs, preferences, reference_lora)
     out_dir = Path(out_dir)
     model_path = resolve_model(cfg.generator.model, cfg.model_cache)
     image_hashes = [sha256_file(Path(p.image_path)) for p in pairs]
-    setup = checkpoints.fingerprint(cfg, model_path, pairs, image_hashes, _init_lora_hash(init_lora))
+    dpo, preference_hashes = None, None
+    if cfg.trainer.objective == "dpo":
+        preference_hashes = [
+            (sha256_file(Path(p.winner_path)), sha256_file(Path(p.loser_path))) for p in preferences
+        ]
+        dpo = _dpo_setup(preferences, preference_hashes, reference_lora, reference_scale)
+    setup = checkpoints.fingerprint(cfg, model_path, pairs, image_hashes, _init_lora_hash(init_lora), dpo)
     result_file = out_dir / RESULT_FILE
     if result_file.exists() and (out_dir / LORA_WEIGHTS_NAME).exists():
         done = json.loads(result_file.read_text(encoding="utf-8"))
@@ -864,5 +1180,9 @@ def train_lora(
         init_lora=init_lora,
         encode_cache_dir=encode_cache_dir,
         prior_dir=prior_dir,
+        preferences=preferences,
+        preference_hashes=preference_hashes,
+        reference_lora=reference_lora,
+        reference_scale=reference_scale,
     )
     return trainer.train(on_step)

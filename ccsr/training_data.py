@@ -1,4 +1,5 @@
-"""What the LoRA trainer trains on: the (prompt, image) pairs, their pixels, the frozen encoder that turns them
+"""What the LoRA trainer trains on: the (prompt, image) pairs (or, for Diffusion-DPO, the (prompt, winner,
+loser) preference pairs), their pixels, the frozen encoder that turns them
 into VAE latent distributions and CLIP caption embeddings, the on-disk encoding cache, and the prior images
 (base-model images of the class, Lee et al. 2023 eq. 2).
 """
@@ -34,6 +35,19 @@ class TrainPair:
     prompt: str
     image_path: Path
     score: float = 0.0
+
+
+@dataclass
+class PreferencePair:
+    """One Diffusion-DPO example: a prompt, its preferred image (winner) and a lower-scored one (loser)."""
+
+    prompt: str
+    winner_path: Path
+    loser_path: Path
+
+    def sides(self) -> tuple[TrainPair, TrainPair]:
+        """(winner, loser) as pairs of the same prompt, for the encoder and the encoding cache."""
+        return TrainPair(self.prompt, Path(self.winner_path)), TrainPair(self.prompt, Path(self.loser_path))
 
 
 def seeded_generator(seed: int, *keys: int) -> torch.Generator:
