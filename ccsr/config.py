@@ -158,6 +158,9 @@ class JudgeConfig(_Section):
     min_score: int | None = (
         None  # a prompt yields a pair only if its best eq. 1 score reaches it (paper: None)
     )
+    # Images per prompt that become training examples: 1 is the paper's rule; k > 1 keeps up to the k best
+    # that pass the detector and min_score (ccsr.selection), the detector then seeing every candidate.
+    top_k: int = 1
     batch_size: int = 4
     max_new_tokens: int = 16
     trust_remote_code: bool = False
@@ -167,7 +170,7 @@ class JudgeConfig(_Section):
         self._backend()
         self._one_of("mode", ("logits", "generate"))
         self._one_of("tie_break", ("none", "p_yes"))
-        self._positive("batch_size", "max_new_tokens")
+        self._positive("batch_size", "max_new_tokens", "top_k")
         # The table's judges read P(yes) in logits mode only (generate mode gives None); the tie-break would
         # silently rank every tied image equal.
         if self.tie_break == "p_yes" and self.mode == "generate" and not is_import_path(self.backend):

@@ -42,9 +42,10 @@ from ccsr.rundir import (
     read_records,
     sha256_file,
     write_dataset,
+    write_preference_dataset,
     write_records,
 )
-from ccsr.selection import BELOW_MIN_SCORE, best_tied, by_prompt, select_pairs
+from ccsr.selection import BELOW_MIN_SCORE, best_tied, by_prompt, preference_pairs, select_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ def training_pairs(cfg: Config, run: RunDir, k: int) -> list[Pair]:
     """The pairs iteration k trains on: those of iterations 1..k, or only k's with ``train_on: newest``."""
     iterations = [k] if cfg.trainer.train_on == "newest" else range(1, k + 1)
     return [p for j in iterations for p in read_records(run.files(j)["pairs"], Pair)]
+
+
+def training_preferences(cfg: Config, run: RunDir, k: int) -> list[Preference]:
+    """The preference pairs iteration k trains on (``trainer.objective: dpo``), by the same rule as the pairs."""
+    iterations = [k] if cfg.trainer.train_on == "newest" else range(1, k + 1)
+    return [p for j in iterations for p in read_records(run.files(j)["preferences"], Preference)]
 
 
 def init_lora(cfg: Config, run: RunDir, k: int) -> Path | None:
@@ -390,17 +397,33 @@ class Loop:
         self._detect(k)
         prompts = read_records(files["prompts"], PromptRecord)
         cfg = self.cfg
+        candidates = read_records(files["candidates"], Candidate)
+        judgments = read_records(files["judgments"], Judgment)
         selection = select_pairs(
             prompts,
-            read_records(files["candidates"], Candidate),
+            candidates,
             read_records(files["detections"], Detection),
             cfg.detector.threshold,
             cfg.judge.min_score,
+            k=cfg.judge.top_k,
+            judgments=judgments,
+            tie_break=cfg.judge.tie_break,
+            questions=_questions(cfg),
         )
+        preferences = preference_pairs(selection.pairs, candidates, judgments)
         write_records(files["pairs"], selection.pairs)
+        write_records(files["preferences"], preferences)
         write_dataset(self.run, k, training_pairs(cfg, self.run, k))
-        logger.info("iteration %d: %d of %d prompts yield a pair", k, len(selection.pairs), len(prompts))
-        result = {"count": len(selection.pairs), "prompts_without_pair": len(prompts) - len(selection.pairs)}
+        write_preference_dataset(self.run, k, preferences)
+        with_pair = len({p.prompt_id for p in selection.pairs})
+        logger.info(
+            "iteration %d: %d of %d prompts yield %d pairs", k, with_pair, len(prompts), len(selection.pairs)
+        )
+        result = {
+            "count": len(selection.pairs),
+            "prompts_without_pair": len(prompts) - with_pair,
+            "preferences": len(preferences),
+        }
         if cfg.judge.min_score is not None:
             result["prompts_below_min_score"] = selection.count(BELOW_MIN_SCORE)
         return result
@@ -420,7 +443,11 @@ class Loop:
         for pid in tqdm(todo, desc=f"iter {k} detect", unit="prompt"):
             self._beat(k, "filter", pid)
             self._stop_if_requested()
-            tied = best_tied(judgments[pid], self.cfg.judge.tie_break, questions)
+            # The paper's rule needs the best-tied images only; top-k ranks every candidate.
+            if self.cfg.judge.top_k > 1:
+                tied = judgments[pid]
+            else:
+                tied = best_tied(judgments[pid], self.cfg.judge.tie_break, questions)
             images = [_open_image(self.run, paths[(pid, j.index)]) for j in tied]
             with self._model_call("filter"):
                 conf = detector.confidence(images, self.cfg.class_name)

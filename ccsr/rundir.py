@@ -357,30 +357,58 @@ def write_records(path: Path, records: Iterable[Record]) -> None:
     write_jsonl(path, [r.to_dict() for r in records])
 
 
-def write_dataset(run: RunDir, k: int, pairs: Iterable[Pair]) -> Path:
-    """Iteration k's training set as an image folder with ``metadata.jsonl`` (the layout of diffusers'
-    training scripts and datasets' imagefolder); image names come from prompt ids, never prompt text."""
+def _write_image_folder(final: Path, rows: list[tuple[dict, dict[str, str]]]) -> Path:
+    """An image folder with ``metadata.jsonl``, built beside ``final`` and renamed into place. Each row is
+    (metadata, {column: run-relative image path}); an image column ``c`` becomes ``c`` = its file name (``c``
+    "file_name": the single-image layout) or ``c_file_name``."""
     import shutil
 
-    final = run.files(k)["dataset"]
-    tmp = final.with_name(f".dataset.tmp{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     meta = []
-    for p in pairs:
-        name = f"{p.prompt_id}.png"
-        src = run.root / p.path
-        try:
-            os.link(src, tmp / name)
-        except OSError:
-            shutil.copyfile(src, tmp / name)
-        meta.append({"file_name": name, "text": p.prompt})
+    for row, images in rows:
+        for column, (name, src) in images.items():
+            try:
+                os.link(src, tmp / name)
+            except OSError:
+                shutil.copyfile(src, tmp / name)
+            row = {column: name} | row
+        meta.append(row)
     write_jsonl(tmp / "metadata.jsonl", meta)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def write_dataset(run: RunDir, k: int, pairs: Iterable[Pair]) -> Path:
+    """Iteration k's training set as an image folder with ``metadata.jsonl`` (the layout of diffusers'
+    training scripts and datasets' imagefolder); image names come from prompt ids and candidate indices,
+    never prompt text."""
+    rows = [
+        ({"text": p.prompt}, {"file_name": (f"{p.prompt_id}-{p.index:02d}.png", run.root / p.path)})
+        for p in pairs
+    ]
+    return _write_image_folder(run.files(k)["dataset"], rows)
+
+
+def write_preference_dataset(run: RunDir, k: int, preferences: Iterable[Preference]) -> Path:
+    """Iteration k's preference pairs as an image folder in Pick-a-Pic's schema (``caption``, ``jpg_0``,
+    ``jpg_1``, ``label_0`` = 1: the first image is preferred), the one diffusers' Diffusion-DPO example reads;
+    the two images are named by ``jpg_0_file_name`` and ``jpg_1_file_name`` (datasets' imagefolder
+    convention for several image columns), with both judge scores beside them."""
+    rows = []
+    for p in preferences:
+        stem = f"{p.prompt_id}-{p.winner_index:02d}-vs-{p.loser_index:02d}"
+        images = {
+            "jpg_1_file_name": (f"{stem}-loser.png", run.root / p.loser_path),
+            "jpg_0_file_name": (f"{stem}-winner.png", run.root / p.winner_path),
+        }
+        meta = {"caption": p.prompt, "label_0": 1, "score_0": p.winner_score, "score_1": p.loser_score}
+        rows.append((meta, images))
+    return _write_image_folder(run.iteration_dir(k) / "preference_dataset", rows)
 
 
 # --- the run lock -----------------------------------------------------------------------------------------

@@ -290,7 +290,7 @@ def test_file_names_come_from_ids_not_prompt_text(evil_candidates):
     names = {p.name for p in (run.iteration_dir(1) / "candidates").iterdir()}
     assert names == {f"{p['id']}-{j:02d}.png" for p in prompts for j in range(2)}
     dataset = run.files(1)["dataset"]
-    assert {p.name for p in dataset.iterdir()} == {f"{p['id']}.png" for p in prompts} | {"metadata.jsonl"}
+    assert {p.name for p in dataset.iterdir()} == {f"{p['id']}-00.png" for p in prompts} | {"metadata.jsonl"}
     # The text itself is kept verbatim as data.
     assert [m["text"] for m in read_jsonl(dataset / "metadata.jsonl")] == [p["prompt"] for p in prompts]
     assert [r["prompt"] for r in read_jsonl(run.files(1)["prompts"])] == [p["prompt"] for p in prompts]

@@ -1,5 +1,6 @@
 """The optimal image of a prompt (paper section 3) from hand-made records; no model is built."""
 
+import random
 import subprocess
 import sys
 
@@ -14,7 +15,10 @@ from ccsr.selection import (
     best_tied,
     by_prompt,
     choose_image,
+    preference_pairs,
+    rank,
     select_pairs,
+    top_k,
 )
 
 QUESTIONS = QuestionSet(
@@ -111,3 +115,76 @@ def test_the_rule_modules_import_no_torch():
     code = "import sys, ccsr.selection, ccsr.gate; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _random_prompt(rng: random.Random, n: int = 10):
+    js = [judgment(i, rng.randint(6, 10)) for i in range(n)]
+    ds = [detection(j.index, rng.choice([0.0, 0.3, 0.6, 0.61, 0.9, 0.9]), j.score) for j in js]
+    return js, ds
+
+
+def test_top_1_is_the_papers_rule_on_random_prompts():
+    rng = random.Random(0)
+    for _ in range(500):
+        js, ds = _random_prompt(rng)
+        min_score = rng.choice([None, 8, 10])
+        tied = {j.index for j in best_tied(js)}
+        paper = choose_image([d for d in ds if d.index in tied], 0.6, min_score)
+        ranked = rank(js, ds, 0.6)
+        assert top_k(ranked, 1, 0.6, min_score) == Choice(
+            paper.detection, paper.reason, ((paper.detection,) if paper.detection else ())
+        )
+
+
+def test_top_k_keeps_the_k_best_that_pass_detector_and_min_score():
+    js = [judgment(0, 10), judgment(1, 9), judgment(2, 10), judgment(3, 7), judgment(4, 9)]
+    ds = [
+        detection(0, 0.7, 10),
+        detection(1, 0.9, 9),
+        detection(2, 0.5, 10),
+        detection(3, 0.9, 7),
+        detection(4, 0.8, 9),
+    ]
+    ranked = rank(js, ds, 0.6)
+    # score first; within a score, passing the detector before failing, then confidence
+    assert [d.index for d in ranked] == [0, 2, 1, 4, 3]
+    assert [d.index for d in top_k(ranked, 3, 0.6).chosen] == [0, 1]  # 2 fails the detector
+    assert [d.index for d in top_k(ranked, 5, 0.6, min_score=8).chosen] == [0, 1, 4]
+    assert top_k(ranked, 5, 0.95).reason == NO_DETECTION
+    assert top_k(rank(js, ds, 0.0), 5, 0.0, min_score=11).reason == BELOW_MIN_SCORE
+
+
+def test_select_pairs_top_k_several_pairs_per_prompt():
+    prompts = [PromptRecord("001-000", "a red circle", "circle")]
+    cands = [Candidate("001-000", i, i, f"c/{i}.png", "", None, 0.0) for i in range(4)]
+    js = [judgment(0, 10), judgment(1, 9), judgment(2, 10), judgment(3, 7)]
+    ds = [detection(j.index, 0.9, j.score) for j in js]
+    sel = select_pairs(prompts, cands, ds, 0.6, k=3, judgments=js)
+    assert [(p.index, p.score, p.path) for p in sel.pairs] == [
+        (0, 10, "c/0.png"),
+        (2, 10, "c/2.png"),
+        (1, 9, "c/1.png"),
+    ]
+    # every judged candidate, weighted by its score: top_k = N, detector threshold 0
+    all_of_them = select_pairs(
+        prompts, cands, [detection(j.index, 0.0, j.score) for j in js], 0.0, k=4, judgments=js
+    )
+    assert sorted((p.index, p.score) for p in all_of_them.pairs) == [(0, 10), (1, 9), (2, 10), (3, 7)]
+
+
+def test_preference_pairs_never_tie_and_take_the_lowest_loser_first():
+    cands = [Candidate("001-000", i, i, f"c/{i}.png", "", None, 0.0) for i in range(5)]
+    js = [judgment(0, 10), judgment(1, 10), judgment(2, 8), judgment(3, 6), judgment(4, 6)]
+    winners = [
+        Pair("001-000", 0, "p", "c/0.png", 10, 0.9),
+        Pair("001-000", 1, "p", "c/1.png", 10, 0.9),
+        Pair("001-000", 2, "p", "c/2.png", 8, 0.9),
+    ]
+    prefs = preference_pairs(winners, cands, js)
+    got = [(p.winner_index, p.loser_index, p.winner_score, p.loser_score) for p in prefs]
+    # winner 2 (score 8) has only 3 and 4 below it, both used: no pair for it
+    assert got == [(0, 3, 10, 6), (1, 4, 10, 6)]
+    assert all(p.winner_score > p.loser_score for p in prefs)
+    assert prefs[0].loser_path == "c/3.png"
+    tied = [judgment(0, 9), judgment(1, 9)]
+    assert preference_pairs([Pair("001-000", 0, "p", "c/0.png", 9, 0.9)], cands, tied) == []

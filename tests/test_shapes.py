@@ -262,7 +262,7 @@ def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_mod
     from experiments.shapes.proof import QUICK
 
     run_dir = tmp_path / "run"
-    sets = [*QUICK, "prompter.n_prompts=6", "detector.threshold=0", "judge.min_score=1"]
+    sets = [*QUICK, "prompter.n_prompts=6", "detector.threshold=0", "judge.min_score=2"]
     sets += [f"generator.model={quick_base_model}"]
     argv = ["run", "--config", "configs/shapes.yaml", "--class", "square", "--run-dir", str(run_dir)]
     argv += ["--iterations", "1"] + [x for s in sets for x in ("--set", s)]
@@ -273,11 +273,11 @@ def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_mod
         best[r["prompt_id"]] = max(best.get(r["prompt_id"], -99), r["score"])
     assert len(best) == 6
     kept = {p["prompt_id"] for p in read_jsonl(it / "pairs.jsonl")}
-    assert kept == {pid for pid, s in best.items() if s >= 1}
+    assert kept == {pid for pid, s in best.items() if s >= 2}
     assert 0 < len(kept) < 6  # both sides of the cut are exercised
-    assert all(p["score"] >= 1 for p in read_jsonl(it / "pairs.jsonl"))
+    assert all(p["score"] >= 2 for p in read_jsonl(it / "pairs.jsonl"))
     filt = json.loads((it / "stages.json").read_text())["filter"]
-    assert filt["prompts_below_min_score"] == sum(s < 1 for s in best.values())
+    assert filt["prompts_below_min_score"] == sum(s < 2 for s in best.values())
 
 
 def test_base_model_training_gives_the_thread_count_back(tmp_path):

@@ -11,7 +11,7 @@ script measures, on a trained base model, per group of prompts and per guidance 
 
 It also writes a labelled grid of the base's own images, to be looked at.
 
-    python -m experiments.shapes.calibrate --base-model .cache/ccsr-tiny/shapes-sd-v5 --guidance 2 4 6
+    python -m experiments.shapes.calibrate --base-model .cache/ccsr-tiny/shapes-sd-v6 --guidance 2 4 6
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def draw(model_dir: Path, specs: list[world.SceneSpec], seeds: list[int], guidan
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     jobs = [(s, seed) for s in specs for seed in seeds]
     images = []
@@ -122,10 +124,14 @@ def grid(rows: list[tuple[str, list]], path: Path, scale: int = 2) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.shapes.calibrate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.shapes.calibrate", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--base-model", type=Path, required=True)
     parser.add_argument("--guidance", type=float, nargs="+", default=[4.0])
-    parser.add_argument("--seeds", type=int, default=16, help="seeds per prompt (from 900, never a proof seed)")
+    parser.add_argument(
+        "--seeds", type=int, default=16, help="seeds per prompt (from 900, never a proof seed)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/calibrate"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -136,13 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, specs in prompt_groups().items():
             asked, images = draw(args.base_model, specs, seeds, g)
             report[f"guidance {g:g}: {name}"] = measure_images(asked, images)
-            if "held-out" in name and name.startswith(TARGET[1]):
-                rows = [(f"{world.caption(s)} (guidance {g:g})", images[i * len(seeds) : i * len(seeds) + 12])
-                        for i, s in enumerate(specs)]
+            if name == f"{TARGET[1]} {TARGET[0]}, held-out":
+                rows = [
+                    (f"{world.caption(s)} (guidance {g:g})", images[i * len(seeds) : i * len(seeds) + 12])
+                    for i, s in enumerate(specs)
+                ]
                 grid(rows, args.out / f"grid-target-g{g:g}.png")
             if name.startswith("other colours"):
-                rows = [(world.caption(s), images[i * len(seeds) : i * len(seeds) + 12])
-                        for i, s in enumerate(specs[:6])]
+                rows = [
+                    (world.caption(s), images[i * len(seeds) : i * len(seeds) + 12])
+                    for i, s in enumerate(specs[:6])
+                ]
                 grid(rows, args.out / f"grid-others-g{g:g}.png")
         print(json.dumps({k: v for k, v in report.items() if k.startswith(f"guidance {g:g}")}, indent=1))
     print(json.dumps(report["vae_round_trip"], indent=1))
