@@ -359,8 +359,8 @@ def write_records(path: Path, records: Iterable[Record]) -> None:
 
 def _write_image_folder(final: Path, rows: list[tuple[dict, dict[str, str]]]) -> Path:
     """An image folder with ``metadata.jsonl``, built beside ``final`` and renamed into place. Each row is
-    (metadata, {column: run-relative image path}); an image column ``c`` becomes ``c`` = its file name (``c``
-    "file_name": the single-image layout) or ``c_file_name``."""
+    (metadata, {column: (file name, source image)}): the column holds the file name (``file_name`` for a single
+    image, ``<feature>_file_name`` for several; datasets' imagefolder loads each as an image feature)."""
     import shutil
 
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
@@ -408,7 +408,7 @@ def write_preference_dataset(run: RunDir, k: int, preferences: Iterable[Preferen
         }
         meta = {"caption": p.prompt, "label_0": 1, "score_0": p.winner_score, "score_1": p.loser_score}
         rows.append((meta, images))
-    return _write_image_folder(run.iteration_dir(k) / "preference_dataset", rows)
+    return _write_image_folder(run.files(k)["preference_dataset"], rows)
 
 
 # --- the run lock -----------------------------------------------------------------------------------------
@@ -518,6 +518,7 @@ class RunDir:
             "pairs": d / "pairs.jsonl",
             "preferences": d / "preferences.jsonl",
             "dataset": d / "dataset",
+            "preference_dataset": d / "preference_dataset",
         }
 
     def candidates_dir(self, k: int) -> Path:

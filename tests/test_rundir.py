@@ -70,3 +70,37 @@ def test_status_reads_a_run_without_building_models(tmp_path, monkeypatch):
     assert st["class"] == "giraffe" and st["iterations_completed"] == 0
     assert st["base_model"].startswith(str(cache)) and "stable-diffusion" in st["base_model"]
     assert not cache.exists(), "status must not build the embedded models"
+
+
+def test_training_and_preference_datasets_load_with_datasets(tmp_path):
+    """The iteration's image folders are what datasets' imagefolder reads: one image and a caption per pair;
+    a preferred and a rejected image per preference pair, Pick-a-Pic's column names, label_0 = 1."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    from ccsr.rundir import Pair, Preference, RunDir, write_dataset, write_preference_dataset
+
+    run = RunDir(tmp_path / "run")
+    cand = run.candidates_dir(1)
+    cand.mkdir(parents=True)
+    colours = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}
+    for j, rgb in colours.items():
+        Image.new("RGB", (8, 8), rgb).save(cand / f"001-000-{j:02d}.png")
+    path = {j: f"iterations/001/candidates/001-000-{j:02d}.png" for j in colours}
+    pairs = [Pair("001-000", j, "one red circle", path[j], 10 - j, 0.9) for j in (0, 1)]
+    prefs = [Preference("001-000", "one red circle", j, 2, path[j], path[2], 10 - j, 3) for j in (0, 1)]
+    write_dataset(run, 1, pairs)
+    write_preference_dataset(run, 1, prefs)
+
+    sft = datasets.load_dataset("imagefolder", data_dir=str(run.files(1)["dataset"]), split="train")
+    assert {(r["text"], r["image"].getpixel((0, 0))) for r in sft} == {
+        ("one red circle", colours[0]),
+        ("one red circle", colours[1]),
+    }
+    dpo = datasets.load_dataset(
+        "imagefolder", data_dir=str(run.files(1)["preference_dataset"]), split="train"
+    )
+    rows = sorted(dpo, key=lambda r: r["score_0"], reverse=True)
+    assert [r["jpg_0"].getpixel((0, 0)) for r in rows] == [colours[0], colours[1]]
+    assert [r["jpg_1"].getpixel((0, 0)) for r in rows] == [colours[2], colours[2]]
+    assert [(r["caption"], r["label_0"], r["score_1"]) for r in rows] == [("one red circle", 1, 3)] * 2
