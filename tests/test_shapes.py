@@ -164,24 +164,60 @@ def quick_base_model(tmp_path_factory):
 
 
 def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
-    from experiments.shapes.proof import main
+    from experiments.shapes import proof
 
-    work = tmp_path / "proof"
-    out = tmp_path / "docs" / "proof.md"
+    work, out = tmp_path / "proof", tmp_path / "docs"
+    out.mkdir()
+    hand_written = b"# the protocol and the reading, by hand\n"
+    (out / "proof.md").write_bytes(hand_written)
     # Threshold 0: an untrained base draws no recognisable shape, and every stage must still run.
-    argv = ["--quick", "--class", "star", "--base-model", str(quick_base_model), "--work-dir", str(work)]
-    assert main([*argv, "--out", str(out), "--set", "detector.threshold=0"]) == 0
+    argv = ["--quick", "--base-model", str(quick_base_model), "--work-dir", str(work), "--out-dir", str(out)]
+    assert proof.main([*argv, "--set", "detector.threshold=0"]) == 0
     it = work / "ccsr" / "iterations" / "001"
     stages = json.loads((it / "stages.json").read_text())
     assert {"prompts", "candidates", "judge", "filter", "train", "eval"} <= set(stages), stages
     assert (it / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert (it / "eval" / "records.jsonl").is_file()
     assert len((it / "pairs.jsonl").read_text().splitlines()) == 3  # threshold 0: every prompt a pair
-    text = out.read_text()
-    assert "| base (LoRA scale 0) |" in text and "## Verdict" in text and "## Selection" in text
-    results = json.loads((work / "proof.json").read_text())["results"]["ccsr"]
-    scales = results["iterations"]["1"]["scales"]
-    assert set(scales) == {"0", "1"} and scales["1"]["n"] == 2
+
+    results = json.loads((out / "proof.json").read_text())
+    prompts = proof.PROTOCOL.target_prompts()
+    n_images = len(prompts) * proof.QUICK_SEEDS
+    assert len(prompts) == 3 and all("purple circle" in p for p in prompts)
+    assert results["primary_metric"] == proof.PROTOCOL.primary_metric and results["minutes"] > 0
+    assert results["protocol"]["target_prompts"] == prompts and results["protocol"]["seed_set"] == "final"
+    assert results["base"]["images"] == n_images
+    assert set(results["variants"]) == set(proof.QUICK_VARIANTS)
+    for name, v in results["variants"].items():
+        for m in [v["final"], *v["secondary"].values()]:
+            assert set(m) >= {"value", "delta_vs_base", "ci95", "images"}, name
+            assert m["value"] == pytest.approx(m["base_value"] + m["delta_vs_base"], abs=0.011), name
+            assert m["ci95"][0] <= m["delta_vs_base"] <= m["ci95"][1], name
+        images = 3 * 1 if name == "best-of-10" else n_images  # best-of-10: one seed group per prompt
+        assert v["final"]["images"] == images, name
+        assert len(list((work / "final" / name).glob("*.png"))) == images, name
+        if name != "best-of-10":
+            assert v["final"]["base_value"] == results["base"]["value"], name
+    assert results["variants"]["base"]["final"]["delta_vs_base"] == 0
+    # ground-truth trained as many steps as the ccsr run's LoRA took
+    assert results["variants"]["ground-truth"]["ground_truth"]["steps"] == stages["train"]["steps"]
+    assert (work / "ground-truth" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "iterations" in results["variants"]["ccsr"]["loop"]
+
+    text = (out / "proof-results.md").read_text()
+    assert "do not edit by hand" in text and "| ground-truth |" in text and "## Selection" in text
+    grid = Image.open(out / "proof-grid.png")
+    side = world.SIZE * proof.GRID_SCALE
+    rows = len(prompts) * (proof.GRID_STRIP + 3 * side)  # base, ccsr, ground-truth
+    assert grid.size == (proof.GRID_LABEL_WIDTH + proof.QUICK_SEEDS * side, proof.GRID_STRIP + rows)
+    assert (out / "proof.md").read_bytes() == hand_written
+
+
+def test_ground_truth_needs_the_ccsr_variant(capsys):
+    from experiments.shapes.proof import main
+
+    with pytest.raises(SystemExit):
+        main(["--variants", "base", "ground-truth"])
+    assert "add ccsr" in capsys.readouterr().err
 
 
 def test_base_model_saves_v_prediction_zero_terminal_snr(quick_base_model):

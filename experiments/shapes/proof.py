@@ -1,18 +1,29 @@
-"""``make proof``: does the CCSR loop improve a text-to-image model? Measured on the shapes world.
+"""``make proof``: does the CCSR loop improve a text-to-image model? Measured on the shapes world, by a
+protocol fixed before the run (``PROTOCOL``).
 
-Runs the loop of ``configs/shapes.yaml`` for a few iterations from the shapes base model, plus three ablations
-(without the judge, without the detector filter, without the gate), then measures every evaluation image the
-loop saved against the world's ground truth: is the count right, the colour, the background, all of them; the
-eq. (1) score of the measuring judge; win/tie/loss against the base per (prompt, seed) as the paper defines it
-(section 4, a tie when the scores are equal); and image diversity, to catch collapse. Writes the tables and a
-plot to ``docs/proof.md`` and to the work folder.
+The base model of the shapes world draws a purple circle for a purple-circle prompt only some of the time
+(``base_model``'s targeted weakness). The proof asks whether the loop fixes that on held-out prompts: every
+final model (the gate's champion of each loop variant, at its scale) draws the held-out purple-circle prompts
+at fixed seeds never used to choose settings, and each image is measured against the world's ground truth.
+The primary metric is the share of images whose circles are all purple (at least one circle measured); each
+model is compared with the base image by image, with a paired bootstrap interval.
 
-    python -m experiments.shapes.proof            # resumes runs in runs/proof, reuses the cached base model
-    python -m experiments.shapes.proof --fresh    # from scratch: base model, loop, ablations
-    python -m experiments.shapes.proof --quick --base-model DIR --work-dir DIR --out DIR/proof.md  # smoke run
+The variants: the base; best-of-10 (the loop's selection without training: what the judge's picks are
+worth); the loop as configured (``ccsr``), the paper's recipe (``paper``), Diffusion-DPO, and ablations
+(without the judge, the detector filter, the gate); ``ground-truth``, a LoRA trained on correct renders of
+the ``ccsr`` run's prompts with the same step budget (what perfect selection could teach).
+
+Outputs, in ``--out-dir``: ``proof.json`` (the numbers), ``proof-results.md`` (tables generated from
+proof.json) and ``proof-grid.png`` (the same seeds drawn by the base and the main models). docs/proof.md is
+written by hand (the protocol and the reading of the results) and never touched here.
+
+    python -m experiments.shapes.proof --fresh --jobs 2   # make proof: from scratch, the reported run
+    python -m experiments.shapes.proof --dev              # choosing settings: other seeds, other loop seed
+    python -m experiments.shapes.proof --quick --base-model DIR --work-dir DIR  # smoke run
 
 The base model is ``base_model.cached_base_model()``'s folder (trained there the first time; with ``--fresh``
-in the work folder) unless ``--base-model`` names one; every run gets it as ``generator.model``.
+in the work folder) unless ``--base-model`` names one; every run gets it as ``generator.model``. Without
+``--out-dir``, the reported run writes to docs/, a ``--dev`` or ``--quick`` run to its work folder.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,27 +41,84 @@ from pathlib import Path
 
 import numpy as np
 
-from ccsr.config import REPO_ROOT, load_config, resolve_data_path
+from ccsr.config import REPO_ROOT, Config, load_config, resolve_data_path
 from ccsr.rundir import Candidate, EvalRecord, Pair, PromptRecord, RunDir, read_json, read_records
-from experiments.shapes import world
+from experiments.shapes import measure_final, world
 from experiments.shapes.base_model import cached_base_model
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Protocol:
+    """What is measured, on what, fixed before the reported run."""
+
+    class_name: str = "circle"
+    target_colour: str = "purple"
+    final_seeds: range = range(1000, 1128)  # the reported run's seeds
+    dev_seeds: range = range(500, 628)  # the seeds settings were chosen on (--dev)
+    best_of_n: int = 10
+    best_of_n_groups: int = 32  # seeds per prompt of the best-of-n row (the first of the seed set)
+    primary_metric: str = "purple-circle colour accuracy (%), held-out prompts"
+
+    def target_specs(self) -> list[world.SceneSpec]:
+        """The held-out (count, background) combinations of the class in the target colour."""
+        return [s for s in world.validation_specs(self.class_name) if s.colour == self.target_colour]
+
+    def target_prompts(self) -> list[str]:
+        return [world.caption(s) for s in self.target_specs()]
+
+
+PROTOCOL = Protocol()
+
 CONFIG = REPO_ROOT / "configs" / "shapes.yaml"
-# name -> (what it tests, overrides). "ccsr" is the full loop; each ablation removes one part.
-VARIANTS = {
-    "ccsr": ("the full loop: judge, detector filter, gate", []),
+# name -> (what it is, kind, overrides of configs/shapes.yaml). Kinds: "measure" (the base model, drawn and
+# measured), "loop" (a `ccsr run`, then its champion measured), "ground-truth" (after the ccsr variant).
+VARIANTS: dict[str, tuple[str, str, list[str]]] = {
+    "base": ("the base model", "measure", []),
+    "best-of-10": (
+        "per prompt and seed, the judge's and detector's pick of 10 base images (no training)",
+        "measure",
+        [],
+    ),
+    "ccsr": ("the loop as configured (configs/shapes.yaml)", "loop", []),
+    "paper": (
+        "the paper's recipe: one image per prompt, no min score, plain denoising loss",
+        "loop",
+        [
+            "judge.top_k=1",
+            "judge.min_score=null",
+            "trainer.prior_weight=0",
+            "trainer.objective=sft",
+            "trainer.reward_weighted=false",
+        ],
+    ),
     "no-judge": (
         "judge answers at random: the best-scored of the ten is a random pick",
+        "loop",
         ["judge.backend=experiments.shapes.backends:RandomJudge"],
     ),
-    "no-detector": ("detector threshold 0: no image is filtered out", ["detector.threshold=0"]),
-    "no-gate": ("every LoRA is accepted, better or not", ["gate.enabled=false"]),
-    # Not an ablation: the loop with a stricter selection than the paper's (judge.min_score).
-    "strict": (
-        "a prompt yields a pair only if its best image scores the maximum, 10",
-        ["judge.min_score=10"],
+    "dpo": (
+        "Diffusion-DPO on (pick, lower-scored candidate) pairs",
+        "loop",
+        ["trainer.objective=dpo", "trainer.prior_weight=0", "trainer.reward_weighted=false"],
+    ),
+    "dpo-sft": (
+        "Diffusion-DPO plus the denoising loss on the picks",
+        "loop",
+        [
+            "trainer.objective=dpo",
+            "trainer.prior_weight=0",
+            "trainer.reward_weighted=false",
+            "trainer.dpo_sft_weight=1",
+        ],
+    ),
+    "no-detector": ("detector threshold 0: no image is filtered out", "loop", ["detector.threshold=0"]),
+    "no-gate": ("every LoRA is accepted, better or not", "loop", ["gate.enabled=false"]),
+    "ground-truth": (
+        "one LoRA on correct renders of the ccsr run's prompts, the ccsr run's total steps",
+        "ground-truth",
+        [],
     ),
 }
 QUICK = [
@@ -62,25 +131,49 @@ QUICK = [
     "evaluator.seeds=[0]",
     "evaluator.scales=[0.0, 1.0]",
 ]
+QUICK_VARIANTS = ["base", "best-of-10", "ccsr", "no-judge", "ground-truth"]
+QUICK_SEEDS = 2
+# The grid: these models (when measured), one row each per target prompt, the first GRID_SEEDS seeds.
+GRID_MODELS = ("base", "ccsr", "paper", "ground-truth")
+GRID_SEEDS = 8
+GRID_SCALE = 2  # nearest-neighbour upscaling of the 64 px images
+GRID_LABEL_WIDTH = 100  # the model names' column
+GRID_STRIP = 16  # the seeds' header and each prompt's heading
 
 
 @dataclass
 class Settings:
-    class_name: str = "circle"
+    protocol: Protocol = PROTOCOL
+    dev: bool = False  # the dev seeds and loop seed 1 (choosing settings), not the reported run
     iterations: int = 3
     work_dir: Path = REPO_ROOT / "runs" / "proof"
-    out: Path = REPO_ROOT / "docs" / "proof.md"
+    out_dir: Path = REPO_ROOT / "docs"
     config: Path = CONFIG
     base_model: str | None = None  # a folder; default: base_model.cached_base_model() (trained once, cached)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # for every run
     fresh: bool = False
     jobs: int = 1  # variants run side by side in this many processes
     threads: int = 1  # torch CPU threads per process
 
+    @property
+    def seeds(self) -> range:
+        return self.protocol.dev_seeds if self.dev else self.protocol.final_seeds
+
+    def final_dir(self, name: str) -> Path:
+        return self.work_dir / "final" / name
+
+
+def check_variants(variants: list[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if "ground-truth" in variants and "ccsr" not in variants:
+        raise ValueError("variant ground-truth trains on the prompts of the ccsr run: add ccsr to --variants")
+
 
 # --------------------------------------------------------------------------------------------------------------
-# running
+# the loops
 
 
 def _model_cache(s: Settings) -> Path | None:
@@ -88,46 +181,87 @@ def _model_cache(s: Settings) -> Path | None:
     return s.work_dir / "models" if s.fresh else None
 
 
-def run_variant(s: Settings, name: str) -> tuple[Path, float]:
+def common_overrides(s: Settings) -> list[str]:
+    """The overrides of every config of the proof: the shared ones, the base model, its cache."""
+    out = list(s.overrides) + [f"generator.model={s.base_model}"]
+    cache = _model_cache(s)
+    return out + ([f"model_cache={cache}"] if cache is not None else [])
+
+
+def run_loop(s: Settings, name: str) -> Path:
+    """``ccsr run`` of a loop variant into ``work_dir/name``; with ``--dev`` under loop seed 1."""
     from ccsr.cli import main as ccsr_main
 
     run_dir = s.work_dir / name
-    overrides = list(s.overrides) + VARIANTS[name][1]
-    overrides.append(f"prompter.validation_file={s.work_dir / f'validation-{s.class_name}.txt'}")
-    overrides.append(f"generator.model={s.base_model}")
-    cache = _model_cache(s)
-    if cache is not None:
-        overrides.append(f"model_cache={cache}")
-    argv = ["run", "--config", str(s.config), "--class", s.class_name, "--run-dir", str(run_dir)]
+    overrides = common_overrides(s) + VARIANTS[name][2]
+    overrides.append(f"prompter.validation_file={s.work_dir / f'validation-{s.protocol.class_name}.txt'}")
+    if s.dev:
+        overrides.append("seed=1")
+    argv = ["run", "--config", str(s.config), "--class", s.protocol.class_name, "--run-dir", str(run_dir)]
     argv += ["--iterations", str(s.iterations)]
     for o in overrides:
         argv += ["--set", o]
     logger.info("variant %s: ccsr %s", name, " ".join(argv))
-    start = time.perf_counter()
     code = ccsr_main(argv)
     if code != 0:
         raise RuntimeError(f"variant {name}: ccsr run exited with {code} (see {run_dir}/log.txt)")
-    return run_dir, time.perf_counter() - start
+    return run_dir
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(threads)
-
-
-def build_base(s: Settings) -> tuple[Path, float]:
-    """The base model's folder, trained first if it is not cached yet; returns it and the seconds spent."""
-    if s.base_model:
-        return Path(s.base_model), 0.0
-    start = time.perf_counter()
-    path = cached_base_model(_model_cache(s))
-    return path, time.perf_counter() - start
+def build_base(s: Settings) -> Path:
+    """The base model's folder, trained first if it is not cached yet."""
+    return Path(s.base_model) if s.base_model else cached_base_model(_model_cache(s))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# measuring
+# the ground-truth variant
+
+
+def trained_steps(run: RunDir) -> int:
+    """The optimizer steps the run's LoRAs took, summed over its iterations (the train stage records them)."""
+    return sum(run.stages_done(k).get("train", {}).get("steps", 0) for k in run.iterations())
+
+
+def ground_truth_pairs(run: RunDir, per_prompt: int, folder: Path) -> list:
+    """``per_prompt`` correct renders of every prompt of every iteration of ``run``, saved into ``folder``."""
+    from ccsr.training_data import TrainPair
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for k in run.iterations():
+        for p in read_records(run.files(k)["prompts"], PromptRecord):
+            spec = world.parse_caption(p.prompt)
+            if spec is None:
+                raise ValueError(f"{run.root}: prompt {p.id} {p.prompt!r} is not a caption of the grammar")
+            for j in range(per_prompt):
+                rng = random.Random(f"ground-truth:{p.id}:{j}")
+                path = folder / f"{p.id}-{j:02d}.png"
+                world.render(spec, world.place_objects(spec, rng)).save(path)
+                pairs.append(TrainPair(p.prompt, path, 10.0))  # a correct render: the judge's maximum
+    return pairs
+
+
+def train_ground_truth(s: Settings) -> tuple[Config, Path, dict]:
+    """One LoRA on correct renders of the ccsr run's prompts, with that run's config and its total steps
+    (the config's own budget when it trained nothing). Objective sft: correct renders have no losers."""
+    from ccsr.trainer import train_lora
+
+    run = RunDir(s.work_dir / "ccsr")
+    saved = load_config(run.config_path)
+    steps = trained_steps(run)
+    overrides = [f"trainer.max_steps={steps}"] if steps else []
+    if saved.trainer.objective == "dpo":
+        overrides += ["trainer.objective=sft", "trainer.dpo_sft_weight=0"]
+    cfg = load_config(run.config_path, overrides)
+    folder = s.work_dir / "ground-truth"
+    pairs = ground_truth_pairs(run, cfg.judge.top_k, folder / "images")
+    logger.info("ground-truth: training one LoRA on %d renders (%s steps)", len(pairs), steps or "config")
+    result = train_lora(cfg, pairs, folder / "lora")
+    return cfg, result.lora_dir, {"images": len(pairs), "steps": result.steps}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loop's own evaluation and selection, measured (per iteration; the reported numbers are in measure_final)
 
 
 class Scorer:
@@ -137,10 +271,10 @@ class Scorer:
         from ccsr.questions import QuestionSet
         from experiments.shapes.backends import MeasuringJudge
 
-        cfg = load_config(s.config, class_name=s.class_name)
+        cfg = load_config(s.config, class_name=s.protocol.class_name)
         self.judge = MeasuringJudge(cfg)
         self.questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
-        self.class_name = s.class_name
+        self.class_name = s.protocol.class_name
 
     def __call__(self, path: Path, prompt: str) -> dict:
         from PIL import Image
@@ -170,39 +304,26 @@ def _diversity(rows: list[dict]) -> float:
     return round(float(np.mean(diffs)), 4) if diffs else float("nan")
 
 
-def _bootstrap_ci(diffs: list[float], seed: int = 0, draws: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of a mean of paired differences (resampling (prompt, seed) pairs)."""
-    values = np.asarray(diffs, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
-    return round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)
-
-
-def _summary(rows: list[dict], base: dict[tuple, dict] | None) -> dict:
-    n = len(rows)
-    out = {k: round(sum(r[k] for r in rows) / n, 4) for k in ("count", "colour", "background", "exact")}
-    out["score"] = round(sum(r["score"] for r in rows) / n, 3)
-    out["diversity"] = _diversity(rows)
-    out["count_by_n"] = _count_by_n(rows)
-    out["n"] = n
-    if base is not None:
-        pairs = [(r, base[(r["prompt_id"], r["seed"])]) for r in rows]
-        diffs = [r["score"] - b["score"] for r, b in pairs]
-        out["wins"] = sum(d > 0 for d in diffs)
-        out["ties"] = sum(d == 0 for d in diffs)  # integer scores: paper's |diff| < 0.01 is equality
-        out["losses"] = sum(d < 0 for d in diffs)
-        out["win_rate"] = round(out["wins"] / n, 4)
-        for k in ("count", "exact", "score"):
-            out[f"{k}_delta_ci"] = _bootstrap_ci([float(r[k]) - float(b[k]) for r, b in pairs])
-    return out
-
-
 def _count_by_n(rows: list[dict]) -> dict[int, float | None]:
     """Share of rows whose measured count is right, per requested count (rows carry their prompt)."""
     out: dict[int, float | None] = {}
     for n in world.COUNTS:
         hits = [r["count"] for r in rows if world.parse_caption(r["prompt"]).count == n]
         out[n] = round(float(np.mean(hits)), 4) if hits else None
+    return out
+
+
+def _summary(rows: list[dict], base: dict[tuple, dict]) -> dict:
+    n = len(rows)
+    out = {k: round(sum(r[k] for r in rows) / n, 4) for k in ("count", "colour", "background", "exact")}
+    out["score"] = round(sum(r["score"] for r in rows) / n, 3)
+    out["diversity"] = _diversity(rows)
+    out["count_by_n"] = _count_by_n(rows)
+    out["n"] = n
+    diffs = [r["score"] - base[(r["prompt_id"], r["seed"])]["score"] for r in rows]
+    out["wins"] = sum(d > 0 for d in diffs)
+    out["ties"] = sum(d == 0 for d in diffs)  # integer scores: paper's |diff| < 0.01 is equality
+    out["losses"] = sum(d < 0 for d in diffs)
     return out
 
 
@@ -239,20 +360,18 @@ def measure_selection(run: RunDir, k: int, scorer: Scorer) -> dict:
     return {
         "prompts": len(prompts),
         "pairs": len(pairs),
+        "candidates_colour": _mean(cands, "colour"),
+        "pairs_colour": _mean(pairs, "colour"),
         "candidates_count": _mean(cands, "count"),
-        "candidates_exact": _mean(cands, "exact"),
         "pairs_count": _mean(pairs, "count"),
+        "candidates_exact": _mean(cands, "exact"),
         "pairs_exact": _mean(pairs, "exact"),
-        "candidates_count_by_n": _count_by_n(cands),
-        "pairs_by_n": {
-            n: sum(world.parse_caption(p["prompt"]).count == n for p in pairs) for n in world.COUNTS
-        },
     }
 
 
 def measure_run(run_dir: Path, scorer: Scorer) -> dict:
-    """Per iteration: eval metrics per LoRA scale (empty when no LoRA was trained), the selection's quality,
-    the gate's decision; and the champion after the last iteration."""
+    """Per iteration: the loop's evaluation measured per LoRA scale (empty when no LoRA was trained), the
+    selection's quality, the gate's decision; and the champion after the last iteration."""
     run = RunDir(run_dir)
     state = read_json(run.champion_path)
     if state is None:
@@ -270,131 +389,201 @@ def measure_run(run_dir: Path, scorer: Scorer) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# reporting
+# one variant's work (in a worker process with --jobs > 1)
+
+
+def _timed(seconds: dict[str, float], stage: str, work, *args, **kwargs):
+    start = time.perf_counter()
+    out = work(*args, **kwargs)
+    seconds[stage] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def run_task(s: Settings, name: str) -> dict:
+    """One variant: its loop or training if it has one, then its final model drawn and measured into
+    ``final/<name>``. Returns ``rows`` (None: the final model is the base, whose rows are reused), ``model``
+    (what the final model is) and ``seconds``; a loop also ``champion`` and ``loop`` (measure_run)."""
+    from ccsr.gate import current_champion
+
+    kind = VARIANTS[name][1]
+    prompts, seeds = s.protocol.target_prompts(), list(s.seeds)
+    folder = s.final_dir(name)
+    shutil.rmtree(folder, ignore_errors=True)  # images of another seed set must not linger
+    seconds: dict[str, float] = {}
+    out: dict = {"seconds": seconds}
+    if kind == "measure":
+        cfg = load_config(s.config, common_overrides(s), class_name=s.protocol.class_name)
+        if name == "base":
+            out["rows"] = _timed(
+                seconds,
+                "final images",
+                measure_final.draw_and_measure,
+                cfg,
+                prompts,
+                seeds,
+                folder,
+                label=name,
+            )
+            out["model"] = "the base model"
+        else:
+            n, groups = s.protocol.best_of_n, seeds[: s.protocol.best_of_n_groups]
+            base_folder = s.final_dir("base")
+            out["rows"], out["best_of_n"] = _timed(
+                seconds, "final images", measure_final.best_of_n, cfg, prompts, groups, n, base_folder, folder
+            )
+            out["model"] = f"best of {n} base images"
+    elif kind == "loop":
+        run_dir = _timed(seconds, "loop", run_loop, s, name)
+        out["loop"] = _timed(seconds, "loop measured", measure_run, run_dir, Scorer(s))
+        run = RunDir(run_dir)
+        lora, scale = current_champion(run)
+        champion = out["loop"]["champion"]
+        if lora is None:
+            out["rows"], out["champion"], out["model"] = None, None, "base (no LoRA accepted)"
+        else:
+            out["champion"] = {"iteration": champion["iteration"], "scale": scale}
+            out["model"] = f"iteration {champion['iteration']} LoRA at scale {scale:g}"
+            cfg = load_config(run.config_path)
+            out["rows"] = _timed(
+                seconds,
+                "final images",
+                measure_final.draw_and_measure,
+                cfg,
+                prompts,
+                seeds,
+                folder,
+                lora,
+                scale,
+                name,
+            )
+    else:
+        cfg, lora, info = _timed(seconds, "train", train_ground_truth, s)
+        out["model"] = f"LoRA at scale 1 ({info['steps']} steps on {info['images']} renders)"
+        out["ground_truth"] = info
+        out["rows"] = _timed(
+            seconds,
+            "final images",
+            measure_final.draw_and_measure,
+            cfg,
+            prompts,
+            seeds,
+            folder,
+            lora,
+            1.0,
+            name,
+        )
+    return out
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(threads)
+
+
+def run_tasks(s: Settings, names: list[str]) -> dict[str, dict]:
+    """``run_task`` of every name, ``s.jobs`` side by side."""
+    if s.jobs <= 1 or len(names) <= 1:
+        return {name: run_task(s, name) for name in names}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent has torch (and its thread pool) loaded already.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(s.jobs, mp_context=ctx, initializer=_init_worker, initargs=(s.threads,)) as pool:
+        futures = {name: pool.submit(run_task, s, name) for name in names}
+        return {name: future.result() for name, future in futures.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# outputs: proof.json, the tables generated from it, the grid
+
+
+def _verdict(final: dict) -> str:
+    lo, hi = final["ci95"]
+    return "improved" if lo > 0 else "worse" if hi < 0 else "no clear change"
+
+
+def _cell(m: dict) -> str:
+    lo, hi = m["ci95"]
+    return f"{m['value']:.1f} ({m['delta_vs_base']:+.1f}, {lo:+.1f} to {hi:+.1f})"
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _row(label: str, m: dict) -> str:
-    wtl = f"{m['wins']}/{m['ties']}/{m['losses']}" if "wins" in m else "-"
-    return (
-        f"| {label} | {_pct(m['count'])} | {_pct(m['colour'])} | {_pct(m['background'])} | {_pct(m['exact'])} "
-        f"| {m['score']:.2f} | {wtl} | {m['diversity']:.3f} |"
-    )
-
-
-HEADER = (
+LOOP_HEADER = (
     "| model | count % | colour % | background % | all right % | eq. 1 score | win/tie/loss vs base | diversity |\n"
     "| --- | ---: | ---: | ---: | ---: | ---: | :---: | ---: |"
 )
 
 
-def final_model(measured: dict) -> tuple[str, dict | None]:
-    """The champion after the last iteration, at its accepted scale (None: the gate kept the base)."""
-    champ = measured["champion"]
-    if champ["iteration"] is None:
-        return "base (no LoRA accepted)", None
-    k, scale = champ["iteration"], float(champ["scale"])
-    return f"iteration {k} LoRA at scale {scale:g}", measured["iterations"][k]["scales"][f"{scale:g}"]
+def _loop_row(label: str, m: dict) -> str:
+    return (
+        f"| {label} | {_pct(m['count'])} | {_pct(m['colour'])} | {_pct(m['background'])} | {_pct(m['exact'])} "
+        f"| {m['score']:.2f} | {m['wins']}/{m['ties']}/{m['losses']} | {m['diversity']:.3f} |"
+    )
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric, title in ((axes[0], "count", "count right (%)"), (axes[1], "exact", "all right (%)")):
-        base = None
-        for name, measured in results.items():
-            its = sorted(k for k, e in measured["iterations"].items() if e["scales"])
-            if not its:
-                continue
-            top = max(float(s) for s in measured["iterations"][its[0]]["scales"])
-            ys = [100 * measured["iterations"][k]["scales"][f"{top:g}"][metric] for k in its]
-            ax.plot(its, ys, marker="o", label=f"{name} (scale {top:g})")
-            base = 100 * measured["iterations"][its[0]]["scales"]["0"][metric]
-        if base is not None:
-            ax.axhline(base, color="gray", linestyle="--", label="base")
-        ax.set_xlabel("iteration")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _setup_lines(s: Settings, cfg, base: dict) -> list[str]:
-    return [
-        "# Does the loop improve the model? Measured on the shapes world",
-        "",
-        "Generated by `python -m experiments.shapes.proof` (`make proof`); every number below is measured, on "
-        f"held-out validation prompts of class **{s.class_name}** ({base['n']} images per row: "
-        f"{len(cfg.evaluator.seeds)} fixed seeds per prompt), against the world's ground truth. "
-        "The world, its base model and its backends are described in `experiments/shapes/` and "
-        "`configs/shapes.yaml`.",
-        "",
-        f"Setup: {s.iterations} iterations, {cfg.prompter.n_prompts} prompts per iteration, "
-        f"N={cfg.generator.num_candidates} candidates, detector threshold {cfg.detector.threshold}, "
-        f"LoRA rank {cfg.trainer.rank} lr {cfg.trainer.learning_rate:g} {cfg.trainer.epochs} epochs, "
-        f"gate on `{cfg.gate.metric}`, eval scales {cfg.evaluator.scales}.",
-    ]
-
-
-def _final_lines(results: dict, base: dict) -> list[str]:
+def _final_lines(results: dict) -> list[str]:
+    p = results["protocol"]
     lines = [
-        "## The final model of each variant against the base",
+        f"## {results['primary_metric']}",
         "",
-        "The final model is the gate's champion after the last iteration, at the scale it was accepted at.",
+        f"Target prompts ({p['class']}, {p['colour']}, held-out combinations): "
+        + "; ".join(f"*{t}*" for t in p["target_prompts"])
+        + f". Seeds: the {p['seed_set']} set, {p['seeds'][0]} to {p['seeds'][1] - 1}, the same for every model. "
+        "Delta and 95% CI: in points against the base's image of the same prompt and seed (paired bootstrap).",
         "",
-        HEADER,
-        _row("base (LoRA scale 0)", base),
+        "| variant | what | final model | value % | delta (points) | 95% CI | images | verdict |",
+        "| --- | --- | --- | ---: | ---: | :---: | ---: | --- |",
     ]
-    for name, measured in results.items():
-        label, m = final_model(measured)
-        lines.append(_row(f"{name}: {label}", m) if m else f"| {name}: {label} | = base | | | | | | |")
+    for name, v in results["variants"].items():
+        f = v["final"]
+        verdict = "reference" if name == "base" else _verdict(f)
+        lines.append(
+            f"| {name} | {v['description']} | {v['model']} | {f['value']:.1f} | {f['delta_vs_base']:+.1f} "
+            f"| {f['ci95'][0]:+.1f} to {f['ci95'][1]:+.1f} | {f['images']} | {verdict} |"
+        )
     return lines
 
 
-def _change(m: dict, base: dict, key: str, what: str, unit: int) -> str:
-    """One measure of the final model against the base, with its bootstrap interval and what it says."""
-    lo, hi = m[f"{key}_delta_ci"]
-    delta = unit * (m[key] - base[key])
-    sign = "better" if lo > 0 else "worse" if hi < 0 else "no clear change"
-    points, d = (" points", 1) if unit == 100 else ("", 2)
-    return f"{what} {delta:+.{d}f}{points} (95% CI {unit * lo:+.{d}f} to {unit * hi:+.{d}f}: {sign})"
-
-
-def _verdict_lines(results: dict, base: dict) -> list[str]:
-    lines = ["## Verdict", ""]
-    for name, measured in results.items():
-        label, m = final_model(measured)
-        if m is None:
-            lines.append(f"- **{name}**: the gate accepted no LoRA; the final model is the base.")
-            continue
-        measures = (("score", "eq. 1 score", 1), ("exact", "all right", 100), ("count", "count right", 100))
-        parts = [_change(m, base, key, what, unit) for key, what, unit in measures]
-        lines.append(f"- **{name}** ({label}): " + "; ".join(parts) + ".")
-    return lines + [
+def _secondary_lines(results: dict) -> list[str]:
+    return [
+        "## Secondary metrics",
         "",
-        "Intervals: bootstrap over the (prompt, seed) pairs of the evaluation, paired with the base's image of "
-        "the same prompt and seed.",
+        "Per cell: value % (delta in points, 95% CI). *count*: the number of circles is right; *exact*: count, "
+        "colour, background right and no other shape; *any-shape colour*: at least one object and every object, "
+        "whatever its shape, in the prompt's colour.",
+        "",
+        "| variant | count | exact | any-shape colour |",
+        "| --- | :---: | :---: | :---: |",
+        *(
+            f"| {name} | " + " | ".join(_cell(v["secondary"][m]) for m in measure_final.SECONDARY) + " |"
+            for name, v in results["variants"].items()
+        ),
     ]
 
 
 def _iteration_lines(results: dict) -> list[str]:
-    lines = ["## Every iteration at every LoRA scale", ""]
-    for name, measured in results.items():
-        lines += [f"### {name}: {VARIANTS[name][0]}", "", HEADER]
-        for k, e in sorted(measured["iterations"].items()):
-            lines += [
-                _row(f"iteration {k}, scale {scale}", m) for scale, m in e["scales"].items() if scale != "0"
-            ]
+    lines = [
+        "## The loop's own evaluation, every iteration at every LoRA scale",
+        "",
+        "The evaluation images each loop saved (all held-out prompts of the class, the config's evaluator "
+        "seeds), measured; the gate decided on these.",
+        "",
+    ]
+    for name, v in results["variants"].items():
+        if "loop" not in v:
+            continue
+        lines += [f"### {name}: {v['description']}", "", LOOP_HEADER]
+        for k, e in sorted(v["loop"]["iterations"].items(), key=lambda kv: int(kv[0])):
+            for scale, m in e["scales"].items():
+                lines.append(
+                    _loop_row(f"iteration {k}, " + ("base" if scale == "0" else f"scale {scale}"), m)
+                )
             g = e["gate"]
             if g:
                 verdict = "accepted" if g["accepted"] else "rejected"
@@ -407,172 +596,168 @@ def _selection_lines(results: dict) -> list[str]:
     lines = [
         "## Selection: are the chosen pairs better than the candidates?",
         "",
-        "| variant | iteration | prompts | pairs | candidates count % | pairs count % | candidates all right % "
-        "| pairs all right % |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | iteration | prompts | pairs | candidates colour % | pairs colour % | candidates count % "
+        "| pairs count % | candidates all right % | pairs all right % |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, measured in results.items():
-        for k, e in sorted(measured["iterations"].items()):
+    for name, v in results["variants"].items():
+        for k, e in sorted(v.get("loop", {}).get("iterations", {}).items(), key=lambda kv: int(kv[0])):
             sel = e["selection"]
-            lines.append(
-                f"| {name} | {k} | {sel['prompts']} | {sel['pairs']} | {_pct(sel['candidates_count'])} "
-                f"| {_pct(sel['pairs_count'])} | {_pct(sel['candidates_exact'])} | {_pct(sel['pairs_exact'])} |"
-            )
-    return lines
-
-
-def _count_by_n_lines(results: dict, base: dict) -> list[str]:
-    lines = [
-        "### Count right, by the number the prompt asks for",
-        "",
-        "Candidates: share of the ten drawn per prompt with the right count (best-of-10 can only pick what "
-        "was drawn); pairs: how many pairs asked for that number; then the held-out evaluation, base and final model.",
-        "",
-        "| variant | iteration | " + " | ".join(f"{n}: candidates % / pairs" for n in world.COUNTS) + " |",
-        "| --- | ---: | " + " | ".join("---:" for _ in world.COUNTS) + " |",
-    ]
-    for name, measured in results.items():
-        for k, e in sorted(measured["iterations"].items()):
-            sel = e["selection"]
-            cells = [
-                f"{_pct(sel['candidates_count_by_n'][n])} / {sel['pairs_by_n'][n]}" for n in world.COUNTS
+            cells = [sel["prompts"], sel["pairs"]] + [
+                _pct(sel[f"{who}_{m}"])
+                for m in ("colour", "count", "exact")
+                for who in ("candidates", "pairs")
             ]
-            lines.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
-    lines += ["", "| held-out evaluation | " + " | ".join(f"{n}: count %" for n in world.COUNTS) + " |"]
-    lines += ["| --- | " + " | ".join("---:" for _ in world.COUNTS) + " |"]
-    lines.append("| base | " + " | ".join(_pct(base["count_by_n"][n]) for n in world.COUNTS) + " |")
-    for name, measured in results.items():
-        label, m = final_model(measured)
-        if m is not None:
-            lines.append(
-                f"| {name}: {label} | " + " | ".join(_pct(m["count_by_n"][n]) for n in world.COUNTS) + " |"
-            )
+            lines.append(f"| {name} | {k} | " + " | ".join(str(c) for c in cells) + " |")
     return lines
 
 
-def _time_lines(timings: dict, base_info: dict | None) -> list[str]:
-    lines = ["## Time", ""] + [f"- {k}: {v / 60:.1f} min" for k, v in timings.items()]
-    if base_info:
-        secs = base_info["seconds"]
-        c = base_info["config"]
-        lines.append(
-            f"- base model training, from its record: {sum(secs.values()) / 60:.1f} min (render "
-            f"{secs['render']:.0f} s, VAE {secs['vae']:.0f} s, UNet {secs['unet']:.0f} s; {c['images']} scenes, "
-            f"{c['vae_steps']} VAE and {c['unet_steps']} UNet steps, {c['threads']} thread(s), count label noise "
-            f"{c['count_label_noise']}); its VAE round trip keeps {100 * base_info['vae_reconstruction_exact']:.0f}% "
-            "of scenes measurably exact"
-        )
-    return lines
+def write_results(results: dict, path: Path) -> None:
+    """proof-results.md: the tables of ``results`` (proof.json as read back), nothing else."""
+    lines = [
+        "<!-- Generated by `make proof` (python -m experiments.shapes.proof) from proof.json: do not edit by "
+        "hand. The protocol and the reading of these numbers are in docs/proof.md. -->",
+        "",
+        "# Shapes-world proof: the measured results",
+        "",
+        *_final_lines(results),
+        "",
+        *_secondary_lines(results),
+        "",
+        *_iteration_lines(results),
+        *_selection_lines(results),
+        "",
+        "## Time",
+        "",
+        f"Total {results['minutes']:.1f} min.",
+        "",
+        *(f"- {stage}: {secs / 60:.1f} min" for stage, secs in results["seconds"].items()),
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
 
 
-COLUMNS = (
-    "Columns: *count/colour/background %*: share of images whose measured count (objects of the "
-    "class), colour or background equals the prompt's; *all right*: all three and no other shape; "
-    "*eq. 1 score*: the measuring judge's mean score (max 10); *win/tie/loss*: per (prompt, seed) "
-    "against the same seed at scale 0; *diversity*: mean absolute pixel difference between the seeds "
-    "of a prompt (a collapsed model tends to 0)."
-)
+def draw_grid(s: Settings, models: list[str], path: Path) -> None:
+    """For each target prompt, one row per model of the first GRID_SEEDS seeds (the same for every model),
+    upscaled GRID_SCALE times with nearest neighbour, from the saved final images."""
+    from PIL import Image, ImageDraw
+
+    prompts, seeds = s.protocol.target_prompts(), list(s.seeds)[:GRID_SEEDS]
+    side = world.SIZE * GRID_SCALE
+    width = GRID_LABEL_WIDTH + len(seeds) * side
+    height = GRID_STRIP + len(prompts) * (GRID_STRIP + len(models) * side)
+    sheet = Image.new("RGB", (width, height), "white")
+    pen = ImageDraw.Draw(sheet)
+    for c, seed in enumerate(seeds):
+        pen.text((GRID_LABEL_WIDTH + c * side + 2, 2), f"seed {seed}", fill="black")
+    top = GRID_STRIP
+    for i, prompt in enumerate(prompts):
+        pen.text((2, top + 2), prompt, fill="black")
+        top += GRID_STRIP
+        for model in models:
+            pen.text((2, top + side // 2 - 6), model, fill="black")
+            for c, seed in enumerate(seeds):
+                image = Image.open(measure_final.image_path(s.final_dir(model), i, seed)).convert("RGB")
+                sheet.paste(
+                    image.resize((side, side), Image.Resampling.NEAREST), (GRID_LABEL_WIDTH + c * side, top)
+                )
+            top += side
+    sheet.save(path)
 
 
-def write_report(
-    s: Settings,
-    results: dict,
-    timings: dict,
-    path: Path,
-    plot_name: str | None,
-    base_info: dict | None = None,
-) -> str:
-    """docs/proof.md: setup, the final models against the base, verdict, every iteration, selection, time."""
-    cfg = load_config(s.config, s.overrides)
-    evaluated = [e for m in results.values() for _, e in sorted(m["iterations"].items()) if e["scales"]]
-    if not evaluated:
-        raise RuntimeError(
-            "no iteration of any variant was evaluated (no pairs, so no LoRA): nothing to compare"
-        )
-    base = evaluated[0]["scales"]["0"]
-    lines = _setup_lines(s, cfg, base) + [""] + _final_lines(results, base) + [""]
-    lines += _verdict_lines(results, base) + [""] + _iteration_lines(results)
-    lines += _selection_lines(results) + [""] + _count_by_n_lines(results, base)
-    if plot_name:
-        lines += ["", f"![count and all-right accuracy by iteration]({plot_name})"]
-    lines += [""] + _time_lines(timings, base_info) + ["", COLUMNS, ""]
-    text = "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return text
+def _protocol_record(s: Settings) -> dict:
+    p = s.protocol
+    return {
+        "class": p.class_name,
+        "colour": p.target_colour,
+        "target_prompts": p.target_prompts(),
+        "seed_set": "dev" if s.dev else "final",
+        "seeds": [s.seeds.start, s.seeds.stop],
+        "best_of_n": p.best_of_n,
+        "best_of_n_groups": p.best_of_n_groups,
+        "iterations": s.iterations,
+        "overrides": s.overrides,
+    }
 
 
-# --------------------------------------------------------------------------------------------------------------
-
-
-def run_variants(s: Settings, timings: dict[str, float]) -> dict[str, Path]:
-    """Every variant's loop, ``s.jobs`` side by side; their run folders (the seconds each took go to timings)."""
-    run_dirs = {}
-    if s.jobs > 1 and len(s.variants) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: the parent has torch (and its thread pool) loaded already.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            s.jobs, mp_context=ctx, initializer=_init_worker, initargs=(s.threads,)
-        ) as pool:
-            futures = {name: pool.submit(run_variant, s, name) for name in s.variants}
-            for name, future in futures.items():
-                run_dirs[name], timings[f"loop, {name}"] = future.result()
-    else:
-        for name in s.variants:
-            run_dirs[name], timings[f"loop, {name}"] = run_variant(s, name)
-    return run_dirs
+def collect(s: Settings, done: dict[str, dict], seconds: dict[str, float], started: float) -> dict:
+    """proof.json's content: every variant against the base (a final model that is the base reuses the
+    base's rows and images)."""
+    base_rows = done["base"]["rows"]
+    variants = {}
+    for name in s.variants:
+        out = done[name]
+        rows = out["rows"]
+        if rows is None:
+            shutil.copytree(s.final_dir("base"), s.final_dir(name), dirs_exist_ok=True)
+            rows = base_rows
+        v = {"description": VARIANTS[name][0], "model": out["model"]}
+        v |= measure_final.compare(rows, base_rows)
+        v |= {k: out[k] for k in ("champion", "loop", "best_of_n", "ground_truth") if k in out}
+        variants[name] = v
+        seconds |= {f"{name}: {stage}": secs for stage, secs in out["seconds"].items()}
+    base = variants["base"]
+    seconds["total"] = round(time.perf_counter() - started, 1)
+    return {
+        "primary_metric": s.protocol.primary_metric,
+        "minutes": round(seconds["total"] / 60, 2),
+        "protocol": _protocol_record(s),
+        "base": {"value": base["final"]["value"], "images": base["final"]["images"]}
+        | {"secondary": {m: base["secondary"][m]["value"] for m in measure_final.SECONDARY}},
+        "variants": variants,
+        "seconds": seconds,
+    }
 
 
 def prove(s: Settings) -> dict:
+    """The whole proof: base model, loops and variants, final measurement, proof.json and its views."""
+    check_variants(s.variants)
+    if "base" not in s.variants:
+        s = dataclasses.replace(s, variants=["base", *s.variants])
     started = time.perf_counter()
     if s.fresh and s.work_dir.exists():
         shutil.rmtree(s.work_dir)
     s.work_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     # Config and validation prompts first: a bad setting fails in a second, not after the base model's training.
-    cfg = load_config(s.config, s.overrides)
-    val = world.validation_captions(s.class_name, cfg.prompter.n_validation)
-    base_path, timings["base model (build or cache)"] = build_base(s)
+    cfg = load_config(s.config, s.overrides, class_name=s.protocol.class_name)
+    val = world.validation_captions(s.protocol.class_name, cfg.prompter.n_validation)
+    seconds: dict[str, float] = {}
+    base_path = _timed(seconds, "base model (build or cache)", build_base, s)
     s = dataclasses.replace(s, base_model=str(base_path))
-    base_info = read_json(base_path / "shapes_base_model.json", default=None)
-    (s.work_dir / f"validation-{s.class_name}.txt").write_text("\n".join(val) + "\n", encoding="utf-8")
-    t = time.perf_counter()
-    run_dirs = run_variants(s, timings)
-    timings[f"loops, wall clock ({s.jobs} side by side)"] = time.perf_counter() - t
-    scorer = Scorer(s)
-    t = time.perf_counter()
-    results = {name: measure_run(d, scorer) for name, d in run_dirs.items()}
-    timings["measuring"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - started
-    plot(results, s.work_dir / "proof.png")
-    if s.out.parent.resolve() != s.work_dir.resolve():
-        s.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(s.work_dir / "proof.png", s.out.parent / "proof.png")
-    text = write_report(s, results, timings, s.out, "proof.png", base_info)
-    (s.work_dir / "proof.md").write_text(text, encoding="utf-8")
-    (s.work_dir / "proof.json").write_text(
-        json.dumps({"results": results, "timings": timings}, indent=1, default=str), encoding="utf-8"
+    (s.work_dir / f"validation-{s.protocol.class_name}.txt").write_text(
+        "\n".join(val) + "\n", encoding="utf-8"
     )
-    logger.info("proof written to %s (%.1f min)", s.out, timings["total"] / 60)
-    return {"results": results, "timings": timings}
+    # Best-of-n reads the base's images, ground-truth the ccsr run's prompts: they come second.
+    second = [n for n in s.variants if n == "best-of-10" or VARIANTS[n][1] == "ground-truth"]
+    first = [n for n in s.variants if n not in second]
+    done = _timed(seconds, f"base and loops, wall clock ({s.jobs} side by side)", run_tasks, s, first)
+    done |= _timed(seconds, "best-of-n and ground-truth, wall clock", run_tasks, s, second)
+    results = collect(s, done, seconds, started)
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = s.out_dir / "proof.json"
+    json_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    write_results(json.loads(json_path.read_text(encoding="utf-8")), s.out_dir / "proof-results.md")
+    draw_grid(s, [m for m in GRID_MODELS if m in s.variants], s.out_dir / "proof-grid.png")
+    logger.info("proof written to %s (%.1f min)", s.out_dir, results["minutes"])
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.shapes.proof", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--class", dest="class_name", default=Settings.class_name, choices=world.CLASSES)
     parser.add_argument("--iterations", type=int, default=Settings.iterations)
-    parser.add_argument("--work-dir", type=Path, default=Settings.work_dir)
-    parser.add_argument("--out", type=Path, default=Settings.out)
+    parser.add_argument("--work-dir", type=Path, help="default runs/proof (runs/proof-dev with --dev)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="proof.json and its views (default docs/; the work folder for --dev, --quick)",
+    )
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument(
         "--base-model", help="a trained base model folder (default: the cached one, trained first if missing)"
     )
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="default: all (--quick: a few)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
     )
@@ -587,21 +772,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--fresh", action="store_true", help="delete the work folder, retrain the base model")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 1 iteration, 3 prompts, the full loop only"
+        "--dev",
+        action="store_true",
+        help="the dev seeds and loop seed 1: for choosing settings, never reported",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: 1 iteration, tiny budgets, {QUICK_SEEDS} seeds, variants {', '.join(QUICK_VARIANTS)}",
     )
     args = parser.parse_args(argv)
+    variants = args.variants or (QUICK_VARIANTS if args.quick else list(VARIANTS))
+    try:
+        check_variants(variants)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
     torch.set_num_threads(args.threads)
+    protocol = PROTOCOL
+    if args.quick:
+        protocol = dataclasses.replace(
+            PROTOCOL,
+            final_seeds=PROTOCOL.final_seeds[:QUICK_SEEDS],
+            dev_seeds=PROTOCOL.dev_seeds[:QUICK_SEEDS],
+            best_of_n_groups=1,
+        )
+    work_dir = args.work_dir or REPO_ROOT / "runs" / ("proof-dev" if args.dev else "proof")
+    out_dir = args.out_dir or (work_dir if args.dev or args.quick else REPO_ROOT / "docs")
     s = Settings(
-        class_name=args.class_name,
+        protocol=protocol,
+        dev=args.dev,
         iterations=1 if args.quick else args.iterations,
-        work_dir=args.work_dir,
-        out=args.out,
+        work_dir=work_dir,
+        out_dir=out_dir,
         config=args.config,
         base_model=args.base_model,
-        variants=["ccsr"] if args.quick and args.variants == list(VARIANTS) else args.variants,
+        variants=variants,
         overrides=(QUICK if args.quick else []) + args.set,
         fresh=args.fresh,
         jobs=args.jobs,
