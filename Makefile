@@ -35,7 +35,7 @@ test: install
 bench: install
 	TQDM_DISABLE=1 $(PY) -m benchmarks.run
 
-# The shapes world (docs/proof.md): base model trained from scratch, the loop and its ablations, the table.
+# The shapes world (docs/proof.md): base model trained from scratch, the loop and its variants, docs/proof.json.
 proof: install
 	$(PY) -m experiments.shapes.proof --fresh --jobs 2
 

@@ -201,6 +201,17 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     # ground-truth trained as many steps as the ccsr run's LoRA took
     assert results["variants"]["ground-truth"]["ground_truth"]["steps"] == stages["train"]["steps"]
     assert (work / "ground-truth" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    renders = sorted((work / "ground-truth" / "images").glob("*.png"))
+    assert len(renders) == 3  # the ccsr run's 3 prompts, judge.top_k = 1 render each
+    for path in renders:
+        prompt_id = path.stem.rsplit("-", 1)[0]
+        (record,) = [
+            r
+            for r in map(json.loads, (it / "prompts.jsonl").read_text().splitlines())
+            if r["id"] == prompt_id
+        ]
+        spec = world.parse_caption(record["prompt"])
+        assert world.accuracy(spec, world.measure(Image.open(path))).exact, path
     assert "iterations" in results["variants"]["ccsr"]["loop"]
 
     text = (out / "proof-results.md").read_text()
@@ -210,6 +221,72 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     rows = len(prompts) * (proof.GRID_STRIP + 3 * side)  # base, ccsr, ground-truth
     assert grid.size == (proof.GRID_LABEL_WIDTH + proof.QUICK_SEEDS * side, proof.GRID_STRIP + rows)
     assert (out / "proof.md").read_bytes() == hand_written
+
+
+def test_paired_comparison_with_the_base():
+    import numpy as np
+
+    from experiments.shapes.measure_final import bootstrap_ci, compare
+
+    rng = np.random.default_rng(1)
+    keys = [(f"prompt {p}", s) for p in range(3) for s in range(40)]
+    base = {
+        k: dict.fromkeys(("colour", "count", "exact", "any_shape_colour"), bool(rng.random() < 0.3))
+        for k in keys
+    }
+    # the model gets 12 of the base's wrong images right and 2 of its right ones wrong
+    wrong = [k for k in keys if not base[k]["colour"]]
+    right = [k for k in keys if base[k]["colour"]]
+    model = {k: dict(v) for k, v in base.items()}
+    for k in wrong[:12]:
+        model[k]["colour"] = True
+    for k in right[:2]:
+        model[k]["colour"] = False
+    # pairing is by (prompt, seed), whatever the order of the rows
+    m = compare(dict(reversed(list(model.items()))), base)["final"]
+    assert m["images"] == 120 and m["delta_vs_base"] == round(100 * 10 / 120, 2)
+    assert m["value"] == pytest.approx(m["base_value"] + m["delta_vs_base"], abs=0.011)
+    assert 0 < m["ci95"][0] < m["delta_vs_base"] < m["ci95"][1]
+    diffs = np.array([100.0 * (model[k]["colour"] - base[k]["colour"]) for k in sorted(keys)])
+    assert m["ci95"] == [round(x, 2) for x in bootstrap_ci(diffs)]  # numpy seed 0: the same every time
+    same = compare(base, base)["secondary"]["count"]
+    assert same["value"] == same["base_value"] and same["delta_vs_base"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_best_of_n_picks_what_the_judge_and_detector_prefer():
+    from experiments.shapes.measure_final import Picker
+
+    pick = Picker(_cfg("circle"))
+    rng = random.Random(2)
+    prompt = "one purple circle on a white background"
+    right = world.SceneSpec("circle", 1, "purple", "white")
+    wrong = [world.SceneSpec("circle", 1, "red", "white"), world.SceneSpec("circle", 2, "purple", "white")]
+    images = [world.render(s, world.place_objects(s, rng)) for s in [*wrong, right, wrong[0]]]
+    assert pick(prompt, images) == 2
+    blank = [Image.new("RGB", (64, 64), world.BACKGROUNDS["white"])] * 3
+    assert pick(prompt, blank) is None  # nothing passes the detector: the caller keeps the base's image
+
+
+def test_dev_run_uses_the_dev_seeds_and_loop_seed_1(monkeypatch, tmp_path):
+    import ccsr.cli
+    from experiments.shapes import proof
+    from experiments.shapes.measure_final import EXTRA_SEED_BASE
+
+    p = proof.PROTOCOL
+    evaluator = set(load_config("configs/shapes.yaml").evaluator.seeds)
+    assert not set(p.final_seeds) & set(p.dev_seeds) and not evaluator & (
+        set(p.final_seeds) | set(p.dev_seeds)
+    )
+    assert EXTRA_SEED_BASE > max(p.final_seeds[-1], p.dev_seeds[-1])
+    calls = []
+    monkeypatch.setattr(ccsr.cli, "main", lambda argv: calls.append(argv) or 0)
+    for dev in (False, True):
+        s = proof.Settings(dev=dev, work_dir=tmp_path, base_model="m")
+        assert s.seeds == (p.dev_seeds if dev else p.final_seeds)
+        proof.run_loop(s, "no-gate")
+    reported, dev_run = calls
+    assert "seed=1" in dev_run and not any(a.startswith("seed=") for a in reported)
+    assert "gate.enabled=false" in reported and "generator.model=m" in reported
 
 
 def test_ground_truth_needs_the_ccsr_variant(capsys):

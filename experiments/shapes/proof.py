@@ -295,13 +295,13 @@ class Scorer:
         }
 
 
-def _diversity(rows: list[dict]) -> float:
+def _diversity(rows: list[dict]) -> float | None:
     """Mean absolute pixel difference between images of the same prompt (different seeds); 0 = collapse."""
     by_prompt: dict[str, list[np.ndarray]] = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r["pixels"])
     diffs = [float(np.abs(a - b).mean()) for imgs in by_prompt.values() for a, b in combinations(imgs, 2)]
-    return round(float(np.mean(diffs)), 4) if diffs else float("nan")
+    return round(float(np.mean(diffs)), 4) if diffs else None  # one seed per prompt: nothing to compare
 
 
 def _count_by_n(rows: list[dict]) -> dict[int, float | None]:
@@ -399,80 +399,56 @@ def _timed(seconds: dict[str, float], stage: str, work, *args, **kwargs):
     return out
 
 
-def run_task(s: Settings, name: str) -> dict:
-    """One variant: its loop or training if it has one, then its final model drawn and measured into
-    ``final/<name>``. Returns ``rows`` (None: the final model is the base, whose rows are reused), ``model``
-    (what the final model is) and ``seconds``; a loop also ``champion`` and ``loop`` (measure_run)."""
+def final_model(
+    s: Settings, name: str, seconds: dict[str, float]
+) -> tuple[Config | None, Path | None, float, dict]:
+    """Variant ``name``'s loop or training, if it has one, then what its final model is: the config to draw
+    with (None: the base, whose rows are reused), the LoRA and its scale, and what to record about it."""
     from ccsr.gate import current_champion
 
     kind = VARIANTS[name][1]
+    if kind == "measure":
+        cfg = load_config(s.config, common_overrides(s), class_name=s.protocol.class_name)
+        return cfg, None, 0.0, {"model": "the base model"}
+    if kind == "ground-truth":
+        cfg, lora, info = _timed(seconds, "train", train_ground_truth, s)
+        model = f"LoRA at scale 1 ({info['steps']} steps on {info['images']} renders)"
+        return cfg, lora, 1.0, {"model": model, "ground_truth": info}
+    run = RunDir(_timed(seconds, "loop", run_loop, s, name))
+    record = {"loop": _timed(seconds, "loop measured", measure_run, run.root, Scorer(s))}
+    lora, scale = current_champion(run)
+    if lora is None:
+        return None, None, 0.0, record | {"champion": None, "model": "base (no LoRA accepted)"}
+    k = record["loop"]["champion"]["iteration"]
+    record |= {
+        "champion": {"iteration": k, "scale": scale},
+        "model": f"iteration {k} LoRA at scale {scale:g}",
+    }
+    return load_config(run.config_path), lora, scale, record
+
+
+def run_task(s: Settings, name: str) -> dict:
+    """One variant, start to end: its final model drawn and measured into ``final/<name>``. Returns what
+    ``final_model`` records, ``rows`` (None: the final model is the base) and ``seconds``."""
     prompts, seeds = s.protocol.target_prompts(), list(s.seeds)
     folder = s.final_dir(name)
     shutil.rmtree(folder, ignore_errors=True)  # images of another seed set must not linger
     seconds: dict[str, float] = {}
-    out: dict = {"seconds": seconds}
-    if kind == "measure":
+    if name == "best-of-10":
         cfg = load_config(s.config, common_overrides(s), class_name=s.protocol.class_name)
-        if name == "base":
-            out["rows"] = _timed(
-                seconds,
-                "final images",
-                measure_final.draw_and_measure,
-                cfg,
-                prompts,
-                seeds,
-                folder,
-                label=name,
-            )
-            out["model"] = "the base model"
-        else:
-            n, groups = s.protocol.best_of_n, seeds[: s.protocol.best_of_n_groups]
-            base_folder = s.final_dir("base")
-            out["rows"], out["best_of_n"] = _timed(
-                seconds, "final images", measure_final.best_of_n, cfg, prompts, groups, n, base_folder, folder
-            )
-            out["model"] = f"best of {n} base images"
-    elif kind == "loop":
-        run_dir = _timed(seconds, "loop", run_loop, s, name)
-        out["loop"] = _timed(seconds, "loop measured", measure_run, run_dir, Scorer(s))
-        run = RunDir(run_dir)
-        lora, scale = current_champion(run)
-        champion = out["loop"]["champion"]
-        if lora is None:
-            out["rows"], out["champion"], out["model"] = None, None, "base (no LoRA accepted)"
-        else:
-            out["champion"] = {"iteration": champion["iteration"], "scale": scale}
-            out["model"] = f"iteration {champion['iteration']} LoRA at scale {scale:g}"
-            cfg = load_config(run.config_path)
-            out["rows"] = _timed(
-                seconds,
-                "final images",
-                measure_final.draw_and_measure,
-                cfg,
-                prompts,
-                seeds,
-                folder,
-                lora,
-                scale,
-                name,
-            )
+        n, groups = s.protocol.best_of_n, seeds[: s.protocol.best_of_n_groups]
+        start = time.perf_counter()
+        rows, info = measure_final.best_of_n(cfg, prompts, groups, n, s.final_dir("base"), folder)
+        out = {"model": f"best of {n} base images", "best_of_n": info, "rows": rows}
     else:
-        cfg, lora, info = _timed(seconds, "train", train_ground_truth, s)
-        out["model"] = f"LoRA at scale 1 ({info['steps']} steps on {info['images']} renders)"
-        out["ground_truth"] = info
-        out["rows"] = _timed(
-            seconds,
-            "final images",
-            measure_final.draw_and_measure,
-            cfg,
-            prompts,
-            seeds,
-            folder,
-            lora,
-            1.0,
-            name,
-        )
-    return out
+        cfg, lora, scale, out = final_model(s, name, seconds)
+        start = time.perf_counter()
+        if cfg is not None:
+            out["rows"] = measure_final.draw_and_measure(cfg, prompts, seeds, folder, lora, scale, name)
+        else:
+            out["rows"] = None
+    seconds["final images"] = round(time.perf_counter() - start, 1)
+    return out | {"seconds": seconds}
 
 
 def _init_worker(threads: int) -> None:
@@ -521,9 +497,10 @@ LOOP_HEADER = (
 
 
 def _loop_row(label: str, m: dict) -> str:
+    diversity = "-" if m["diversity"] is None else f"{m['diversity']:.3f}"
     return (
         f"| {label} | {_pct(m['count'])} | {_pct(m['colour'])} | {_pct(m['background'])} | {_pct(m['exact'])} "
-        f"| {m['score']:.2f} | {m['wins']}/{m['ties']}/{m['losses']} | {m['diversity']:.3f} |"
+        f"| {m['score']:.2f} | {m['wins']}/{m['ties']}/{m['losses']} | {diversity} |"
     )
 
 
@@ -672,7 +649,8 @@ def _protocol_record(s: Settings) -> dict:
         "colour": p.target_colour,
         "target_prompts": p.target_prompts(),
         "seed_set": "dev" if s.dev else "final",
-        "seeds": [s.seeds.start, s.seeds.stop],
+        "seeds": [s.seeds.start, s.seeds.stop],  # start, stop (excluded)
+        "loop_seed": 1 if s.dev else load_config(s.config, s.overrides).seed,
         "best_of_n": p.best_of_n,
         "best_of_n_groups": p.best_of_n_groups,
         "iterations": s.iterations,
@@ -712,8 +690,8 @@ def collect(s: Settings, done: dict[str, dict], seconds: dict[str, float], start
 def prove(s: Settings) -> dict:
     """The whole proof: base model, loops and variants, final measurement, proof.json and its views."""
     check_variants(s.variants)
-    if "base" not in s.variants:
-        s = dataclasses.replace(s, variants=["base", *s.variants])
+    # The base is every comparison's reference; the tables keep VARIANTS' order.
+    s = dataclasses.replace(s, variants=[n for n in VARIANTS if n == "base" or n in s.variants])
     started = time.perf_counter()
     if s.fresh and s.work_dir.exists():
         shutil.rmtree(s.work_dir)
