@@ -7,8 +7,8 @@ prompt's index) in one folder per model, so grids can be redrawn without drawing
 
 Best-of-n is the loop's selection without the training: per (prompt, seed), n candidates from the base (the
 base's own image and n - 1 more), the measuring judge and detector pick one by the paper's rule
-(``ccsr.selection``). It shows what the selection alone gains, the most a LoRA trained on its picks could
-learn from them.
+(``ccsr.selection``). It shows what the selection alone gains: the picks are what a LoRA of the loop is
+trained to draw.
 """
 
 from __future__ import annotations
