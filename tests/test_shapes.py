@@ -177,7 +177,9 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     stages = json.loads((it / "stages.json").read_text())
     assert {"prompts", "candidates", "judge", "filter", "train", "eval"} <= set(stages), stages
     assert (it / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    assert len((it / "pairs.jsonl").read_text().splitlines()) == 3  # threshold 0: every prompt a pair
+    # threshold 0: every prompt yields its judge.top_k best candidates
+    top_k = load_config("configs/shapes.yaml").judge.top_k
+    assert len((it / "pairs.jsonl").read_text().splitlines()) == 3 * top_k
 
     results = json.loads((out / "proof.json").read_text())
     prompts = proof.PROTOCOL.target_prompts()
@@ -202,7 +204,7 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     assert results["variants"]["ground-truth"]["ground_truth"]["steps"] == stages["train"]["steps"]
     assert (work / "ground-truth" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     renders = sorted((work / "ground-truth" / "images").glob("*.png"))
-    assert len(renders) == 3  # the ccsr run's 3 prompts, judge.top_k = 1 render each
+    assert len(renders) == 3 * top_k  # the ccsr run's 3 prompts, judge.top_k renders each
     for path in renders:
         prompt_id = path.stem.rsplit("-", 1)[0]
         (record,) = [

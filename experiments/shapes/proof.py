@@ -127,7 +127,9 @@ QUICK = [
     "generator.num_candidates=4",
     "generator.steps=4",
     "trainer.epochs=2",
+    "trainer.max_steps=null",
     "trainer.batch_size=2",
+    "judge.min_score=null",
     "evaluator.seeds=[0]",
     "evaluator.scales=[0.0, 1.0]",
 ]
@@ -145,7 +147,7 @@ GRID_STRIP = 16  # the seeds' header and each prompt's heading
 class Settings:
     protocol: Protocol = PROTOCOL
     dev: bool = False  # the dev seeds and loop seed 1 (choosing settings), not the reported run
-    iterations: int = 3
+    iterations: int = 2
     work_dir: Path = REPO_ROOT / "runs" / "proof"
     out_dir: Path = REPO_ROOT / "docs"
     config: Path = CONFIG
