@@ -180,6 +180,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--run-dir", str(run), "--iteration", "1"]) == 2
     err = capsys.readouterr().err
     assert "iteration 1 has no pairs.jsonl" in err and len(err.strip().splitlines()) == 1
+    # Objective dpo reads the preference pairs: an iteration without any has nothing to train.
+    cfg = Config()
+    cfg.trainer.objective = "dpo"
+    save_config(cfg, run / "config.yaml")
+    assert main(["--run-dir", str(run), "--iteration", "1"]) == 2
+    assert "iteration 1 has no preferences.jsonl" in capsys.readouterr().err
+    (run / "iterations" / "001").mkdir(parents=True)
+    (run / "iterations" / "001" / "preferences.jsonl").write_text("")
+    assert main(["--run-dir", str(run), "--iteration", "1"]) == 2
+    assert "no training preferences for iteration 1" in capsys.readouterr().err
 
 
 def test_tensorboard_when_available(tmp_path):
