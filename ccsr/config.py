@@ -189,12 +189,13 @@ class DetectorConfig(_Section):
     text_model: str = "ccsr-tiny/clip"  # CLIP model whose text tower embeds the class name
     threshold: float = 0.6  # minimum detection confidence (paper: 0.6)
     image_size: int = 640
+    batch_size: int = 32  # images per detector call (halved on a CUDA out-of-memory error)
 
     def validate(self) -> None:
         super().validate()
         self._backend()
         self._unit_interval("threshold")
-        self._positive("image_size")
+        self._positive("image_size", "batch_size")
 
 
 @dataclass
@@ -288,6 +289,7 @@ class EvaluatorConfig(_Section):
     scales: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.7, 1.0])  # paper fig. 9
     tie_band: float = 0.01  # paper: a difference under 0.01 is a tie
     judge_and_detect: bool = True  # also score the evaluation images with the judge and the detector
+    batch_size: int = 64  # images per CLIP call (halved on a CUDA out-of-memory error)
 
     def validate(self) -> None:
         super().validate()
@@ -303,6 +305,7 @@ class EvaluatorConfig(_Section):
             raise ConfigError("'evaluator.seeds' must list at least one seed")
         self._require(all(s >= 0 for s in self.seeds), "seeds", "must be >= 0")
         self._non_negative("tie_band")
+        self._positive("batch_size")
 
 
 # The evaluation's summary per scale: what each gate metric needs it to compute.

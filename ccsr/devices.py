@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
     from ccsr.config import Config
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def torch_device(cfg: Config) -> torch.device:
@@ -54,3 +59,29 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def in_batches(call: Callable[[slice], list[T]], total: int, size: int, what: str) -> list[T]:
+    """``call`` on consecutive slices of ``total`` items, at most ``size`` at a time, results concatenated in
+    order. On a CUDA out-of-memory error the same slice is tried again at half the size (down to 1), as the
+    generator does: every stage works in batches of its configured size and backs off instead of failing."""
+    import torch
+
+    out: list[T] = []
+    start = 0
+    while start < total:
+        chunk = slice(start, min(start + size, total))
+        try:
+            results = call(chunk)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            logger.warning("%s: out of GPU memory, retrying with batch size %d", what, size)
+            torch.cuda.empty_cache()
+            continue
+        if len(results) != chunk.stop - chunk.start:
+            raise RuntimeError(f"{what}: {len(results)} results for {chunk.stop - chunk.start} inputs")
+        out.extend(results)
+        start = chunk.stop
+    return out

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ccsr.backends import load_backend
 from ccsr.config import resolve_data_path
-from ccsr.devices import free_memory, keep_cpu_threads
+from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.rundir import (
     EvalRecord,
     PromptRecord,
@@ -181,7 +181,13 @@ def evaluate(
         records = _draw(cfg, run, k, scales, eval_dir, on_scale)
         images = [_open(run, r.path) for r in records]
         scorer = CLIPScorer(cfg)
-        for r, score in zip(records, scorer.clip_scores(images, [r.prompt for r in records]), strict=True):
+        scores = in_batches(
+            lambda c: scorer.clip_scores(images[c], [r.prompt for r in records[c]]),
+            len(records),
+            ec.batch_size,
+            "CLIP score",
+        )
+        for r, score in zip(records, scores, strict=True):
             r.clip_score = score
         scorer.close()
         if ec.judge_and_detect:
@@ -223,22 +229,32 @@ def _open(run: RunDir, rel_path: str):
     return Image.open(run.root / rel_path).convert("RGB")
 
 
-def judge_and_detect(cfg: Config, records: list[EvalRecord], images: list) -> None:
-    """The loop's judge (eq. 1 score) and detector (confidence, detected at the threshold) on eval images."""
+def _judge_scores(cfg: Config, records: list[EvalRecord], images: list) -> list[int]:
+    """The loop's judge on the evaluation images, ``judge.batch_size`` at a time; the judge freed after."""
     from ccsr.questions import QuestionSet
 
     questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    rendered = [questions.render(cfg.class_name, r.prompt) for r in records]
     judge = load_backend("judge", cfg)
-    for start in range(0, len(records), cfg.judge.batch_size):
-        chunk = slice(start, start + cfg.judge.batch_size)
-        rendered = [questions.render(cfg.class_name, r.prompt) for r in records[chunk]]
-        for r, res in zip(records[chunk], judge.answer(images[chunk], rendered), strict=True):
-            r.judge_score = questions.score(questions.apply_dependencies(res.answers))
+    results = in_batches(
+        lambda c: judge.answer(images[c], rendered[c]), len(records), cfg.judge.batch_size, "judge"
+    )
     judge.close()
-    del judge
+    return [questions.score(questions.apply_dependencies(res.answers)) for res in results]
+
+
+def judge_and_detect(cfg: Config, records: list[EvalRecord], images: list) -> None:
+    """The loop's judge (eq. 1 score) and detector (confidence, detected at the threshold) on eval images."""
+    for r, score in zip(records, _judge_scores(cfg, records, images), strict=True):
+        r.judge_score = score
     free_memory()
     detector = load_backend("detector", cfg)
-    confidences = detector.confidence(images, cfg.class_name)
+    confidences = in_batches(
+        lambda c: detector.confidence(images[c], cfg.class_name),
+        len(images),
+        cfg.detector.batch_size,
+        "detector",
+    )
     for r, c in zip(records, confidences, strict=True):
         r.confidence = round(float(c), 6)
         r.detected = bool(c >= cfg.detector.threshold)

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ccsr.devices import in_batches
 from ccsr.rundir import LORA_WEIGHTS_NAME
 
 if TYPE_CHECKING:
@@ -63,23 +64,14 @@ class DiffusersGenerator:
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
         self._use_lora(lora, scale)
-        out: list[Image.Image] = []
-        batch = self.cfg.generator.batch_size
-        start = 0
-        while start < len(prompts):
-            chunk = slice(start, start + batch)
-            try:
-                out.extend(self._draw(prompts[chunk], seeds[chunk]))
-            except self._torch.cuda.OutOfMemoryError:
-                if batch == 1:
-                    raise
-                # Each image keeps its own seeded generator, so a smaller batch draws from the same seeds.
-                batch = max(1, batch // 2)
-                logger.warning("out of GPU memory: retrying with batch size %d", batch)
-                self._torch.cuda.empty_cache()
-                continue
-            start += len(prompts[chunk])
-        return out
+        # Each image keeps its own seeded generator, so a smaller batch (after an out-of-memory error) draws
+        # the same pixels.
+        return in_batches(
+            lambda c: self._draw(prompts[c], seeds[c]),
+            len(prompts),
+            self.cfg.generator.batch_size,
+            "generator",
+        )
 
     def _draw(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         torch = self._torch

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ccsr import gate
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
-from ccsr.devices import free_memory, keep_cpu_threads
+from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.rundir import (
     STAGES,
     Candidate,
@@ -378,9 +378,14 @@ class Loop:
                 self._beat(k, "judge", pid)
                 self._stop_if_requested()
                 images = [_open_image(self.run, c.path) for c in group]
-                rendered = questions.render(self.cfg.class_name, prompts[pid])
+                rendered = [questions.render(self.cfg.class_name, prompts[pid])] * len(images)
                 with self._model_call("judge"):
-                    results = judge.answer(images, [rendered] * len(images))
+                    results = in_batches(
+                        lambda c: judge.answer(images[c], rendered[c]),  # noqa: B023 (called at once)
+                        len(images),
+                        self.cfg.judge.batch_size,
+                        "judge",
+                    )
                 records = []
                 for c, res in zip(group, results, strict=True):
                     answers = questions.apply_dependencies(res.answers)
@@ -450,7 +455,12 @@ class Loop:
                 tied = best_tied(judgments[pid], self.cfg.judge.tie_break, questions)
             images = [_open_image(self.run, paths[(pid, j.index)]) for j in tied]
             with self._model_call("filter"):
-                conf = detector.confidence(images, self.cfg.class_name)
+                conf = in_batches(
+                    lambda c: detector.confidence(images[c], self.cfg.class_name),  # noqa: B023 (called at once)
+                    len(images),
+                    self.cfg.detector.batch_size,
+                    "detector",
+                )
             records = [
                 Detection(pid, j.index, j.score, round(float(c), 6)) for j, c in zip(tied, conf, strict=True)
             ]

@@ -49,6 +49,60 @@ def test_no_usable_prompt_records_an_empty_iteration_and_goes_on(tmp_path, repo_
     assert [h["accepted"] for h in history] == [False, False]
 
 
+def test_in_batches_keeps_order_and_halves_on_out_of_memory():
+    """Every stage's batching: slices of the configured size in order, half the size after a CUDA
+    out-of-memory error, the error itself once a single item does not fit."""
+    import torch
+
+    from ccsr.devices import in_batches
+
+    items = list(range(11))
+    sizes = []
+
+    def call(c):
+        sizes.append(c.stop - c.start)
+        if c.stop - c.start > 3:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return [x * 10 for x in items[c]]
+
+    assert in_batches(call, len(items), 8, "test") == [x * 10 for x in items]
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 1]
+    assert in_batches(lambda c: items[c], 0, 4, "test") == []
+    with pytest.raises(RuntimeError, match="1 results for 2 inputs"):
+        in_batches(lambda c: items[c][:1], 4, 2, "test")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        in_batches(lambda c: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")), 3, 2, "test")
+
+
+def test_eval_scores_the_same_in_any_batch_size(repo_root):
+    """The evaluation's CLIP scorer, judge and detector on the tiny models, one image per call against one
+    call for all: the same scores."""
+    from ccsr.devices import in_batches
+    from ccsr.evaluation import CLIPScorer, judge_and_detect
+    from ccsr.generator import DiffusersGenerator
+    from ccsr.rundir import EvalRecord
+
+    sets = ["generator.steps=2", "generator.resolution=64", "detector.image_size=64"]
+    prompts = ["a giraffe", "a giraffe at dusk", "two giraffes", "a giraffe calf", "a tall giraffe"]
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", sets, class_name="giraffe")
+    images = DiffusersGenerator(cfg).images(prompts, [1, 2, 3, 4, 5])
+
+    def scored(batch: int):
+        sizes = [f"{role}.batch_size={batch}" for role in ("judge", "detector", "evaluator")]
+        c = load_config(repo_root / "configs" / "tiny.yaml", sets + sizes, class_name="giraffe")
+        records = [EvalRecord(f"v{i}", p, 0, i, 0.0, "x.png") for i, p in enumerate(prompts)]
+        judge_and_detect(c, records, images)
+        scorer = CLIPScorer(c)
+        clip = in_batches(lambda s: scorer.clip_scores(images[s], prompts[s]), 5, batch, "CLIP score")
+        return [r.judge_score for r in records], [r.confidence for r in records], clip
+
+    (judge_one, conf_one, clip_one), (judge_many, conf_many, clip_many) = scored(1), scored(64)
+    assert judge_one == judge_many
+    # Float reductions differ with the batch's shape: the same to a millionth.
+    assert conf_one == pytest.approx(conf_many, abs=1e-5) and any(c > 0 for c in conf_one)
+    assert clip_one == pytest.approx(clip_many, abs=1e-4)
+
+
 def test_generator_halves_its_batch_on_out_of_memory(repo_root, monkeypatch):
     import torch
 
