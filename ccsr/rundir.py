@@ -395,10 +395,10 @@ def write_dataset(run: RunDir, k: int, pairs: Iterable[Pair]) -> Path:
 
 
 def write_preference_dataset(run: RunDir, k: int, preferences: Iterable[Preference]) -> Path:
-    """Iteration k's preference pairs as an image folder in Pick-a-Pic's schema (``caption``, ``jpg_0``,
-    ``jpg_1``, ``label_0`` = 1: the first image is preferred), the one diffusers' Diffusion-DPO example reads;
-    the two images are named by ``jpg_0_file_name`` and ``jpg_1_file_name`` (datasets' imagefolder
-    convention for several image columns), with both judge scores beside them."""
+    """Iteration k's preference pairs as an image folder with Pick-a-Pic's column names (``caption``,
+    ``jpg_0``, ``jpg_1``, ``label_0`` = 1: the first image is preferred), the data diffusers' Diffusion-DPO
+    research example trains on; the two images are named by ``jpg_0_file_name`` and ``jpg_1_file_name``
+    (datasets' imagefolder loads each as an image column), with both judge scores beside them."""
     rows = []
     for p in preferences:
         stem = f"{p.prompt_id}-{p.winner_index:02d}-vs-{p.loser_index:02d}"

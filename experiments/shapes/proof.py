@@ -94,9 +94,21 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         ],
     ),
     "no-judge": (
-        "judge answers at random: the best-scored of the ten is a random pick",
+        "the ccsr loop with a judge that answers at random (its random scores rarely reach min score 8)",
         "loop",
         ["judge.backend=experiments.shapes.backends:RandomJudge"],
+    ),
+    "paper-no-judge": (
+        "the paper's recipe with a judge that answers at random: one random pick per prompt",
+        "loop",
+        [
+            "judge.backend=experiments.shapes.backends:RandomJudge",
+            "judge.top_k=1",
+            "judge.min_score=null",
+            "trainer.prior_weight=0",
+            "trainer.objective=sft",
+            "trainer.reward_weighted=false",
+        ],
     ),
     "dpo": (
         "Diffusion-DPO on (pick, lower-scored candidate) pairs",
