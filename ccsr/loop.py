@@ -55,16 +55,21 @@ class StopRequested(Exception):
 
 
 # --- the train stage's work, shared with ``python -m ccsr.train_cli`` ----------------------------------------
+def training_iterations(cfg: Config, k: int) -> list[int]:
+    """The iterations whose pairs iteration k trains on: 1..k, or only k with ``trainer.train_on: newest``."""
+    return [k] if cfg.trainer.train_on == "newest" else list(range(1, k + 1))
+
+
 def training_pairs(cfg: Config, run: RunDir, k: int) -> list[Pair]:
-    """The pairs iteration k trains on: those of iterations 1..k, or only k's with ``train_on: newest``."""
-    iterations = [k] if cfg.trainer.train_on == "newest" else range(1, k + 1)
-    return [p for j in iterations for p in read_records(run.files(j)["pairs"], Pair)]
+    """The pairs iteration k trains on (``training_iterations``)."""
+    return [p for j in training_iterations(cfg, k) for p in read_records(run.files(j)["pairs"], Pair)]
 
 
 def training_preferences(cfg: Config, run: RunDir, k: int) -> list[Preference]:
-    """The preference pairs iteration k trains on (``trainer.objective: dpo``), by the same rule as the pairs."""
-    iterations = [k] if cfg.trainer.train_on == "newest" else range(1, k + 1)
-    return [p for j in iterations for p in read_records(run.files(j)["preferences"], Preference)]
+    """The preference pairs iteration k trains on (``trainer.objective: dpo``), of the same iterations."""
+    return [
+        p for j in training_iterations(cfg, k) for p in read_records(run.files(j)["preferences"], Preference)
+    ]
 
 
 def init_lora(cfg: Config, run: RunDir, k: int) -> Path | None:

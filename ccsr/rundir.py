@@ -357,7 +357,7 @@ def write_records(path: Path, records: Iterable[Record]) -> None:
     write_jsonl(path, [r.to_dict() for r in records])
 
 
-def _write_image_folder(final: Path, rows: list[tuple[dict, dict[str, str]]]) -> Path:
+def _write_image_folder(final: Path, rows: list[tuple[dict, dict[str, tuple[str, Path]]]]) -> Path:
     """An image folder with ``metadata.jsonl``, built beside ``final`` and renamed into place. Each row is
     (metadata, {column: (file name, source image)}): the column holds the file name (``file_name`` for a single
     image, ``<feature>_file_name`` for several; datasets' imagefolder loads each as an image feature)."""
@@ -369,13 +369,12 @@ def _write_image_folder(final: Path, rows: list[tuple[dict, dict[str, str]]]) ->
     tmp.mkdir(parents=True)
     meta = []
     for row, images in rows:
-        for column, (name, src) in images.items():
+        for name, src in images.values():
             try:
                 os.link(src, tmp / name)
             except OSError:
                 shutil.copyfile(src, tmp / name)
-            row = {column: name} | row
-        meta.append(row)
+        meta.append({column: name for column, (name, _) in images.items()} | row)
     write_jsonl(tmp / "metadata.jsonl", meta)
     if final.exists():
         shutil.rmtree(final)
@@ -403,8 +402,8 @@ def write_preference_dataset(run: RunDir, k: int, preferences: Iterable[Preferen
     for p in preferences:
         stem = f"{p.prompt_id}-{p.winner_index:02d}-vs-{p.loser_index:02d}"
         images = {
-            "jpg_1_file_name": (f"{stem}-loser.png", run.root / p.loser_path),
             "jpg_0_file_name": (f"{stem}-winner.png", run.root / p.winner_path),
+            "jpg_1_file_name": (f"{stem}-loser.png", run.root / p.loser_path),
         }
         meta = {"caption": p.prompt, "label_0": 1, "score_0": p.winner_score, "score_1": p.loser_score}
         rows.append((meta, images))

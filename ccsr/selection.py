@@ -70,7 +70,7 @@ class Choice:
 
     detection: Detection | None
     reason: str | None = None
-    chosen: tuple[Detection, ...] = ()  # with judge.top_k > 1: every kept image, best first
+    chosen: tuple[Detection, ...] = ()  # every kept image, best first (``top_k``; ``detection`` is the first)
 
 
 def choose_image(detections: list[Detection], threshold: float, min_score: int | None = None) -> Choice:
@@ -145,25 +145,21 @@ def select_pairs(
     tie_break: str = "none",
     questions: QuestionSet | None = None,
 ) -> Selection:
-    """Up to ``k`` pairs per prompt that has an optimal image, in prompt order (k = 1: the paper's rule)."""
+    """Up to ``k`` pairs per prompt that has an optimal image, in prompt order. For k = 1 the detections
+    are the best-tied images' and the first of their ranking is ``choose_image``'s: the paper's rule."""
     paths = {(c.prompt_id, c.index): c.path for c in candidates}
     grouped = by_prompt(detections)
     judged = by_prompt(judgments or [])
     selection = Selection(pairs=[])
     for p in prompts:
-        found = grouped.get(p.id, [])
-        if k == 1:
-            choice = choose_image(found, threshold, min_score)
-            chosen = (choice.detection,) if choice.detection else ()
-        else:
-            ranked = rank(judged.get(p.id, []), found, threshold, tie_break, questions)
-            choice = top_k(ranked, k, threshold, min_score)
-            chosen = choice.chosen
+        ranked = rank(judged.get(p.id, []), grouped.get(p.id, []), threshold, tie_break, questions)
+        choice = top_k(ranked, k, threshold, min_score)
         if choice.detection is None:
             selection.no_pair[p.id] = choice.reason
             continue
         selection.pairs += [
-            Pair(p.id, d.index, p.prompt, paths[(p.id, d.index)], d.score, d.confidence) for d in chosen
+            Pair(p.id, d.index, p.prompt, paths[(p.id, d.index)], d.score, d.confidence)
+            for d in choice.chosen
         ]
     return selection
 

@@ -5,9 +5,9 @@
     python -m ccsr.train_cli --run-dir runs/giraffe --iteration 1          # one process
 
 It runs the loop's own train-stage code (``ccsr.loop.train_iteration_lora``): the run's saved ``config.yaml``,
-the pairs (objective dpo: the preference pairs) of iterations 1..k (only k with ``trainer.train_on: newest``), started from the champion before k
-when ``trainer.init_from: previous``, written to ``iterations/NNN/lora`` with the run's shared encoding cache
-and prior images. The loop's own bookkeeping is left to the loop: when ``ccsr run`` reaches the train stage
+the pairs (objective dpo: the preference pairs) of iterations 1..k (only k with ``trainer.train_on: newest``),
+started from the champion before k when ``trainer.init_from: previous``, written to ``iterations/NNN/lora``
+with the run's shared encoding cache and prior images. The loop's own bookkeeping is left to the loop: when ``ccsr run`` reaches the train stage
 of k, train_lora finds the finished LoRA of the same setup and returns at once, so the run continues as if
 it had trained it itself.
 
@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 def train_iteration(run_dir: Path, k: int):
     """Train iteration ``k``'s LoRA of the run in ``run_dir`` with the loop's train-stage code."""
     from ccsr.cli import set_offline
-    from ccsr.loop import init_lora, train_iteration_lora, training_pairs, training_preferences
+    from ccsr.loop import (
+        init_lora,
+        train_iteration_lora,
+        training_iterations,
+        training_pairs,
+        training_preferences,
+    )
 
     run = RunDir(run_dir)
     if not run.config_path.is_file():
@@ -68,14 +74,13 @@ def train_iteration(run_dir: Path, k: int):
     kind, read = (
         ("preferences", training_preferences) if cfg.trainer.objective == "dpo" else ("pairs", training_pairs)
     )
-    needed = [k] if cfg.trainer.train_on == "newest" else list(range(1, k + 1))
-    missing = [j for j in needed if not run.files(j)[kind].is_file()]
+    missing = [j for j in training_iterations(cfg, k) if not run.files(j)[kind].is_file()]
     if missing:
         raise TrainCliError(
             f"{run.root}: iteration {missing[0]} has no {kind}.jsonl yet; run the loop up to its filter stage"
         )
-    pairs = read(cfg, run, k)
-    if not pairs:
+    examples = read(cfg, run, k)
+    if not examples:
         raise TrainCliError(f"{run.root}: no training {kind} for iteration {k}; nothing to train")
     init = init_lora(cfg, run, k)
     result = train_iteration_lora(cfg, run, k)
@@ -83,7 +88,7 @@ def train_iteration(run_dir: Path, k: int):
         run.event(
             "train_cli",
             iteration=k,
-            pairs=len(pairs),
+            pairs=len(examples),
             steps=result.steps,
             final_loss=result.final_loss,
             num_processes=int(os.environ.get("WORLD_SIZE", "1")),
