@@ -299,9 +299,9 @@ class Loop:
             lines = resolve_data_path(pc.validation_file).read_text(encoding="utf-8").splitlines()
             texts = [line.strip() for line in lines if line.strip()]
         else:
-            from ccsr.prompter import collect_prompts
+            from ccsr.prompter import collect_prompts, stream_seed
 
-            seed = derive_seed(self.cfg.seed, "val")
+            seed = stream_seed(self.cfg, 0)  # stream 0; iteration k's prompts are stream k
             with self._model_call("prompts"):
                 texts = collect_prompts(
                     prompter, self.cfg, self.cfg.class_name, pc.n_validation, [], seed
@@ -311,7 +311,7 @@ class Loop:
         return records
 
     def stage_prompts(self, k: int) -> dict:
-        from ccsr.prompter import collect_prompts, diversity
+        from ccsr.prompter import collect_prompts, diversity, stream_seed
 
         with self._model_call("prompts"):
             prompter = load_backend("prompter", self.cfg)
@@ -320,7 +320,7 @@ class Loop:
             p.prompt for j in range(1, k) for p in read_records(self.run.files(j)["prompts"], PromptRecord)
         ]
         avoid = earlier + [v.prompt for v in validation]
-        seed = derive_seed(self.cfg.seed, "prompts", k)
+        seed = stream_seed(self.cfg, k)
         with self._model_call("prompts"):
             batch = collect_prompts(
                 prompter, self.cfg, self.cfg.class_name, self.cfg.prompter.n_prompts, avoid, seed

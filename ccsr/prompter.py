@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ccsr.config import resolve_data_path
+from ccsr.rundir import derive_seed
 
 if TYPE_CHECKING:
     from ccsr.config import Config
@@ -120,9 +121,15 @@ def limit_words(prompt: str, max_words: int) -> str:
     return prompt if len(words) <= max_words else " ".join(words[:max_words])
 
 
+# The most completions one call asks for. Each call owns this many consecutive seeds, so a backend may give
+# sample i the seed ``seed + i`` (vLLM does so for an n > 1 request) without reaching the next call's seeds.
+MAX_SAMPLES_PER_CALL = 4
+
+
 class ChatBackend(Protocol):
     def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
-        """``num`` sampled completions of one chat."""
+        """``num`` (at most MAX_SAMPLES_PER_CALL) sampled completions of one chat, drawn with the seeds
+        ``seed .. seed + num - 1``: sample i with ``seed + i``, or all from one generator seeded ``seed``."""
 
 
 @dataclass
@@ -141,11 +148,30 @@ def build_messages(cfg: Config, class_name: str, n: int) -> list[dict[str, str]]
     return [{"role": "user", "content": text.strip()}]
 
 
+def seeds_per_collection(cfg: Config) -> int:
+    """How many sample seeds one ``collect_prompts`` may use: a block per call of its retry budget."""
+    return cfg.prompter.max_attempts * MAX_SAMPLES_PER_CALL
+
+
+def stream_seed(cfg: Config, stream: int) -> int:
+    """The first seed of one collection of a run: stream 0 is the validation prompts, k iteration k.
+
+    Streams are ``seeds_per_collection`` apart from one offset of the run, so no two collections of a run
+    share a sample seed (derived seeds per stream could collide, and vLLM's ``seed + i`` per sample made
+    neighbouring seeds share samples).
+    """
+    if stream < 0:
+        raise ValueError(f"prompt stream must be >= 0 (0 validation, k iteration k), got {stream}")
+    return derive_seed(cfg.seed, "prompts") + stream * seeds_per_collection(cfg)
+
+
 def collect_prompts(
     backend: ChatBackend, cfg: Config, class_name: str, n: int, avoid: list[str], seed: int
 ) -> PromptBatch:
     """Ask until ``n`` new prompts are collected or ``max_attempts`` calls are spent.
 
+    Uses the sample seeds ``seed .. seed + seeds_per_collection(cfg) - 1`` (call a gets the block starting
+    at ``seed + a * MAX_SAMPLES_PER_CALL``); collections of one run take their ``seed`` from ``stream_seed``.
     A prompt is dropped when it is too short, or nearly the same (similarity above the threshold) as one
     already kept, one of an earlier iteration or a validation prompt (``avoid``).
     """
@@ -153,8 +179,10 @@ def collect_prompts(
     batch = PromptBatch(prompts=[], dropped={"near_duplicate": 0, "unparsable": 0})
     messages = build_messages(cfg, class_name, pc.prompts_per_call)
     while len(batch.prompts) < n and batch.attempts < pc.max_attempts:
-        num = max(1, min(4, -(-(n - len(batch.prompts)) // pc.prompts_per_call)))
-        completions = backend.sample(messages, num=num, seed=seed * 1000 + batch.attempts)
+        needed = -(-(n - len(batch.prompts)) // pc.prompts_per_call)
+        num = max(1, min(MAX_SAMPLES_PER_CALL, needed))
+        call_seed = seed + batch.attempts * MAX_SAMPLES_PER_CALL
+        completions = backend.sample(messages, num=num, seed=call_seed)
         batch.attempts += 1
         batch.completions += len(completions)
         for text in completions:
@@ -210,7 +238,9 @@ class TransformersPrompter:
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         ids = {k: v.to(self.device) for k, v in ids.items()}
-        torch.manual_seed(seed)  # sampling is reproducible for a given seed on a given machine
+        # All num samples from one generator seeded with the call's first seed: every call has a seed of its
+        # own (collect_prompts), so no two calls share a stream. Reproducible on a given machine.
+        torch.manual_seed(seed)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id

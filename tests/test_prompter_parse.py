@@ -126,3 +126,50 @@ def test_prompt_with_braces_is_kept_literally(repo_root):
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
     msgs = build_messages(cfg, "{n} giraffe {examples}", 5)
     assert "{n} giraffe {examples}" in msgs[0]["content"]
+
+
+class SeedRecorder:
+    """Stands in for the LLM to record the seed of every sample, as vLLM gives them: sample i gets seed + i."""
+
+    seeds: list[int] = []
+
+    def __init__(self, cfg):
+        pass
+
+    def sample(self, messages, num, seed):
+        from ccsr.prompter import MAX_SAMPLES_PER_CALL
+
+        assert 1 <= num <= MAX_SAMPLES_PER_CALL
+        SeedRecorder.seeds.extend(seed + i for i in range(num))
+        return [""] * num  # nothing usable: every call of the retry budget is spent
+
+    def close(self):
+        pass
+
+
+def test_no_two_samples_of_a_run_share_a_seed(tmp_path, repo_root, monkeypatch):
+    """Validation and every iteration, each call asking for the most samples: every sample seed distinct."""
+    from ccsr import backends
+    from ccsr.config import load_config, save_config
+    from ccsr.loop import Loop
+    from ccsr.prompter import MAX_SAMPLES_PER_CALL
+    from ccsr.rundir import RunDir
+
+    monkeypatch.setitem(backends.BACKENDS["prompter"], "seeds", "tests.test_prompter_parse:SeedRecorder")
+    monkeypatch.syspath_prepend(str(repo_root))
+    monkeypatch.setattr(SeedRecorder, "seeds", [])
+    overrides = ["prompter.max_attempts=5", "prompter.prompts_per_call=1"]
+    overrides += ["prompter.n_prompts=40", "prompter.n_validation=40"]
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", overrides, class_name="giraffe")
+    cfg.prompter.backend = "seeds"
+    run = RunDir(tmp_path / "giraffe")
+    run.root.mkdir()
+    save_config(cfg, run.config_path)
+    loop = Loop(cfg, run)
+    for k in (1, 2, 3, 4):
+        run.iteration_dir(k).mkdir(parents=True)
+        assert loop.stage_prompts(k)["attempts"] == 5
+    seeds = SeedRecorder.seeds
+    assert len(seeds) == (1 + 4) * 5 * MAX_SAMPLES_PER_CALL  # validation + 4 iterations, 5 calls of 4 each
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)  # what torch's and vLLM's generators take

@@ -117,6 +117,10 @@ def test_grammar_prompter_and_random_judge():
         assert spec is not None and spec.shape == "circle" and not world.is_held_out(spec), p
     # the same seed gives the same prompts
     assert collect_prompts(GrammarPrompter(cfg), cfg, "circle", 15, [], seed=7).prompts == batch.prompts
+    # sample i is drawn with seed + i, as vLLM draws it: a call's seeds are its own block
+    grammar = GrammarPrompter(cfg)
+    two = grammar.sample([], num=2, seed=7)
+    assert two[1] == grammar.sample([], num=1, seed=8)[0] and two[0] != two[1]
     questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
     _, image = next(_renders("circle", 1))
     rendered = [questions.render("circle", batch.prompts[0])]

@@ -49,9 +49,9 @@ class GrammarPrompter:
         self.shape = _class_of(cfg)
 
     def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
-        rng = random.Random(f"grammar:{self.shape}:{seed}")
         out = []
-        for _ in range(num):
+        for i in range(num):
+            rng = random.Random(f"grammar:{self.shape}:{seed + i}")  # sample i's seed, as vLLM gives it
             captions = world.sample_captions(self.shape, self.cfg.prompter.prompts_per_call, rng)
             out.append("\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1)))
         return out
