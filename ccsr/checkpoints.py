@@ -2,17 +2,18 @@
 for the same training setup (the fingerprint).
 
 ``out_dir/checkpoints/step-<n>/`` holds ``adapter.safetensors`` (the LoRA weights), one ``<name>.pt`` per
-training state (``optimizer``, ``lr_scheduler``: torch state dicts, read back with ``weights_only=True``),
-``rng.safetensors`` (the torch CPU generator), ``state.json`` (step, data position, loss, fingerprint) and
-``complete.json`` (sha256 of every other file), written last. The folder is written under a temporary name
-and renamed, so a torn write is never a ``step-<n>`` folder; a corrupted one fails its checksums.
+training state (``optimizer``, ``lr_scheduler`` and, under fp16, ``grad_scaler``: torch state dicts, read back
+with ``weights_only=True``), ``rng.safetensors`` (the torch CPU generator), ``state.json`` (step, data
+position, loss, fingerprint) and ``complete.json`` (sha256 of every other file), written last. The folder is
+written under a temporary name and renamed, so a torn write is never a ``step-<n>`` folder; a corrupted one
+fails its checksums.
 
 Why not ``accelerator.save_state``/``load_state``: the UNet is deliberately not ``prepare``d (no DDP, see the
 trainer), so accelerate would save no adapter weights at all, or the whole UNet once prepared; its
 ``load_state`` also resets Python's and NumPy's global generators and ``accelerator.step``, state the trainer
 never draws from and the calling process (the loop) owns; and it keeps its RNG states in a pickle, where we
 keep ours in safetensors. Resume is exact without any of it: every draw comes from a generator seeded by the
-step (see ``ccsr.trainer``). A new training state (e.g. a GradScaler's) is one more entry in ``states``.
+step (see ``ccsr.trainer``). A new training state is one more entry in ``states``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
+GRAD_SCALER_STATE = "grad_scaler"  # the fp16 GradScaler's entry in ``states``
 # Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
 # still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
 FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")

@@ -771,6 +771,11 @@ class LoRATrainer:
             set_peft_model_state_dict(self.unet, adapter, adapter_name=ADAPTER_NAME)
             self.optimizer.load_state_dict(states["optimizer"])
             self.lr_scheduler.load_state_dict(states["lr_scheduler"])
+            scaler = self._grad_scaler()
+            if scaler is not None and checkpoints.GRAD_SCALER_STATE in states:
+                scaler.load_state_dict(states[checkpoints.GRAD_SCALER_STATE])
+            elif scaler is not None:
+                logger.warning("checkpoint %s keeps no fp16 loss scale: the GradScaler starts afresh", path)
             torch.set_rng_state(rng)
             start_step = state["step"]
             logger.info("resuming LoRA training from %s (step %d of %d)", path, start_step, self.total_steps)
@@ -780,9 +785,22 @@ class LoRATrainer:
             checkpoints.drop_checkpoints_after(self.checkpoint_root, start_step)
         return start_step, state
 
+    def _grad_scaler(self):
+        """accelerate's GradScaler under fp16 on a GPU, else None (bf16 and float32 scale no loss)."""
+        scaler = self.accelerator.scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     def _training_states(self) -> dict[str, dict]:
-        """What a checkpoint keeps besides the adapter weights and the generator (see ccsr.checkpoints)."""
-        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        """What a checkpoint keeps besides the adapter weights and the generator (see ccsr.checkpoints).
+
+        Under fp16 also the GradScaler's loss scale and growth tracker: a resume from the initial scale would
+        skip other steps on overflow, and scale the loss otherwise, than the uninterrupted run.
+        """
+        states = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            states[checkpoints.GRAD_SCALER_STATE] = scaler.state_dict()
+        return states
 
     def checkpoint(self, done: int, loss: float) -> None:
         state = {

@@ -144,6 +144,32 @@ def test_resume_after_interruption_equals_uninterrupted(sd_models, pairs, refere
     )
 
 
+def test_fp16_loss_scale_survives_a_checkpoint(sd_models, pairs, tmp_path):
+    """accelerate's GradScaler (fp16 on a GPU) is checkpointed and restored; on the CPU one stands in for it."""
+    from ccsr.trainer import LoRATrainer
+
+    cfg = make_cfg(sd_models["epsilon"])
+
+    def trainer() -> LoRATrainer:
+        built = LoRATrainer(
+            cfg, pairs, tmp_path, model_path=str(sd_models["epsilon"]), image_hashes=[], fingerprint="setup"
+        )
+        assert built.accelerator.scaler is None  # float32 on the CPU
+        built.accelerator.scaler = torch.amp.GradScaler("cpu")
+        return built
+
+    first = trainer()
+    # Where a run gets after overflows: backed off to 2**11, 7 good steps towards the next growth.
+    reached = {"scale": 2048.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 100}
+    first.accelerator.scaler.load_state_dict({**reached, "_growth_tracker": 7})
+    first.checkpoint(2, 0.5)
+    assert (tmp_path / "checkpoints" / "step-2" / "grad_scaler.pt").exists()
+    second = trainer()
+    assert second.accelerator.scaler.state_dict()["scale"] == 65536.0
+    assert second.resume()[0] == 2
+    assert second.accelerator.scaler.state_dict() == {**reached, "_growth_tracker": 7}
+
+
 def test_torn_and_corrupt_checkpoints_are_skipped(sd_models, pairs, reference_run, tmp_path, caplog):
     cfg = make_cfg(sd_models["epsilon"], max_steps=6, checkpoint_every=2, checkpoints_kept=3)
 
