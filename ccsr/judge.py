@@ -80,15 +80,18 @@ def packed_suffix_layout(
 
     Each suffix token sees the whole prefix and the earlier tokens of its own suffix, at the rotary position it
     has in that question's full sequence (restarting at ``n_prefix``). Both the eager and the SDPA kernels add
-    the mask to the attention scores. Every tensor is built on ``device`` (counts included)."""
+    the mask to the attention scores. Every tensor is built on ``device`` (counts included: a CPU count
+    tensor beside CUDA ones fails), and the packed length is passed to ``repeat_interleave`` from the host, so
+    a CUDA layout needs no device-to-host sync to size its output."""
     import torch
 
-    counts = torch.tensor(lengths, device=device)
-    seq = torch.repeat_interleave(counts)  # the suffix each packed token belongs to
+    total = sum(lengths)
+    counts = torch.tensor(lengths, dtype=torch.long, device=device)
+    seq = torch.repeat_interleave(counts, output_size=total)  # the suffix each packed token belongs to
     starts = counts.cumsum(0) - counts
-    local = torch.arange(len(seq), device=device) - starts[seq]
+    local = torch.arange(total, device=device) - starts[seq]
     allowed = (seq[:, None] == seq[None, :]) & (local[None, :] <= local[:, None])
-    mask = torch.zeros(len(seq), n_prefix + len(seq), dtype=dtype, device=device)
+    mask = torch.zeros(total, n_prefix + total, dtype=dtype, device=device)
     mask[:, n_prefix:].masked_fill_(~allowed, torch.finfo(dtype).min)
     return (local + n_prefix)[None], mask[None, None], starts + counts - 1
 

@@ -175,6 +175,18 @@ def test_packed_suffix_layout():
     assert mask.min() == torch.finfo(torch.float32).min
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_suffix_layout_stays_on_the_given_device(dtype):
+    """On the meta device (data-free, like CUDA a device other than the CPU's) any tensor built on the CPU by
+    mistake and combined with the others raises; the mask takes the model's dtype, the indices are long."""
+    positions, mask, ends = packed_suffix_layout(
+        [2, 1, 3], n_prefix=4, dtype=dtype, device=torch.device("meta")
+    )
+    assert {t.device.type for t in (positions, mask, ends)} == {"meta"}
+    assert (positions.shape, mask.shape, ends.shape) == ((1, 6), (1, 1, 6, 10), (3,))
+    assert (positions.dtype, mask.dtype, ends.dtype) == (torch.long, dtype, torch.long)
+
+
 def test_constructor_refuses_unknown_strategy(llava_cache):
     with pytest.raises(ValueError, match="suffix_strategy"):
         TransformersJudge(_config(llava_cache), suffix_strategy="flash")
