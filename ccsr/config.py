@@ -108,7 +108,7 @@ class PrompterConfig(_Section):
     examples: str = "prompts/examples.txt"
     trust_remote_code: bool = False
     quantization: str | None = None  # vllm: None lets vLLM detect it from the checkpoint
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = 0.85  # vllm: the share of the GPU's memory its engine takes, in (0, 1]
 
     def validate(self) -> None:
         super().validate()
@@ -164,6 +164,7 @@ class JudgeConfig(_Section):
     batch_size: int = 4
     max_new_tokens: int = 16
     trust_remote_code: bool = False
+    gpu_memory_utilization: float = 0.85  # vllm: the share of the GPU's memory its engine takes, in (0, 1]
 
     def validate(self) -> None:
         super().validate()
@@ -171,6 +172,9 @@ class JudgeConfig(_Section):
         self._one_of("mode", ("logits", "generate"))
         self._one_of("tie_break", ("none", "p_yes"))
         self._positive("batch_size", "max_new_tokens", "top_k")
+        self._require(
+            0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be within (0, 1]"
+        )
         # The table's judges read P(yes) in logits mode only (generate mode gives None); the tie-break would
         # silently rank every tied image equal.
         if self.tie_break == "p_yes" and self.mode == "generate" and not is_import_path(self.backend):
@@ -334,7 +338,9 @@ class Config(_Section):
     seed: int = 0
     class_name: str | None = None
     iterations: int = 1
-    device: str = "auto"  # auto | cpu | mps | cuda | cuda:N
+    # auto | cpu | mps | cuda | cuda:N. The vllm backends take no device index (vLLM uses the first visible GPU):
+    # for them pick the GPU with CUDA_VISIBLE_DEVICES=N and device: cuda; cuda:N with N > 0 is refused.
+    device: str = "auto"
     dtype: str = "float32"  # of inference
     offline: bool = False  # set the hub/ultralytics offline switches even for hub ids
     model_cache: str | None = None  # where ccsr-tiny/* models are built (default: $CCSR_CACHE)
@@ -364,6 +370,12 @@ class Config(_Section):
             or self.device.endswith(":")
         ):
             raise ConfigError(f"'device' must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        for section in (self.prompter, self.judge):
+            if section.backend == "vllm" and index and int(index) > 0:
+                raise ConfigError(
+                    f"'device' {self.device} cannot reach {section.section}.backend vllm, which takes no device "
+                    f"index: set device: cuda and run with CUDA_VISIBLE_DEVICES={int(index)}"
+                )
         if self.gate.metric in _NEEDS_JUDGE_AND_DETECT and not self.evaluator.judge_and_detect:
             raise ConfigError(
                 f"'gate.metric' {self.gate.metric} is computed only with evaluator.judge_and_detect: true; "

@@ -61,6 +61,27 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def shutdown_vllm(llm) -> None:
+    """Stop a vLLM engine now, not whenever the garbage collector gets to it: the next stage needs its memory.
+
+    vLLM offers no shutdown in every version: ``LLM.shutdown()`` where it exists, else the V1 engine client's
+    (``llm.llm_engine.engine_core.shutdown()``, which stops the engine-core process holding the weights and
+    the KV cache, or the in-process core). vLLM's own model-parallel groups go too (none when the engine ran in
+    its own process). The caller then drops its references and calls ``free_memory``.
+    """
+    shutdown = getattr(llm, "shutdown", None)
+    if not callable(shutdown):
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
+    try:
+        from vllm.distributed.parallel_state import destroy_model_parallel
+    except ImportError:  # a vLLM without it, or none: nothing of its state to tear down
+        return
+    destroy_model_parallel()
+
+
 def in_batches(call: Callable[[slice], list[T]], total: int, size: int, what: str) -> list[T]:
     """``call`` on consecutive slices of ``total`` items, at most ``size`` at a time, results concatenated in
     order. On a CUDA out-of-memory error the same slice is tried again at half the size (down to 1), as the

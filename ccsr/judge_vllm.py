@@ -43,6 +43,7 @@ class VLLMJudge:
             enable_prefix_caching=True,
             limit_mm_per_prompt={"image": 1},
             dtype=cfg.dtype if cfg.dtype != "float32" else "auto",
+            gpu_memory_utilization=cfg.judge.gpu_memory_utilization,
             seed=cfg.seed,
         )
         self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.judge.trust_remote_code)
@@ -104,9 +105,12 @@ class VLLMJudge:
         return ("yes" if max(yes, default=-math.inf) > max(no, default=-math.inf) else "no"), p
 
     def close(self) -> None:
-        from ccsr.devices import free_memory
+        """Shut the engine down and drop it, the processor and the sampling parameters; safe to call again."""
+        from ccsr.devices import free_memory, shutdown_vllm
 
-        for name in ("llm", "processor"):
+        if hasattr(self, "llm"):
+            shutdown_vllm(self.llm)
+        for name in ("llm", "processor", "params"):
             if hasattr(self, name):
                 delattr(self, name)
         free_memory()

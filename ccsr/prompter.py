@@ -258,4 +258,10 @@ class TransformersPrompter:
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def close(self) -> None:
-        del self.model
+        """Drop the model and tokenizer so their memory can be freed; safe to call again."""
+        from ccsr.devices import free_memory
+
+        for name in ("model", "tokenizer"):
+            if hasattr(self, name):
+                delattr(self, name)
+        free_memory()

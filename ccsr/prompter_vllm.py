@@ -17,7 +17,12 @@ class VLLMPrompter:
     model_keys = ("prompter.model",)
 
     def __init__(self, cfg: Config):
-        from vllm import LLM  # CUDA-only wheel: an optional extra, imported only here
+        try:
+            from vllm import LLM  # CUDA-only wheel: an optional extra, imported only here
+        except ImportError:
+            raise ImportError(
+                "prompter.backend=vllm needs vLLM (a CUDA-only package): pip install 'ccsr[vllm]' on a GPU box"
+            ) from None
 
         from ccsr.models import resolve_model
 
@@ -42,4 +47,10 @@ class VLLMPrompter:
         return [choice.text for choice in outputs[0].outputs]
 
     def close(self) -> None:
-        del self.llm
+        """Shut the engine down and drop it (the judge's engine is loaded next); safe to call again."""
+        from ccsr.devices import free_memory, shutdown_vllm
+
+        if hasattr(self, "llm"):
+            shutdown_vllm(self.llm)
+            del self.llm
+        free_memory()

@@ -163,3 +163,21 @@ def test_backend_classes_declare_the_models_they_load():
         "detector.text_model",
     )
     assert loaded_model_keys("judge", object) == ("judge.model",)  # a class that says nothing: its section's
+
+
+def test_vllm_memory_share_and_device_index(repo_root):
+    """judge.gpu_memory_utilization in (0, 1] like the prompter's; vLLM takes no device index, so cuda:N with
+    N > 0 is refused for a vllm backend, naming CUDA_VISIBLE_DEVICES, and left alone for the others."""
+    tiny = repo_root / "configs" / "tiny.yaml"
+    assert load_config(tiny).judge.gpu_memory_utilization == 0.85
+    assert load_config(tiny, ["judge.gpu_memory_utilization=1"]).judge.gpu_memory_utilization == 1.0
+    for bad in ("0", "1.2"):
+        with pytest.raises(ConfigError, match=r"'judge\.gpu_memory_utilization' must be within \(0, 1\]"):
+            load_config(tiny, [f"judge.gpu_memory_utilization={bad}"])
+    for role in ("prompter", "judge"):
+        with pytest.raises(
+            ConfigError, match=rf"cuda:2 cannot reach {role}\.backend vllm.*CUDA_VISIBLE_DEVICES=2"
+        ):
+            load_config(tiny, [f"{role}.backend=vllm", "device=cuda:2"])
+        assert load_config(tiny, [f"{role}.backend=vllm", "device=cuda:0"]).device == "cuda:0"
+    assert load_config(tiny, ["device=cuda:2"]).device == "cuda:2"  # transformers takes the index

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -247,6 +248,47 @@ def test_generate_mode(llava_cache, images, rendered, fast_answers):
 def test_answer_checks_lengths(judge, images, rendered):
     with pytest.raises(ValueError, match="2 images but 1 question lists"):
         judge.answer(images[:2], rendered[:1])
+
+
+def test_close_drops_the_model_and_may_be_called_again(llava_cache):
+    judge = TransformersJudge(_config(llava_cache))
+    judge.close()
+    assert not any(hasattr(judge, name) for name in ("model", "processor", "tokenizer"))
+    judge.close()  # the loop's error paths may close a judge twice
+
+
+class _Engine:
+    """Stands in for a vLLM engine to count shutdowns (vLLM itself is a GPU-box extra)."""
+
+    def __init__(self):
+        self.shutdowns = 0
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+def test_vllm_close_shuts_the_engine_down_once(monkeypatch):
+    """LLM.shutdown where vLLM has it, else the V1 engine client's; references dropped, a second close a no-op."""
+    from types import SimpleNamespace
+
+    from ccsr.judge_vllm import VLLMJudge
+    from ccsr.prompter_vllm import VLLMPrompter
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importing vLLM fails, as where it is not installed
+    for cls in (VLLMJudge, VLLMPrompter):
+        core = _Engine()
+        backend = cls.__new__(cls)  # no engine is built
+        backend.llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=core))
+        backend.close()
+        backend.close()
+        assert core.shutdowns == 1 and not hasattr(backend, "llm")
+        backend.llm = llm = _Engine()
+        backend.close()
+        assert llm.shutdowns == 1 and not hasattr(backend, "llm")
+    judge = VLLMJudge.__new__(VLLMJudge)
+    judge.llm, judge.processor, judge.params = _Engine(), object(), object()
+    judge.close()
+    assert not any(hasattr(judge, name) for name in ("llm", "processor", "params"))
 
 
 @pytest.mark.gpu

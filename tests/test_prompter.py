@@ -37,6 +37,15 @@ def test_collect_prompts_on_the_tiny_model(prompter):
     assert len(set(batch.prompts)) == 4
 
 
+def test_close_drops_the_model_and_may_be_called_again(repo_root):
+    from ccsr.prompter import TransformersPrompter
+
+    p = TransformersPrompter(load_config(repo_root / "configs" / "tiny.yaml", class_name="giraffe"))
+    p.close()
+    assert not hasattr(p, "model") and not hasattr(p, "tokenizer")
+    p.close()
+
+
 @pytest.mark.gpu
 def test_vllm_prompter_on_gpu(repo_root):
     pytest.importorskip("vllm")
