@@ -684,12 +684,12 @@ class LoRATrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             self.unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+        # The adapter is made in the UNet's dtype (fp16/bf16 under mixed precision); the trainable weights are
+        # float32, and become so before an init LoRA is copied in, which would otherwise be rounded to half.
+        cast_training_params(self.unet, dtype=torch.float32)
         if init_lora is not None:
             _load_lora_into_adapter(self.unet, Path(init_lora), t.rank)
             logger.info("LoRA initialised from %s", init_lora)
-        cast_training_params(
-            self.unet, dtype=torch.float32
-        )  # trainable LoRA weights stay float32 under fp16/bf16
         if t.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.unet.train()

@@ -300,6 +300,33 @@ def test_init_lora_is_loaded_and_continued(sd_models, pairs, reference_run, tmp_
         train_lora(make_cfg(sd_models["epsilon"], rank=8), pairs, tmp_path / "bad", init_lora=reference_run)
 
 
+def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, reference_run, tmp_path):
+    """Under fp16 the UNet is half precision and the adapter float32: an init LoRA's values reach the adapter
+    exactly, not rounded to half and promoted back. (fp16 training needs a GPU and accelerate keeps one mixed
+    precision per process, so the trainer's adapter step runs here on an fp16 UNet without an Accelerator.)"""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from ccsr.trainer import LoRATrainer
+
+    fine = 1 + 2**-12
+    assert torch.tensor(fine).half().item() == 1.0
+    init = tmp_path / "init"
+    init.mkdir()
+    tensors = {k: torch.full_like(v, fine) for k, v in lora_tensors(reference_run).items()}
+    save_file(tensors, init / LORA_WEIGHTS_NAME)
+    trainer = LoRATrainer.__new__(LoRATrainer)
+    trainer.cfg = make_cfg(sd_models["epsilon"], mixed_precision="fp16")
+    trainer.t, trainer.dpo = trainer.cfg.trainer, False
+    trainer.unet = UNet2DConditionModel.from_pretrained(
+        sd_models["epsilon"], subfolder="unet", torch_dtype=torch.float16
+    )
+    trainer._add_adapter(init)
+    assert len(trainer.params) == len(tensors)
+    assert all(p.dtype == torch.float32 and bool((p == fine).all()) for p in trainer.params)
+    assert next(p for n, p in trainer.unet.named_parameters() if "lora" not in n).dtype == torch.float16
+
+
 def test_options_and_result_reuse(sd_models, pairs, tmp_path):
     """Min-SNR, noise offset, accumulation, checkpointing and reward weights run; a finished run is reused."""
     cfg = make_cfg(
