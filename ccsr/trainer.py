@@ -634,6 +634,7 @@ class LoRATrainer:
         path, dtype = self.model_path, self.weight_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        # diffusers takes torch_dtype: its dtype= came long after the 0.34 this package supports.
         self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
         self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
