@@ -12,7 +12,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
 export CCSR_CACHE ?= $(CURDIR)/.cache/ccsr-tiny
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench lint format clean e2e proof
+.PHONY: install demo test bench lint format clean e2e proof gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test: install
 
 bench: install
 	TQDM_DISABLE=1 $(PY) -m benchmarks.run
+
+# One iteration at the paper's model sizes with random weights (no download), timed per stage, written to
+# runs/gpu-check/results.json; without CUDA the same at tiny geometry on the CPU (docs/performance.md).
+gpu-check: install
+	TQDM_DISABLE=1 $(PY) -m ccsr.gpu_check
 
 # The shapes world (docs/proof.md): base model trained from scratch, the loop and its variants, docs/proof.json.
 proof: install
