@@ -8,7 +8,8 @@ with them are those of the real models; what they draw and answer means nothing.
 
 Tokenizers are the project's offline ones (``ccsr.tiny.tokenizer``, ``ccsr.tiny.sd``): not the real
 vocabularies, but every id they produce lies inside the model's vocabulary, and text length in tokens is of the
-same order. ``paper_model`` builds a role's module on whatever device is current, so the same dicts build the
+same order. The prompter's generation config suppresses the ids past its tokenizer's vocabulary, which the
+tokenizer could not decode. ``paper_model`` builds a role's module on whatever device is current, so the same dicts build the
 models on a GPU for the check and on the ``meta`` device for the parameter-count test.
 """
 
@@ -280,6 +281,10 @@ def build_paper_role(role: str, out_dir: Path, device: str = "cpu", dtype=None, 
             tokenizer = build_tokenizer(out_dir)
             model = paper_model("mistral")
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+            # Ids past the tokenizer's vocabulary would decode to nothing (dropped silently), leaving a random
+            # model's completions nearly empty: generation never samples them.
+            vocab = model.config.vocab_size
+            model.generation_config.suppress_tokens = list(range(len(tokenizer), vocab))
             model.save_pretrained(str(out_dir))
         elif role == "llava-next":
             paper_model("llava-next").save_pretrained(str(out_dir))
