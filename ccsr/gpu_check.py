@@ -16,14 +16,15 @@ counts, in well under two minutes; peak GPU memory is then null.
 Two settings differ from the paper for the sake of random weights, neither changes the work per item: the
 detector threshold is 0, so every prompt's best images pass (a random detector's confidence is arbitrary and
 the train stage would otherwise have nothing to train on), and ``judge.top_k`` keeps several images per
-prompt so that the few prompts give at least one full training batch. The validation prompts are read from a
+prompt so that the few prompts give at least one full training batch. The prompter asks for one prompt per
+completion, so that each call samples four completions (the batch a trained prompter's first calls have). The validation prompts are read from a
 file (``validation.txt`` in the output folder) so that the evaluation's size does not depend on the prompter.
 
 Writes ``<out>/results.json``::
 
     {"device": str, "geometry": "paper" | "tiny",
      "stages": {stage: {"seconds", "items", "items_per_s", "load_seconds", "peak_gpu_mb"}},
-     "paper_iteration_minutes_estimate": float}
+     "paper_iteration_minutes_estimate": float, "check_counts": {...}, "build_seconds": float}
 
 Stage seconds are the loop's own (``stages.json`` of the run directory); ``load_seconds`` is the part spent in
 the backends' constructors (model loading), timed by wrapping ``load_backend``; ``peak_gpu_mb`` is
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccsr.config import REPO_ROOT, Config, load_config, save_config
+from ccsr.devices import free_memory
 from ccsr.loop import Loop
 from ccsr.rundir import STAGES, RunDir, atomic_write_json
 from ccsr.tiny.sd import torch_threads
@@ -300,16 +302,19 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
 
     out = Path(out)
     model_paths = None
+    start = time.perf_counter()
     if geometry == "paper":
         if not torch.cuda.is_available():
             raise SystemExit("gpu-check: --geometry paper needs CUDA (use --geometry tiny on the CPU)")
         model_paths = build_paper_models(Path(cache_dir or default_cache_dir()), "cuda", torch.float16)
+        free_memory()
     cfg = check_config(geometry, out, model_paths)
     for key in PAPER_ROLES:
         section, name = key.split(".")
         model = getattr(getattr(cfg, section), name)
         if is_embedded(model):
             resolve_model(model, cfg.model_cache)  # built once, outside the timed run
+    build_seconds = time.perf_counter() - start
     root = out / "run"
     if root.exists():
         shutil.rmtree(root)
@@ -345,6 +350,7 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
             stages, attempts, cfg.prompter.max_new_tokens, paper
         ),
         "check_counts": CHECK_COUNTS[geometry],
+        "build_seconds": round(build_seconds, 3),  # building or finding the models, before the timed run
     }
     atomic_write_json(out / "results.json", results)
     return results
