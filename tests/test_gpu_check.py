@@ -99,3 +99,23 @@ def test_paper_counts_and_estimate_arithmetic():
     assert estimate_minutes(stages, attempts=2, check_tokens=256, paper=paper) == pytest.approx(
         expected, abs=1e-3
     )
+
+
+def test_paper_check_config_keeps_the_paper_settings(tmp_path):
+    """The paper geometry's run: paper.yaml's settings, transformers backends, only the counts scaled."""
+    from ccsr.gpu_check import PAPER_ROLES, check_config
+
+    paths = {key: f"/models/{role}" for key, role in PAPER_ROLES.items()}
+    cfg = check_config("paper", tmp_path, paths)
+    assert (cfg.prompter.backend, cfg.judge.backend) == ("transformers", "transformers")
+    assert (cfg.device, cfg.dtype) == ("cuda", "float16")
+    assert cfg.prompter.n_prompts == 8 and cfg.generator.num_candidates == 10
+    assert (cfg.generator.resolution, cfg.generator.steps, cfg.generator.guidance_scale) == (512, 50, 7.5)
+    t = cfg.trainer
+    assert (t.max_steps, t.batch_size, t.mixed_precision, t.resolution, t.rank) == (100, 18, "fp16", 512, 4)
+    assert cfg.evaluator.scales == [0.0, 0.2, 0.4, 0.7, 1.0]
+    assert cfg.judge.model == "/models/llava-next" and cfg.evaluator.model == "/models/clip-vit-l-14"
+    validation = (tmp_path / "validation.txt").read_text(encoding="utf-8").splitlines()
+    assert len(validation) == cfg.prompter.n_validation == 2
+    # 8 prompts x top_k 3 can fill one batch of 18.
+    assert cfg.prompter.n_prompts * cfg.judge.top_k >= t.batch_size
