@@ -4,18 +4,47 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from ccsr.config import load_config
-from ccsr.gpu_check import PAPER_CONFIG, estimate_minutes, paper_counts, run_check
+from ccsr.gpu_check import PAPER_CONFIG, estimate_minutes, paper_counts
 from ccsr.rundir import STAGES
 
 
 @pytest.mark.slow
 def test_tiny_geometry_writes_results(tmp_path):
-    run_check("tiny", tmp_path)
-    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    """``python -m ccsr.gpu_check`` without CUDA: the tiny path, no network access (the audit hook of
+    tests/test_offline.py), and results.json in the documented schema."""
+    from tests.test_offline import OFFLINE_VARS, REPO, SITECUSTOMIZE, assert_offline
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
+    log = tmp_path / "network.jsonl"
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS and k != "CUDA_VISIBLE_DEVICES"}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]),
+        CCSR_NETWORK_LOG=str(log),
+        HF_HOME=str(tmp_path / "hf-home"),
+        YOLO_CONFIG_DIR=str(tmp_path / "yolo-config"),
+        CUDA_VISIBLE_DEVICES="",  # the default geometry without CUDA, even on a GPU machine
+    )
+    out = tmp_path / "gpu-check"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccsr.gpu_check", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert_offline(proc, events)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["geometry"] == "tiny"
     assert results["device"] == "cpu"
     assert list(results["stages"]) == list(STAGES)
