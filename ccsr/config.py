@@ -134,14 +134,17 @@ class GeneratorConfig(_Section):
     steps: int = 50
     guidance_scale: float = 7.5
     batch_size: int = 10
-    generation_scale: float = 1.0  # LoRA scale of the previous iteration's LoRA for the next candidates
+    # LoRA scale of the champion (the newest accepted LoRA) when it draws the next candidates; null: the
+    # scale the gate accepted it at.
+    generation_scale: float | None = 1.0
 
     def validate(self) -> None:
         super().validate()
         self._backend()
         self._positive("num_candidates", "resolution", "steps", "batch_size")
         self._non_negative("guidance_scale")
-        self._unit_interval("generation_scale")
+        if self.generation_scale is not None:
+            self._unit_interval("generation_scale")
         self._require(self.resolution % 8 == 0, "resolution", "must be a multiple of 8")
 
 

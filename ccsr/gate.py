@@ -55,6 +55,12 @@ def champion_lora(run: RunDir, k: int) -> Path | None:
     return champion_before(run, k).lora_dir(run)
 
 
+def generation_scale(run: RunDir, k: int, configured: float | None) -> float:
+    """The scale of ``champion_lora(run, k)`` when it draws iteration k's candidates: ``configured``
+    (``generator.generation_scale``), or with None the scale the gate accepted the champion at."""
+    return champion_before(run, k).scale if configured is None else configured
+
+
 def current_champion(run: RunDir) -> tuple[Path | None, float]:
     """The run's champion LoRA folder and scale as recorded in champion.json ((None, 0.0): the base model)."""
     champion = (read_json(run.champion_path, default={}) or {}).get("champion") or {}

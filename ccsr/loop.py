@@ -82,7 +82,7 @@ def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
     returns the trainer's ``TrainResult`` (at once when the finished LoRA of the same setup is there).
 
     Objective dpo trains on the preference pairs against the model iteration k drew its candidates with:
-    the champion before k at ``generator.generation_scale``, or the base model.
+    the champion before k at its generation scale (``gate.generation_scale``), or the base model.
     """
     from ccsr.trainer import PreferencePair, TrainPair, train_lora
 
@@ -95,7 +95,7 @@ def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
                 for p in training_preferences(cfg, run, k)
             ],
             "reference_lora": gate.champion_lora(run, k),
-            "reference_scale": cfg.generator.generation_scale,
+            "reference_scale": gate.generation_scale(run, k, cfg.generator.generation_scale),
         }
     else:
         pairs = [TrainPair(p.prompt, run.root / p.path, float(p.score)) for p in training_pairs(cfg, run, k)]
@@ -342,7 +342,7 @@ class Loop:
         todo = [p for p in read_records(files["prompts"], PromptRecord) if p.id not in done]
         lora = gate.champion_lora(self.run, k)
         lora_rel = str(lora.relative_to(self.run.root)) if lora else None
-        scale = self.cfg.generator.generation_scale
+        scale = gate.generation_scale(self.run, k, self.cfg.generator.generation_scale)
         n = self.cfg.generator.num_candidates
         if todo:
             with self._model_call("candidates"):

@@ -68,6 +68,16 @@ def test_gate_on_clip_score_compares_with_the_base_at_scale_0(tmp_path):
     assert gate.gate_iteration(cfg, run, 2, s)["accepted"]
 
 
+def test_generation_scale_is_the_configured_one_or_the_accepted_one(tmp_path):
+    cfg, run = make_run(tmp_path)
+    assert gate.generation_scale(run, 1, None) == 0.0, "no champion: the base model draws (no LoRA)"
+    gate.gate_iteration(cfg, run, 1, summary({"0": 0.0, "0.5": 0.5, "1": 0.25}))
+    assert gate.generation_scale(run, 2, None) == 0.5, "null: the scale the gate accepted the champion at"
+    assert gate.generation_scale(run, 2, 1.0) == 1.0, "a configured scale wins"
+    gate.gate_iteration(cfg, run, 2, summary({"0": 0.0, "0.5": 0.1, "1": 0.2}))  # rejected
+    assert gate.generation_scale(run, 3, None) == 0.5, "a rejected LoRA changes nothing"
+
+
 def test_decide_is_pure_and_compares_with_the_champion():
     cfg = GateConfig(margin=0.05)
     s = summary({"0": 0.0, "0.5": 0.4, "1": 0.4})
