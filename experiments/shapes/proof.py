@@ -81,7 +81,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "measure",
         [],
     ),
-    "ccsr": ("the loop as configured (configs/shapes.yaml)", "loop", []),
+    "ccsr": (
+        "the loop as configured (configs/shapes.yaml): Diffusion-DPO on (pick, lower-scored candidate) pairs",
+        "loop",
+        [],
+    ),
     "paper": (
         "the paper's recipe: one image per prompt, no min score, plain denoising loss",
         "loop",
@@ -90,6 +94,7 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
             "judge.min_score=null",
             "trainer.prior_weight=0",
             "trainer.objective=sft",
+            "trainer.batch_size=8",
             "trainer.reward_weighted=false",
         ],
     ),
@@ -107,23 +112,19 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
             "judge.min_score=null",
             "trainer.prior_weight=0",
             "trainer.objective=sft",
+            "trainer.batch_size=8",
             "trainer.reward_weighted=false",
         ],
     ),
-    "dpo": (
-        "Diffusion-DPO on (pick, lower-scored candidate) pairs",
+    "sft-top3": (
+        "the ccsr loop's picks (top 3, min score 8) with the plain denoising loss instead of DPO",
         "loop",
-        ["trainer.objective=dpo", "trainer.prior_weight=0", "trainer.reward_weighted=false"],
+        ["trainer.objective=sft", "trainer.batch_size=8"],
     ),
     "dpo-sft": (
-        "Diffusion-DPO plus the denoising loss on the picks",
+        "the ccsr loop plus the plain denoising loss on the picks (weight 1)",
         "loop",
-        [
-            "trainer.objective=dpo",
-            "trainer.prior_weight=0",
-            "trainer.reward_weighted=false",
-            "trainer.dpo_sft_weight=1",
-        ],
+        ["trainer.dpo_sft_weight=1"],
     ),
     "no-detector": ("detector threshold 0: no image is filtered out", "loop", ["detector.threshold=0"]),
     "no-gate": ("every LoRA is accepted, better or not", "loop", ["gate.enabled=false"]),
@@ -265,7 +266,12 @@ def train_ground_truth(s: Settings) -> tuple[Config, Path, dict]:
     steps = trained_steps(run)
     overrides = [f"trainer.max_steps={steps}"] if steps else []
     if saved.trainer.objective == "dpo":
-        overrides += ["trainer.objective=sft", "trainer.dpo_sft_weight=0"]
+        # A DPO step sees batch_size (winner, loser) pairs: 2 x batch_size images, as many as this SFT step.
+        overrides += [
+            "trainer.objective=sft",
+            "trainer.dpo_sft_weight=0",
+            f"trainer.batch_size={2 * saved.trainer.batch_size}",
+        ]
     cfg = load_config(run.config_path, overrides)
     folder = s.work_dir / "ground-truth"
     pairs = ground_truth_pairs(run, cfg.judge.top_k, folder / "images")
