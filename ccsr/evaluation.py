@@ -190,6 +190,7 @@ def evaluate(
         for r, score in zip(records, scores, strict=True):
             r.clip_score = score
         scorer.close()
+        free_memory()  # the CLIP scorer's memory back before the judge (vLLM checks free memory)
         if ec.judge_and_detect:
             judge_and_detect(cfg, records, images)
     write_records(eval_dir / "records.jsonl", records)

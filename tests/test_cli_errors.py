@@ -549,3 +549,17 @@ def test_the_ccsr_script_finds_an_experiments_backend_from_the_repository_root()
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_python_dash_m_ccsr_is_the_cli(tmp_path):
+    """``python -m ccsr`` runs the same command line as the ``ccsr`` script (exit codes included)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ok = subprocess.run([sys.executable, "-m", "ccsr", "--help"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "usage:" in ok.stdout and "validate" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "ccsr", "validate", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == EXIT_BAD_INPUT and "missing.yaml" in bad.stderr
