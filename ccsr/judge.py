@@ -72,6 +72,20 @@ def llava_prompt(processor: Any, question: str) -> str:
     return LLAVA_MISTRAL_PROMPT.replace("{question}", question)
 
 
+def cache_argument(model) -> str:
+    """The forward keyword of the KV cache: ``cache`` since transformers 5.24 (``past_key_values`` is deprecated
+    there and removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name (see ``cache_argument``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def packed_suffix_layout(
     lengths: list[int], n_prefix: int, dtype: torch.dtype, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,6 +160,7 @@ class TransformersJudge:
             path, dtype=self.dtype, trust_remote_code=cfg.judge.trust_remote_code
         ).to(self.device)
         self.model.eval()
+        self._cache_arg = cache_argument(self.model)
         self.image_token_id = self.processor.image_token_id
         self.yes_ids, self.no_ids = answer_token_ids(self.tokenizer) if self.mode == "logits" else ([], [])
         self._yes = torch.tensor(self.yes_ids, device=self.device, dtype=torch.long)
@@ -351,12 +366,14 @@ class TransformersJudge:
         is_image = (plan.prefix == self.image_token_id)[..., None].expand_as(embeds)
         embeds = embeds.masked_scatter(is_image, feature.to(embeds.dtype))
         # The all-ones 2-D mask makes the model build its causal mask under every attention implementation.
-        cache = self.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(plan.prefix),
-            use_cache=True,
-            logits_to_keep=1,
-        ).past_key_values
+        cache = output_cache(
+            self.model(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones_like(plan.prefix),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        )
         n_prefix = plan.prefix.shape[1]
         if self.suffix_strategy == "packed":
             return self._packed_suffix_forward(cache, n_prefix, plan.suffixes)
@@ -374,8 +391,8 @@ class TransformersJudge:
             input_ids=torch.tensor([[t for s in suffixes for t in s]], device=self.device),
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
             logits_to_keep=ends,
         )
         return out.logits[0]
@@ -391,7 +408,7 @@ class TransformersJudge:
         rows = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=self.device)
         mask = torch.tensor([[1] * (n_prefix + n) + [0] * (width - n) for n in lengths], device=self.device)
         cache.batch_repeat_interleave(len(suffixes))  # in place
-        out = self.model(input_ids=rows, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=rows, attention_mask=mask, use_cache=True, **{self._cache_arg: cache})
         ends = torch.tensor(lengths, device=self.device) - 1
         return out.logits[torch.arange(len(suffixes), device=self.device), ends]
 

@@ -157,6 +157,18 @@ def _agree(answers: list[JudgeAnswer], reference: list[JudgeAnswer]) -> None:
         assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
 
 
+def test_the_kv_cache_goes_under_the_installed_name(judge, images, rendered):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, and goes in
+    5.40): the fast path uses whichever the installed model takes, so it warns about neither."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        judge.answer(images[:1], rendered[:1])
+    stale = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert not stale, stale
+
+
 def test_packed_path_is_the_default(judge):
     # The tiny model runs SDPA, which adds an arbitrary mask to the scores: all suffixes go in one row.
     assert judge.suffix_strategy == "packed"
