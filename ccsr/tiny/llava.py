@@ -130,6 +130,29 @@ def _calibrate_answers(model, processor, images, questions, stop: torch.Tensor) 
         weight[processor.tokenizer.eos_token_id] = (STOP_LOGIT_SCALE * stop).to(weight.dtype)
 
 
+def llava_processor(tokenizer, crop: int, patch: int, pinpoints: list[list[int]]):
+    """LLaVA-Next's processor around ``tokenizer``: ``crop`` px tiles of ``patch`` px patches on the grids
+    ``pinpoints``, the chat template, the image token and the CLS token the "default" strategy drops."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    from ccsr.tiny.tokenizer import CHAT_TEMPLATE
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": crop},
+        crop_size={"height": crop, "width": crop},
+        image_grid_pinpoints=pinpoints,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+    )
+
+
 def build_llava_next(out_dir: Path, seed: int = 0, geometry: str = "tiny") -> None:
     """Write a loadable LLaVA-Next folder (safetensors + processor + chat template) to ``out_dir``."""
     import torch
@@ -137,12 +160,10 @@ def build_llava_next(out_dir: Path, seed: int = 0, geometry: str = "tiny") -> No
         CLIPVisionConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
         MistralConfig,
     )
 
-    from ccsr.tiny.tokenizer import CHAT_TEMPLATE, build_tokenizer
+    from ccsr.tiny.tokenizer import build_tokenizer
 
     crop, patch, pinpoints = GEOMETRIES[geometry]
     tokenizer = build_tokenizer(extra_special=[IMAGE_TOKEN])
@@ -183,20 +204,7 @@ def build_llava_next(out_dir: Path, seed: int = 0, geometry: str = "tiny") -> No
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": crop},
-        crop_size={"height": crop, "width": crop},
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
-    )
+    processor = llava_processor(tokenizer, crop, patch, pinpoints)
     if geometry == "tiny":
         images = _calibration_images(seed, (24, 96), 8)
     else:

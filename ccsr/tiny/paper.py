@@ -296,29 +296,15 @@ def build_paper_role(role: str, out_dir: Path, device: str = "cpu", dtype=None, 
 
 def _llava_processor():
     """LLaVA-1.6's image processing (336 px crops, patch 14, grids up to 1008 px) around the tiny tokenizer."""
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
-
-    from ccsr.tiny.llava import IMAGE_TOKEN
-    from ccsr.tiny.tokenizer import CHAT_TEMPLATE, build_tokenizer
+    from ccsr.tiny.llava import IMAGE_TOKEN, llava_processor
+    from ccsr.tiny.tokenizer import build_tokenizer
 
     vision = LLAVA_16_MISTRAL["vision_config"]
-    crop, patch = vision["image_size"], vision["patch_size"]
     tokenizer = build_tokenizer(extra_special=[IMAGE_TOKEN])
     tokenizer.model_max_length = 8192  # ~2,900 image tokens per image, as in the real model
     tokenizer.padding_side = "left"
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": crop},
-        crop_size={"height": crop, "width": crop},
-        image_grid_pinpoints=LLAVA_16_MISTRAL["image_grid_pinpoints"],
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+    return llava_processor(
+        tokenizer, vision["image_size"], vision["patch_size"], LLAVA_16_MISTRAL["image_grid_pinpoints"]
     )
 
 
