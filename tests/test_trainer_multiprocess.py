@@ -193,7 +193,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_tensorboard_when_available(tmp_path):
-    """TensorBoard is an optional extra: scalars go through accelerate's tracker only when it is importable."""
+    """TensorBoard (in the dev extra, optional for users): scalars go through accelerate's tracker when it is
+    importable, and TensorBoard's own reader finds the loss of every step in the event file."""
     from accelerate.utils import is_tensorboard_available
 
     from ccsr.trainer import TrainPair, train_lora
@@ -209,4 +210,10 @@ def test_tensorboard_when_available(tmp_path):
     cfg.device = "cpu"
     cfg.trainer.resolution, cfg.trainer.batch_size, cfg.trainer.max_steps = 32, 4, 2
     train_lora(cfg, pairs, tmp_path / "out")
-    assert list((tmp_path / "out" / "tensorboard" / "lora").glob("events.out.tfevents.*"))
+    (events,) = (tmp_path / "out" / "tensorboard" / "lora").glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    written = EventAccumulator(str(events))
+    written.Reload()
+    loss = written.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2] and all(e.value > 0 for e in loss)
