@@ -23,16 +23,12 @@ def bench_iteration() -> dict:
     """Wall time of each stage of one tiny iteration, and the share spent outside model calls."""
     from ccsr.config import REPO_ROOT, load_config, save_config
     from ccsr.loop import Loop
-    from ccsr.models import is_embedded, resolve_model
+    from ccsr.models import build_embedded
     from ccsr.rundir import RunDir
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", class_name="giraffe")
     cfg.iterations = 1
-    for section in ("prompter", "generator", "judge", "detector", "evaluator"):
-        name = getattr(cfg, section).model
-        if is_embedded(name):
-            resolve_model(name, cfg.model_cache)  # build once, outside the timed run
-    resolve_model(cfg.detector.text_model, cfg.model_cache)
+    build_embedded(cfg)  # build once, outside the timed run
     root = Path("runs/bench/iteration")
     if root.exists():
         shutil.rmtree(root)

@@ -298,7 +298,7 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
     """Build (paper) or resolve (tiny) the models, run one iteration, write and return ``results.json``."""
     import torch
 
-    from ccsr.models import is_embedded, resolve_model
+    from ccsr.models import build_embedded
 
     out = Path(out)
     model_paths = None
@@ -309,11 +309,7 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
         model_paths = build_paper_models(Path(cache_dir or default_cache_dir()), "cuda", torch.float16)
         free_memory()
     cfg = check_config(geometry, out, model_paths)
-    for key in PAPER_ROLES:
-        section, name = key.split(".")
-        model = getattr(getattr(cfg, section), name)
-        if is_embedded(model):
-            resolve_model(model, cfg.model_cache)  # built once, outside the timed run
+    build_embedded(cfg)  # built once, outside the timed run
     build_seconds = time.perf_counter() - start
     root = out / "run"
     if root.exists():

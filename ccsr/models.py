@@ -82,6 +82,15 @@ def build_once(out: Path, build: Callable[[Path], None], stamp: str) -> Path:
     return out
 
 
+def build_embedded(cfg) -> None:
+    """Build (or find in the cache) every embedded tiny model ``cfg`` names, e.g. before a timed run."""
+    from ccsr.config import model_keys
+
+    for key in model_keys():
+        section, field = key.split(".")
+        resolve_model(getattr(getattr(cfg, section), field), cfg.model_cache)
+
+
 def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
     """Return a loadable path or id for ``name``, building the embedded model first if needed."""
     if not is_embedded(name):

@@ -50,8 +50,8 @@ class GrammarPrompter:
 
     def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
         out = []
-        for i in range(num):
-            rng = random.Random(f"grammar:{self.shape}:{seed + i}")  # sample i's seed, as vLLM gives it
+        for sample in range(num):
+            rng = random.Random(f"grammar:{self.shape}:{seed + sample}")  # sample i's seed, as vLLM gives it
             captions = world.sample_captions(self.shape, self.cfg.prompter.prompts_per_call, rng)
             out.append("\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1)))
         return out

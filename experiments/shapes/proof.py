@@ -72,6 +72,17 @@ class Protocol:
 PROTOCOL = Protocol()
 
 CONFIG = REPO_ROOT / "configs" / "shapes.yaml"
+RANDOM_JUDGE = "judge.backend=experiments.shapes.backends:RandomJudge"
+SFT_BATCH = "trainer.batch_size=8"  # 8 images a step, as a DPO step of the shapes config's 4 pairs
+# The paper's recipe over configs/shapes.yaml: the single best image per prompt, the plain denoising loss.
+PAPER_RECIPE = [
+    "judge.top_k=1",
+    "judge.min_score=null",
+    "trainer.prior_weight=0",
+    "trainer.objective=sft",
+    SFT_BATCH,
+    "trainer.reward_weighted=false",
+]
 # name -> (what it is, kind, overrides of configs/shapes.yaml). Kinds: "measure" (the base model, drawn and
 # measured), "loop" (a `ccsr run`, then its champion measured), "ground-truth" (after the ccsr variant).
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
@@ -89,37 +100,22 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
     "paper": (
         "the paper's recipe: one image per prompt, no min score, plain denoising loss",
         "loop",
-        [
-            "judge.top_k=1",
-            "judge.min_score=null",
-            "trainer.prior_weight=0",
-            "trainer.objective=sft",
-            "trainer.batch_size=8",
-            "trainer.reward_weighted=false",
-        ],
+        PAPER_RECIPE,
     ),
     "no-judge": (
         "the ccsr loop with a judge that answers at random (its random scores rarely reach min score 8)",
         "loop",
-        ["judge.backend=experiments.shapes.backends:RandomJudge"],
+        [RANDOM_JUDGE],
     ),
     "paper-no-judge": (
         "the paper's recipe with a judge that answers at random: one random pick per prompt",
         "loop",
-        [
-            "judge.backend=experiments.shapes.backends:RandomJudge",
-            "judge.top_k=1",
-            "judge.min_score=null",
-            "trainer.prior_weight=0",
-            "trainer.objective=sft",
-            "trainer.batch_size=8",
-            "trainer.reward_weighted=false",
-        ],
+        [RANDOM_JUDGE, *PAPER_RECIPE],
     ),
     "sft-top3": (
         "the ccsr loop's picks (top 3, min score 8) with the plain denoising loss instead of DPO",
         "loop",
-        ["trainer.objective=sft", "trainer.batch_size=8"],
+        ["trainer.objective=sft", SFT_BATCH],
     ),
     "dpo-sft": (
         "the ccsr loop plus the plain denoising loss on the picks (weight 1)",
