@@ -18,11 +18,13 @@ import logging
 import os
 import signal
 import sys
+from contextlib import ExitStack
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn
 
 from ccsr.config import Config, ConfigError, load_config, model_keys, resolve_data_path, save_config
+from ccsr.distributed import Ranks
 from ccsr.rundir import LORA_WEIGHTS_NAME, RunDir, RunDirError, run_lock, slugify, validate_class_name
 
 logger = logging.getLogger("ccsr")
@@ -286,9 +288,30 @@ def _load(args) -> Config:
     return cfg
 
 
+def _start_ranks(cfg: Config) -> Ranks:
+    """This process's rank under a launcher (``ccsr.distributed``), its process group joined."""
+    try:
+        ranks = Ranks.from_env()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if ranks.world > 1:
+        if cfg.judge.backend == "vllm":
+            raise UserError(
+                "judge.backend vllm runs one engine per process on the first GPU; under a launcher use the "
+                "transformers judge, or run one process with vLLM's own tensor parallelism"
+            )
+        from ccsr.devices import torch_device
+
+        ranks.start(cpu=torch_device(cfg).type == "cpu")
+    return ranks
+
+
+def _run_dir(args, cfg: Config) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / slugify(cfg.class_name)
+
+
 def _open_run(args, cfg: Config) -> RunDir:
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / slugify(cfg.class_name)
-    run = RunDir(run_dir)
+    run = RunDir(_run_dir(args, cfg))
     run.check_writable()
     return run
 
@@ -330,10 +353,28 @@ def cmd_run(args, daemon: bool = False) -> int:
     if not cfg.class_name:
         raise UserError("no class: pass --class NAME (e.g. --class giraffe)")
     check_config(cfg)
-    run = _open_run(args, cfg)
-    with run_lock(run):
-        cfg = _resume_config(run, cfg)
-        _setup_logging(logging.DEBUG if args.debug else logging.INFO, run.log_path)
+    ranks = _start_ranks(cfg)
+    run = RunDir(_run_dir(args, cfg))
+    with ExitStack() as held:
+        # The main process holds the run's lock and writes its config; the other ranks then read it.
+        error = None
+        if ranks.is_main:
+            try:
+                run = _open_run(args, cfg)
+                held.enter_context(run_lock(run))
+                cfg = _resume_config(run, cfg)
+            except (UserError, RunDirError) as exc:
+                error = exc
+        if ranks.any(error is not None):
+            raise error or UserError(
+                f"{run.root}: the main process could not open the run (its error says why)"
+            )
+        if not ranks.is_main:
+            cfg = _resume_config(run, cfg)
+        if ranks.is_main:
+            _setup_logging(logging.DEBUG if args.debug else logging.INFO, run.log_path)
+        else:
+            _setup_logging(logging.DEBUG if args.debug else logging.WARNING)
         from ccsr.loop import Loop, StopRequested
 
         stop = {"flag": False}
@@ -351,19 +392,27 @@ def cmd_run(args, daemon: bool = False) -> int:
             run,
             should_stop=lambda: stop["flag"] or stop_file.exists(),
             backoff_seconds=60.0 if daemon else 0.0,
+            ranks=ranks,
         )
-        run.event("start", pid=os.getpid(), iterations=cfg.iterations, daemon=daemon)
+        if ranks.is_main:
+            run.event(
+                "start", pid=os.getpid(), iterations=cfg.iterations, daemon=daemon, processes=ranks.world
+            )
         logger.info("run %s: class %r, %d iterations", run.root, cfg.class_name, cfg.iterations)
         try:
             loop.run_iterations(cfg.iterations)
         except StopRequested:
-            by_file = stop_file.exists()
-            if by_file:
-                stop_file.unlink()  # consumed: the next start runs
-            run.event("stopped", reason="stop file" if by_file else "signal")
-            logger.info("stopped cleanly; run the same command again to continue")
+            if ranks.is_main:
+                by_file = stop_file.exists()
+                if by_file:
+                    stop_file.unlink()  # consumed: the next start runs
+                run.event("stopped", reason="stop file" if by_file else "signal")
+                logger.info("stopped cleanly; run the same command again to continue")
             return 0
-        run.event("finished", iterations=cfg.iterations)
+        if ranks.is_main:
+            run.event("finished", iterations=cfg.iterations)
+    if not ranks.is_main:
+        return 0
     from ccsr.status import format_status, run_status
 
     print(format_status(run_status(run.root)))  # after the lock is released: the process is done

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ccsr.backends import load_backend
 from ccsr.config import resolve_data_path
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
+from ccsr.distributed import Ranks, merge_shards, positions, shard_files
 from ccsr.rundir import (
     EvalRecord,
     PromptRecord,
@@ -167,61 +168,96 @@ def evaluate(
     scales: list[float],
     eval_dir: Path,
     on_scale: Callable[[float], None] | None = None,
-) -> dict:
+    ranks: Ranks | None = None,
+) -> dict | None:
     """Iteration k's LoRA on the run's held-out prompts x ``cfg.evaluator.seeds`` at each of ``scales`` (scale
     0, the base model, is always added: win/tie/loss needs it).
 
     Writes the images and ``records.jsonl`` (``EvalRecord``) under ``eval_dir`` and returns the summary (no
     gate decision). ``on_scale`` is called before each scale is drawn (the loop's heartbeat and stop check).
+
+    The work is cut into units of ``generator.batch_size`` (held-out prompt, seed) jobs at one scale, and every
+    model sees one unit at a time, so a unit's figures do not depend on the others. Under a launcher each rank
+    does every ``world``-th unit; the main process merges the records and returns the summary, the others
+    return None.
     """
+    ranks = ranks or Ranks()
     lora = run.lora_dir(k)
     ec = cfg.evaluator
     scales = sorted({0.0, *map(float, scales)})
+    records_path = eval_dir / "records.jsonl"
+    if ranks.is_main:
+        for stale in shard_files(records_path):  # an earlier, interrupted evaluation's
+            stale.unlink()
+    jobs = _jobs(cfg, run)
+    size = max(1, cfg.generator.batch_size)
+    chunks = ranks.mine([jobs[i : i + size] for i in range(0, len(jobs), size)])
     with keep_cpu_threads():
-        records = _draw(cfg, run, k, scales, eval_dir, on_scale)
-        images = [_open(run, r.path) for r in records]
+        units = _draw(cfg, run, k, scales, chunks, eval_dir, on_scale)
+        images = [[_open(run, r.path) for r in unit] for unit in units]
         scorer = CLIPScorer(cfg)
-        scores = in_batches(
-            lambda c: scorer.clip_scores(images[c], [r.prompt for r in records[c]]),
-            len(records),
-            ec.batch_size,
-            "CLIP score",
-        )
-        for r, score in zip(records, scores, strict=True):
-            r.clip_score = score
+        for unit, imgs in zip(units, images, strict=True):
+            scores = in_batches(
+                lambda c: scorer.clip_scores(imgs[c], [r.prompt for r in unit[c]]),  # noqa: B023
+                len(unit),
+                ec.batch_size,
+                "CLIP score",
+            )
+            for r, score in zip(unit, scores, strict=True):
+                r.clip_score = score
         scorer.close()
         free_memory()  # the CLIP scorer's memory back before the judge (vLLM checks free memory)
         if ec.judge_and_detect:
-            judge_and_detect(cfg, records, images)
-    write_records(eval_dir / "records.jsonl", records)
+            judge_and_detect(cfg, units, images)
+    write_records(ranks.shard_path(records_path), [r for unit in units for r in unit])
+    ranks.barrier()  # every rank's records are written
+    if not ranks.is_main:
+        return None
+    scale_order = positions(scales)
+    job_order = positions((v.id, s) for v, s in jobs)
+    records = merge_shards(
+        records_path,
+        EvalRecord,
+        key=lambda r: (r.scale, r.prompt_id, r.seed),
+        order=lambda r: (scale_order[r.scale], job_order[(r.prompt_id, r.seed)]),
+    )
     summary = summarise([r.to_dict() for r in records], scales, ec.tie_band)
     summary["lora"] = str(lora.relative_to(run.root))
     return summary
 
 
-def _draw(cfg: Config, run: RunDir, k: int, scales: list[float], eval_dir: Path, on_scale) -> list:
-    """The evaluation images, generator loaded once and the LoRA once, scales switched."""
+def _jobs(cfg: Config, run: RunDir) -> list[tuple[PromptRecord, int]]:
+    """The (held-out prompt, evaluator seed) pairs, in the order of the records."""
+    return [
+        (v, seed) for v in read_records(run.validation_path, PromptRecord) for seed in cfg.evaluator.seeds
+    ]
+
+
+def _draw(
+    cfg: Config, run: RunDir, k: int, scales: list[float], chunks: list[list], eval_dir: Path, on_scale
+) -> list[list[EvalRecord]]:
+    """The evaluation images of ``chunks`` at every scale, one unit per (scale, chunk); the generator loaded
+    once and the LoRA once, scales switched. ``on_scale`` is called on every rank, whatever its share."""
     lora = run.lora_dir(k)
-    validation = read_records(run.validation_path, PromptRecord)
-    jobs = [(v, seed) for v in validation for seed in cfg.evaluator.seeds]
-    prompts = [v.prompt for v, _ in jobs]
-    # The same seeds at every scale, so scale 0 is exactly the base model's image.
-    seeds = [derive_seed(cfg.seed, "eval", v.id, s) for v, s in jobs]
-    records = []
+    units = []
     generator = load_backend("generator", cfg)
     for scale in tqdm(scales, desc=f"iter {k} eval", unit="scale"):
         if on_scale is not None:
             on_scale(scale)
-        images = generator.images(prompts, seeds, lora=lora, scale=scale)
-        for (v, s), seed, image in zip(jobs, seeds, images, strict=True):
-            path = eval_dir / f"scale-{scale:g}" / f"{v.id}-s{s}.png"
-            atomic_save_image(path, image)
-            rel = str(path.relative_to(run.root))
-            records.append(EvalRecord(v.id, v.prompt, s, seed, scale, rel))
+        for chunk in chunks:
+            # The same seeds at every scale, so scale 0 is exactly the base model's image.
+            seeds = [derive_seed(cfg.seed, "eval", v.id, s) for v, s in chunk]
+            images = generator.images([v.prompt for v, _ in chunk], seeds, lora=lora, scale=scale)
+            unit = []
+            for (v, s), seed, image in zip(chunk, seeds, images, strict=True):
+                path = eval_dir / f"scale-{scale:g}" / f"{v.id}-s{s}.png"
+                atomic_save_image(path, image)
+                unit.append(EvalRecord(v.id, v.prompt, s, seed, scale, str(path.relative_to(run.root))))
+            units.append(unit)
     generator.close()
     del generator
     free_memory()
-    return records
+    return units
 
 
 def _open(run: RunDir, rel_path: str):
@@ -230,33 +266,42 @@ def _open(run: RunDir, rel_path: str):
     return Image.open(run.root / rel_path).convert("RGB")
 
 
-def _judge_scores(cfg: Config, records: list[EvalRecord], images: list) -> list[int]:
-    """The loop's judge on the evaluation images, ``judge.batch_size`` at a time; the judge freed after."""
+def _judge_scores(cfg: Config, units: list[list[EvalRecord]], images: list[list]) -> list[list[int]]:
+    """The loop's judge on the evaluation images, unit by unit, ``judge.batch_size`` at a time; freed after."""
     from ccsr.questions import QuestionSet
 
     questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
-    rendered = [questions.render(cfg.class_name, r.prompt) for r in records]
     judge = load_backend("judge", cfg)
-    results = in_batches(
-        lambda c: judge.answer(images[c], rendered[c]), len(records), cfg.judge.batch_size, "judge"
-    )
+    out = []
+    for unit, imgs in zip(units, images, strict=True):
+        rendered = [questions.render(cfg.class_name, r.prompt) for r in unit]
+        results = in_batches(
+            lambda c: judge.answer(imgs[c], rendered[c]),  # noqa: B023 (called at once)
+            len(unit),
+            cfg.judge.batch_size,
+            "judge",
+        )
+        out.append([questions.score(questions.apply_dependencies(res.answers)) for res in results])
     judge.close()
-    return [questions.score(questions.apply_dependencies(res.answers)) for res in results]
+    return out
 
 
-def judge_and_detect(cfg: Config, records: list[EvalRecord], images: list) -> None:
-    """The loop's judge (eq. 1 score) and detector (confidence, detected at the threshold) on eval images."""
-    for r, score in zip(records, _judge_scores(cfg, records, images), strict=True):
-        r.judge_score = score
+def judge_and_detect(cfg: Config, units: list[list[EvalRecord]], images: list[list]) -> None:
+    """The loop's judge (eq. 1 score) and detector (confidence, detected at the threshold) on eval images,
+    unit by unit (``evaluate``)."""
+    for unit, scores in zip(units, _judge_scores(cfg, units, images), strict=True):
+        for r, score in zip(unit, scores, strict=True):
+            r.judge_score = score
     free_memory()
     detector = load_backend("detector", cfg)
-    confidences = in_batches(
-        lambda c: detector.confidence(images[c], cfg.class_name),
-        len(images),
-        cfg.detector.batch_size,
-        "detector",
-    )
-    for r, c in zip(records, confidences, strict=True):
-        r.confidence = round(float(c), 6)
-        r.detected = bool(c >= cfg.detector.threshold)
+    for unit, imgs in zip(units, images, strict=True):
+        confidences = in_batches(
+            lambda c: detector.confidence(imgs[c], cfg.class_name),  # noqa: B023 (called at once)
+            len(unit),
+            cfg.detector.batch_size,
+            "detector",
+        )
+        for r, c in zip(unit, confidences, strict=True):
+            r.confidence = round(float(c), 6)
+            r.detected = bool(c >= cfg.detector.threshold)
     detector.close()

@@ -25,6 +25,7 @@ from ccsr import gate
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
+from ccsr.distributed import Ranks, merge_shards, positions, read_committed
 from ccsr.rundir import (
     STAGES,
     Candidate,
@@ -132,6 +133,8 @@ class Loop:
     backoff_seconds: float = 0.0
     model_seconds: dict[str, float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Under a launcher, this process's rank (``ccsr.distributed``): the main one writes the run's records.
+    ranks: Ranks = field(default_factory=Ranks)
 
     def stages(self) -> tuple[tuple[str, Callable[[int], dict]], ...]:
         """The stages of one iteration in order, each with the method that does its work (``STAGES``)."""
@@ -146,9 +149,11 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------------
     def run_iterations(self, iterations: int) -> None:
-        self.run.clean_temp()
-        for k in self.run.iterations():
-            self.verify(k)
+        if self.ranks.is_main:
+            self.run.clean_temp()
+            for k in self.run.iterations():
+                self.verify(k)
+        self.ranks.barrier()
         empty_streak = 0
         for k in range(1, iterations + 1):
             if self.run.iteration_complete(k):
@@ -168,18 +173,25 @@ class Loop:
             self._beat(k, stage)
             self._stop_if_requested()
             logger.info("iteration %d: %s", k, stage)
-            self.run.event("stage_start", iteration=k, stage=stage)
+            self._event("stage_start", iteration=k, stage=stage)
             self.model_seconds[stage] = 0.0
             start = time.perf_counter()
-            info = work(k)
+            info = work(k)  # every rank; the main one's answer is the stage's record
             seconds = time.perf_counter() - start
             free_memory()
             self.stage_seconds[stage] = seconds
-            self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
-            self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
-        self.run.event("iteration_end", iteration=k)
-        self.refresh_report()
+            if self.ranks.is_main:
+                self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
+                self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
+            self.ranks.barrier()  # every rank sees the stage done before anyone reads its records
+        self._event("iteration_end", iteration=k)
+        if self.ranks.is_main:
+            self.refresh_report()
         logger.info("iteration %d complete", k)
+
+    def _event(self, kind: str, **fields) -> None:
+        if self.ranks.is_main:
+            self.run.event(kind, **fields)
 
     def _back_off(self, k: int, streak: int) -> None:
         """The LLM gave nothing usable: recorded as an iteration with zero prompts, then wait before the next."""
@@ -187,20 +199,36 @@ class Loop:
             return
         wait = min(self.backoff_seconds * 2 ** (streak - 1), 3600.0)
         logger.warning("iteration %d got no usable prompt; waiting %.0f s before the next", k, wait)
-        self.run.event("backoff", iteration=k, seconds=wait)
+        self._event("backoff", iteration=k, seconds=wait)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.should_stop():
             self._beat(k, "backoff")
-            self._stop_if_requested()
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        self._stop_if_requested()
 
     def _beat(self, k: int, stage: str, unit: str | None = None) -> None:
-        """Record where the loop is (``ccsr status`` reads it), at every unit boundary."""
-        self.run.heartbeat(iteration=k, stage=stage, unit=unit)
+        """Record where the loop is (``ccsr status`` reads it), at every unit boundary of the main process."""
+        if self.ranks.is_main:
+            self.run.heartbeat(iteration=k, stage=stage, unit=unit)
 
     def _stop_if_requested(self) -> None:
-        """Stop at this unit boundary if a signal or the stop file asked for it (all before is committed)."""
-        if self.should_stop():
+        """Stop here if a signal or the stop file asked for it (all before is committed). With several
+        processes the check is collective: called at the same points on every rank, all stop together."""
+        if self.ranks.any(self.should_stop()):
+            raise StopRequested
+
+    def _each_unit(self, k: int, stage: str, units: list, unit_id: Callable, work: Callable) -> None:
+        """``work`` on this rank's share of ``units``, each committed by ``work`` before the next starts. A stop
+        asked for on any rank ends every rank's share at its next unit, then all stop together."""
+        stopped = False
+        share = self.ranks.mine(units)
+        for unit in tqdm(share, desc=f"iter {k} {stage}", unit="prompt", disable=not self.ranks.is_main):
+            self._beat(k, stage, unit_id(unit))
+            if self.should_stop():
+                stopped = True
+                break
+            work(unit)
+        if self.ranks.any(stopped):
             raise StopRequested
 
     @contextmanager
@@ -311,7 +339,11 @@ class Loop:
         return records
 
     def stage_prompts(self, k: int) -> dict:
+        """The LLM's prompts for iteration k (and the held-out ones, in iteration 1): the main process only."""
         from ccsr.prompter import collect_prompts, diversity, stream_seed
+
+        if not self.ranks.is_main:
+            return {}
 
         with self._model_call("prompts"):
             prompter = load_backend("prompter", self.cfg)
@@ -335,38 +367,52 @@ class Loop:
         return {"count": len(records), "dropped": batch.dropped, "attempts": batch.attempts, "diversity": div}
 
     # --- stage 2: candidates -------------------------------------------------------------------
+    def _merge(self, k: int, kind: str, cls) -> list:
+        """Main process: the ranks' shards of iteration k's ``kind`` records merged in prompt, index order."""
+        order = positions(p.id for p in read_records(self.run.files(k)["prompts"], PromptRecord))
+        return merge_shards(
+            self.run.files(k)[kind],
+            cls,
+            key=lambda r: (r.prompt_id, r.index),
+            order=lambda r: (order.get(r.prompt_id, len(order)), r.prompt_id, r.index),
+        )
+
     def stage_candidates(self, k: int) -> dict:
         """``num_candidates`` images per prompt with the champion before k; one prompt's images: one unit."""
         files = self.run.files(k)
-        done = {c.prompt_id for c in read_records(files["candidates"], Candidate)}
+        done = {c.prompt_id for c in read_committed(files["candidates"], Candidate)}
         todo = [p for p in read_records(files["prompts"], PromptRecord) if p.id not in done]
         lora = gate.champion_lora(self.run, k)
         lora_rel = str(lora.relative_to(self.run.root)) if lora else None
         scale = gate.generation_scale(self.run, k, self.cfg.generator.generation_scale)
         n = self.cfg.generator.num_candidates
-        if todo:
+        mine = self.ranks.shard_path(files["candidates"])
+        generator = None
+
+        def draw(p: PromptRecord) -> None:
+            nonlocal generator
             with self._model_call("candidates"):
-                generator = load_backend("generator", self.cfg)
-            for p in tqdm(todo, desc=f"iter {k} candidates", unit="prompt"):
-                self._beat(k, "candidates", p.id)
-                self._stop_if_requested()
+                generator = generator or load_backend("generator", self.cfg)
                 seeds = [derive_seed(self.cfg.seed, "candidate", k, p.id, j) for j in range(n)]
-                with self._model_call("candidates"):
-                    images = generator.images([p.prompt] * n, seeds, lora=lora, scale=scale)
-                records = []
-                for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
-                    path = self.run.candidates_dir(k) / f"{p.id}-{j:02d}.png"
-                    atomic_save_image(path, image)
-                    rel = str(path.relative_to(self.run.root))
-                    records.append(
-                        Candidate(p.id, j, seed, rel, sha256_file(path), lora_rel, scale if lora else 0.0)
-                    )
-                append_records(files["candidates"], records)
-            generator.close()
-        return {
-            "count": len(read_records(files["candidates"], Candidate)),
-            "lora": str(lora) if lora else None,
-        }
+                images = generator.images([p.prompt] * n, seeds, lora=lora, scale=scale)
+            records = []
+            for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
+                path = self.run.candidates_dir(k) / f"{p.id}-{j:02d}.png"
+                atomic_save_image(path, image)
+                rel = str(path.relative_to(self.run.root))
+                records.append(
+                    Candidate(p.id, j, seed, rel, sha256_file(path), lora_rel, scale if lora else 0.0)
+                )
+            append_records(mine, records)
+
+        try:
+            self._each_unit(k, "candidates", todo, lambda p: p.id, draw)
+        finally:
+            if generator is not None:
+                generator.close()
+        if not self.ranks.is_main:
+            return {}
+        return {"count": len(self._merge(k, "candidates", Candidate)), "lora": str(lora) if lora else None}
 
     # --- stage 3: judge ------------------------------------------------------------------------
     def stage_judge(self, k: int) -> dict:
@@ -374,30 +420,38 @@ class Loop:
         questions = _questions(self.cfg)
         files = self.run.files(k)
         prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-        done = {(j.prompt_id, j.index) for j in read_records(files["judgments"], Judgment)}
+        done = {(j.prompt_id, j.index) for j in read_committed(files["judgments"], Judgment)}
         todo = [c for c in read_records(files["candidates"], Candidate) if (c.prompt_id, c.index) not in done]
-        if todo:
+        mine = self.ranks.shard_path(files["judgments"])
+        judge = None
+
+        def answer(unit: tuple[str, list[Candidate]]) -> None:
+            nonlocal judge
+            pid, group = unit
+            images = [_open_image(self.run, c.path) for c in group]
+            rendered = [questions.render(self.cfg.class_name, prompts[pid])] * len(images)
             with self._model_call("judge"):
-                judge = load_backend("judge", self.cfg)
-            for pid, group in tqdm(by_prompt(todo).items(), desc=f"iter {k} judge", unit="prompt"):
-                self._beat(k, "judge", pid)
-                self._stop_if_requested()
-                images = [_open_image(self.run, c.path) for c in group]
-                rendered = [questions.render(self.cfg.class_name, prompts[pid])] * len(images)
-                with self._model_call("judge"):
-                    results = in_batches(
-                        lambda c: judge.answer(images[c], rendered[c]),  # noqa: B023 (called at once)
-                        len(images),
-                        self.cfg.judge.batch_size,
-                        "judge",
-                    )
-                records = []
-                for c, res in zip(group, results, strict=True):
-                    answers = questions.apply_dependencies(res.answers)
-                    records.append(Judgment(pid, c.index, answers, questions.score(answers), res.p_yes))
-                append_records(files["judgments"], records)
-            judge.close()
-        judged = read_records(files["judgments"], Judgment)
+                judge = judge or load_backend("judge", self.cfg)
+                results = in_batches(
+                    lambda c: judge.answer(images[c], rendered[c]),
+                    len(images),
+                    self.cfg.judge.batch_size,
+                    "judge",
+                )
+            records = []
+            for c, res in zip(group, results, strict=True):
+                answers = questions.apply_dependencies(res.answers)
+                records.append(Judgment(pid, c.index, answers, questions.score(answers), res.p_yes))
+            append_records(mine, records)
+
+        try:
+            self._each_unit(k, "judge", list(by_prompt(todo).items()), lambda u: u[0], answer)
+        finally:
+            if judge is not None:
+                judge.close()
+        if not self.ranks.is_main:
+            return {}
+        judged = self._merge(k, "judgments", Judgment)
         return {"count": len(judged), "nan_answers": sum(a == "nan" for j in judged for a in j.answers)}
 
     # --- stage 4: filter -----------------------------------------------------------------------
@@ -405,6 +459,9 @@ class Loop:
         """Detector on each prompt's best-tied images (one prompt: one unit), then the pairs (paper sec. 3)."""
         files = self.run.files(k)
         self._detect(k)
+        if not self.ranks.is_main:
+            return {}
+        self._merge(k, "detections", Detection)
         prompts = read_records(files["prompts"], PromptRecord)
         cfg = self.cfg
         candidates = read_records(files["candidates"], Candidate)
@@ -443,16 +500,14 @@ class Loop:
         prompt_ids = [p.id for p in read_records(files["prompts"], PromptRecord)]
         paths = {(c.prompt_id, c.index): c.path for c in read_records(files["candidates"], Candidate)}
         judgments = by_prompt(read_records(files["judgments"], Judgment))
-        done = {d.prompt_id for d in read_records(files["detections"], Detection)}
+        done = {d.prompt_id for d in read_committed(files["detections"], Detection)}
         todo = [pid for pid in prompt_ids if pid in judgments and pid not in done]
-        if not todo:
-            return
         questions = _questions(self.cfg)
-        with self._model_call("filter"):
-            detector = load_backend("detector", self.cfg)
-        for pid in tqdm(todo, desc=f"iter {k} detect", unit="prompt"):
-            self._beat(k, "filter", pid)
-            self._stop_if_requested()
+        mine = self.ranks.shard_path(files["detections"])
+        detector = None
+
+        def detect(pid: str) -> None:
+            nonlocal detector
             # The paper's rule needs the best-tied images only; top-k ranks every candidate.
             if self.cfg.judge.top_k > 1:
                 tied = judgments[pid]
@@ -460,8 +515,9 @@ class Loop:
                 tied = best_tied(judgments[pid], self.cfg.judge.tie_break, questions)
             images = [_open_image(self.run, paths[(pid, j.index)]) for j in tied]
             with self._model_call("filter"):
+                detector = detector or load_backend("detector", self.cfg)
                 conf = in_batches(
-                    lambda c: detector.confidence(images[c], self.cfg.class_name),  # noqa: B023 (called at once)
+                    lambda c: detector.confidence(images[c], self.cfg.class_name),
                     len(images),
                     self.cfg.detector.batch_size,
                     "detector",
@@ -469,8 +525,13 @@ class Loop:
             records = [
                 Detection(pid, j.index, j.score, round(float(c), 6)) for j, c in zip(tied, conf, strict=True)
             ]
-            append_records(files["detections"], records)
-        detector.close()
+            append_records(mine, records)
+
+        try:
+            self._each_unit(k, "filter", todo, lambda pid: pid, detect)
+        finally:
+            if detector is not None:
+                detector.close()
 
     # --- stage 5: train ------------------------------------------------------------------------
     def stage_train(self, k: int) -> dict:
@@ -501,11 +562,14 @@ class Loop:
         """Iteration k's LoRA on the held-out prompts, then the improvement gate (``ccsr.gate``)."""
         from ccsr.evaluation import evaluate
 
+        main = self.ranks.is_main
         if not self.run.lora_file(k).is_file():
-            gate.gate_iteration(self.cfg.gate, self.run, k, None)
+            if main:
+                gate.gate_iteration(self.cfg.gate, self.run, k, None)
             return {"skipped": True, "reason": "no LoRA this iteration"}
         if not read_records(self.run.validation_path, PromptRecord):
-            gate.gate_iteration(self.cfg.gate, self.run, k, None, reason="no validation prompts")
+            if main:
+                gate.gate_iteration(self.cfg.gate, self.run, k, None, reason="no validation prompts")
             return {"skipped": True, "reason": "no validation prompts"}
 
         def on_scale(scale: float) -> None:
@@ -514,8 +578,10 @@ class Loop:
 
         with self._model_call("eval"):
             summary = evaluate(
-                self.cfg, self.run, k, self.cfg.evaluator.scales, self.run.eval_dir(k), on_scale
+                self.cfg, self.run, k, self.cfg.evaluator.scales, self.run.eval_dir(k), on_scale, self.ranks
             )
+        if summary is None:  # not the main process: its share is merged there
+            return {}
         summary["gate"] = gate.gate_iteration(self.cfg.gate, self.run, k, summary)
         atomic_write_json(self.run.eval_path(k), summary)
         logger.info(

@@ -91,7 +91,7 @@ def test_eval_scores_the_same_in_any_batch_size(repo_root):
         sizes = [f"{role}.batch_size={batch}" for role in ("judge", "detector", "evaluator")]
         c = load_config(repo_root / "configs" / "tiny.yaml", sets + sizes, class_name="giraffe")
         records = [EvalRecord(f"v{i}", p, 0, i, 0.0, "x.png") for i, p in enumerate(prompts)]
-        judge_and_detect(c, records, images)
+        judge_and_detect(c, [records], [images])  # one unit of all five
         scorer = CLIPScorer(c)
         clip = in_batches(lambda s: scorer.clip_scores(images[s], prompts[s]), 5, batch, "CLIP score")
         return [r.judge_score for r in records], [r.confidence for r in records], clip

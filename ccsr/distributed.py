@@ -1,0 +1,109 @@
+"""One run, several processes: the loop's units shared out over the ranks of a launcher.
+
+Under ``accelerate launch --multi_gpu --num_processes P -m ccsr run ...`` (or ``torchrun``, on one machine or
+several sharing the run directory) every process runs the same loop. The prompts stage runs on the main
+process only; the candidates, judge and filter stages give each rank every P-th unit (one prompt) and the
+evaluation every P-th batch of images; training is data-parallel inside the trainer. Each rank commits its
+own units to a shard file of its own (``candidates.rank-1.jsonl``); at the end of the stage the main process
+merges the shards into the stage's record file in the one-process order. The work of every unit does not
+depend on which rank did it (the seeds are the unit's, the batches are the unit's), so the records and pixels
+equal a one-process run's, and a restart with any number of processes continues from every committed unit.
+
+One process (no launcher) is the same code with one rank: no process group, no shard files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from ccsr.rundir import Record, read_records, write_records
+
+T = TypeVar("T")
+R = TypeVar("R", bound=Record)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the launcher's processes (``WORLD_SIZE``, ``RANK``)."""
+
+    world: int = 1
+    rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Ranks:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"WORLD_SIZE={world} and RANK={rank} do not describe a process of a launch")
+        return cls(world, rank)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def mine(self, units: list[T]) -> list[T]:
+        """This rank's share: every ``world``-th unit, starting at its rank."""
+        return units[self.rank :: self.world]
+
+    def start(self, cpu: bool) -> None:
+        """Join the launcher's process group (accelerate's, which the trainer then shares): gloo on the CPU,
+        NCCL with this rank's GPU as the current device otherwise. Nothing to do for one process."""
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState(cpu=cpu)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any: a stop asked for on one rank, a failed setup.
+        Every rank must call it the same number of times (it is also a barrier)."""
+        if self.world == 1:
+            return flag
+        import torch.distributed as dist
+
+        flags: list = [None] * self.world
+        dist.all_gather_object(flags, bool(flag))
+        return any(flags)
+
+    def barrier(self) -> None:
+        self.any(False)
+
+    def shard_path(self, path: Path) -> Path:
+        """Where this rank commits the records of ``path`` (``path`` itself for one process)."""
+        return path if self.world == 1 else path.with_name(f"{path.stem}.rank-{self.rank}{path.suffix}")
+
+
+def shard_files(path: Path) -> list[Path]:
+    """Every rank's shard of ``path`` left in its folder, by this run or an earlier one of another size."""
+    return sorted(path.parent.glob(f"{path.stem}.rank-*{path.suffix}"))
+
+
+def read_committed(path: Path, cls: type[R]) -> list[R]:
+    """The records of ``path`` and of every shard beside it: all units committed so far, by any rank."""
+    out = read_records(path, cls)
+    for shard in shard_files(path):
+        out += read_records(shard, cls)
+    return out
+
+
+def merge_shards(
+    path: Path, cls: type[R], key: Callable[[R], Hashable], order: Callable[[R], tuple]
+) -> list[R]:
+    """Main process, after every rank has committed: the records of ``path`` and its shards, each ``key``
+    once, sorted by ``order`` (the one-process order), written to ``path``; the shards are removed after.
+    A crash in between leaves records in both, which the next merge counts once."""
+    seen: dict[Hashable, R] = {}
+    for r in read_committed(path, cls):
+        seen.setdefault(key(r), r)
+    records = sorted(seen.values(), key=order)
+    write_records(path, records)
+    for shard in shard_files(path):
+        shard.unlink()
+    return records
+
+
+def positions(items: Iterable[Hashable]) -> dict[Hashable, int]:
+    """Each item's index, for sorting records in the order of the list they came from."""
+    return {item: i for i, item in enumerate(items)}
