@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ccsr.distributed import read_committed
 from ccsr.rundir import (
     STAGES,
     Candidate,
@@ -49,9 +50,10 @@ def _iteration(run: RunDir, k: int) -> dict[str, Any]:
         "stages_done": [s for s in STAGES if s in done],
         "stage_seconds": {s: done[s].get("seconds") for s in STAGES if s in done},
         "prompts": len(read_records(files["prompts"], PromptRecord)),
-        "candidates": len(read_records(files["candidates"], Candidate)),
-        "judged": len(read_records(files["judgments"], Judgment)),
-        "detections": len(read_records(files["detections"], Detection)),
+        # Under a launcher the ranks' units sit in shard files until the stage ends: count them too.
+        "candidates": len(read_committed(files["candidates"], Candidate)),
+        "judged": len(read_committed(files["judgments"], Judgment)),
+        "detections": len(read_committed(files["detections"], Detection)),
         "pairs": len(read_records(files["pairs"], Pair)),
         "prompt_stats": {key: prompt_stage.get(key) for key in ("dropped", "attempts", "diversity")},
         "lora": str(run.lora_dir(k)) if run.lora_file(k).is_file() else None,

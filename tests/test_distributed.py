@@ -200,6 +200,11 @@ def test_killed_two_process_run_finished_by_one_process(tmp_path, repo_root, one
     psutil.wait_procs([p for p in map(_process, family) if p is not None], timeout=60)
     shards = [p.name for p in run_dir.rglob("*.rank-*.jsonl")]
     assert "judgments.rank-1.jsonl" in shards  # killed mid-stage: the main process had not merged yet
+    from ccsr.status import run_status
+
+    # What the ranks committed counts as done for `ccsr status`, in its file or in a shard.
+    it = run_status(run_dir)["iterations"][0]
+    assert it["candidates"] == 9 and it["judged"] >= 3 and "judge" not in it["stages_done"]
     run_to_end(run_dir, 1, repo_root)
     expected, got = snapshot(one_process), snapshot(run_dir)
     for key in expected:
