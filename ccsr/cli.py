@@ -415,7 +415,10 @@ def cmd_run(args, daemon: bool = False) -> int:
         return 0
     from ccsr.status import format_status, run_status
 
-    print(format_status(run_status(run.root)))  # after the lock is released: the process is done
+    try:
+        print(format_status(run_status(run.root)))  # after the lock is released: the process is done
+    except RunDirError as exc:  # a damaged line the loop skipped and redid: the run itself is fine
+        logger.warning("%s", exc)
     return 0
 
 
