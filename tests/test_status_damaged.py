@@ -159,6 +159,13 @@ DAMAGE = {
         "prompts.jsonl",
         "line 3",
     ),
+    "a corrupt line in a rank's shard": (
+        lambda run: (run.iteration_dir(1) / "judgments.rank-1.jsonl").write_bytes(
+            b'{"prompt_id": "p9", \n{}\n'
+        ),
+        "judgments.rank-1.jsonl",
+        "line 1 is not a JSON object",
+    ),
     "a record of another shape": (
         lambda run: insert_line(run.files(1)["judgments"], b'{"prompt_id": "p9", "verdict": "yes"}'),
         "judgments.jsonl",
