@@ -415,7 +415,10 @@ def cmd_run(args, daemon: bool = False) -> int:
         return 0
     from ccsr.status import format_status, run_status
 
-    print(format_status(run_status(run.root)))  # after the lock is released: the process is done
+    try:
+        print(format_status(run_status(run.root)))  # after the lock is released: the process is done
+    except RunDirError as exc:  # a damaged line the loop skipped and redid: the run itself is fine
+        logger.warning("%s", exc)
     return 0
 
 
@@ -568,10 +571,48 @@ def cmd_validate(args) -> int:
     return 0
 
 
+# The end of every --help: what a command is for, shown by a command line that works as written (from the
+# repository root, or anywhere for the shipped configs); tests parse every ``ccsr ...`` line of these.
+EXAMPLES = {
+    "ccsr": """examples (check the config, two iterations on the embedded tiny models, what the run holds):
+  ccsr validate --config configs/tiny.yaml
+  ccsr run --config configs/tiny.yaml --class giraffe --iterations 2
+  ccsr status runs/giraffe""",
+    "run": """example (two iterations on the embedded tiny models: CPU, no download; run it again to continue):
+  ccsr run --config configs/tiny.yaml --class giraffe --iterations 2""",
+    "daemon": """example (the paper's setup on a GPU; `touch runs/giraffe/STOP` ends it after the current unit):
+  ccsr daemon --config configs/paper.yaml --class giraffe --run-dir runs/giraffe""",
+    "status": """examples (one run; a table of every run under runs/, as JSON):
+  ccsr status runs/giraffe
+  ccsr status runs --json""",
+    "generate": """example (four images, seeds 0-3, with the run's champion LoRA at its best scale):
+  ccsr generate --run runs/giraffe --prompt "a giraffe in the snow" --num 4 --out giraffe.png""",
+    "validate": """example (a config with an override, checked without loading a model):
+  ccsr validate --config configs/tiny.yaml --set generator.steps=4""",
+    "eval": """example (iteration 2's LoRA at three scales; scale 0, the base model, is always added):
+  ccsr eval runs/giraffe --iteration 2 --scales 0.4 0.7 1""",
+    "report": """example (then open runs/giraffe/report.html in a browser):
+  ccsr report runs/giraffe""",
+    "export": """example (iteration 1's LoRA for ComfyUI or A1111):
+  ccsr export runs/giraffe/iterations/001/lora --format kohya --out giraffe.safetensors""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ccsr", description="Class-conditional self-rewarding loop")
+    raw = argparse.RawDescriptionHelpFormatter  # keeps the examples' lines as written
+    parser = _Parser(
+        prog="ccsr",
+        description="Class-conditional self-rewarding loop",
+        epilog=EXAMPLES["ccsr"],
+        formatter_class=raw,
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_command(name, help_text):
+        return sub.add_parser(
+            name, help=help_text, description=help_text, epilog=EXAMPLES[name], formatter_class=raw
+        )
 
     def add_debug(p):
         # SUPPRESS: a subcommand's default must not overwrite ``ccsr --debug <command>``.
@@ -588,18 +629,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "run or resume the loop in the foreground"),
         ("daemon", "run until the budget, SIGTERM/SIGINT or a STOP file in the run dir"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = add_command(name, help_text)
         add_config(p)
         p.add_argument("--class", dest="class_name", required=True, help="object class, e.g. giraffe")
         p.add_argument("--run-dir", help="default: runs/<class-slug>")
         p.add_argument("--iterations", type=int, help="iteration budget (overrides the config)")
 
-    p = sub.add_parser("status", help="what a run directory holds")
+    p = add_command("status", "what a run directory holds")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true")
     add_debug(p)
 
-    p = sub.add_parser("generate", help="draw images with the base model, a LoRA or a run's champion")
+    p = add_command("generate", "draw images with the base model, a LoRA or a run's champion")
     add_config(p, required=False)
     p.add_argument(
         "--run", help="a run directory: its config, and its champion LoRA when --lora is not given"
@@ -611,20 +652,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1)
     p.add_argument("--out", required=True, help="output PNG path")
 
-    p = sub.add_parser("validate", help="check a config without running anything")
+    p = add_command("validate", "check a config without running anything")
     add_config(p)
 
-    p = sub.add_parser("eval", help="evaluate an iteration's LoRA again, at chosen scales")
+    p = add_command("eval", "evaluate an iteration's LoRA again, at chosen scales")
     p.add_argument("run_dir")
     p.add_argument("--iteration", type=int, help="default: the newest iteration with a LoRA")
     p.add_argument("--scales", type=float, nargs="+", help="LoRA scales (0 is always added: the base)")
     add_debug(p)
 
-    p = sub.add_parser("report", help="write RUN_DIR/report.html (static, opens from disk)")
+    p = add_command("report", "write RUN_DIR/report.html (static, opens from disk)")
     p.add_argument("run_dir")
     add_debug(p)
 
-    p = sub.add_parser("export", help="convert a LoRA for other tools")
+    p = add_command("export", "convert a LoRA for other tools")
     p.add_argument("lora", help="LoRA folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: for ComfyUI / A1111")
     p.add_argument("--out", required=True, help="output .safetensors file")

@@ -9,6 +9,7 @@ so that a run can be resumed or reproduced.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import re
 import types
 import typing
@@ -22,8 +23,8 @@ from ccsr.backends import backend_target, is_import_path
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
-# Repository root (for the shipped prompts/ and configs/ folders).
 PACKAGE_ROOT = Path(__file__).resolve().parent
+# The source tree: a checkout or an editable install, where prompts/ and configs/ sit beside the package.
 REPO_ROOT = PACKAGE_ROOT.parent
 
 
@@ -496,9 +497,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), class_name: 
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        source = str(path)
+        # A name such as configs/tiny.yaml is the shipped config when the current folder holds no such file.
+        file = resolve_data_path(path)
+        source = str(path if file == Path(path).expanduser() else file)
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -527,9 +530,29 @@ def save_config(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-def resolve_data_path(path: str) -> Path:
-    """Data files named relative to the repository (``prompts/questions.yaml``) or absolute."""
+def _data_roots() -> list[Path]:
+    """Where the default data that came with ccsr lies: inside an installed wheel (``ccsr/_data/``, see
+    pyproject.toml), then in the source tree (a checkout or an editable install)."""
+    packaged = importlib.resources.files("ccsr") / "_data"
+    roots = [Path(str(packaged))] if packaged.is_dir() else []
+    if (REPO_ROOT / "pyproject.toml").is_file():  # a source tree; not site-packages, where other folders sit
+        roots.append(REPO_ROOT)
+    return roots
+
+
+def shipped_file(name: str | Path) -> Path:
+    """The copy of a default data file (``prompts/questions.yaml``, ``configs/paper.yaml``) that came with ccsr,
+    whatever the current folder; when there is none, where it belongs (so that reading it names that path)."""
+    candidates = [root / name for root in _data_roots()] or [PACKAGE_ROOT / "_data" / name]
+    return next((path for path in candidates if path.is_file()), candidates[0])
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """A data file or config named by the user or a config: ``path`` itself when it is absolute or exists
+    relative to the current folder (so a config can name its own files), else the copy shipped with ccsr
+    (``shipped_file``). A path found nowhere is returned as given, so that errors name it as the user did."""
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
-    return REPO_ROOT / p
+    shipped = shipped_file(p)
+    return shipped if shipped.is_file() else p

@@ -80,11 +80,12 @@ def shard_files(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.rank-*{path.suffix}"))
 
 
-def read_committed(path: Path, cls: type[R]) -> list[R]:
-    """The records of ``path`` and of every shard beside it: all units committed so far, by any rank."""
-    out = read_records(path, cls)
+def read_committed(path: Path, cls: type[R], strict: bool = False) -> list[R]:
+    """The records of ``path`` and of every shard beside it: all units committed so far, by any rank
+    (``strict``: see ``read_records``)."""
+    out = read_records(path, cls, strict)
     for shard in shard_files(path):
-        out += read_records(shard, cls)
+        out += read_records(shard, cls, strict)
     return out
 
 

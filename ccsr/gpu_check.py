@@ -47,7 +47,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccsr.config import REPO_ROOT, Config, load_config, save_config
+from ccsr.config import Config, load_config, save_config, shipped_file
 from ccsr.devices import free_memory
 from ccsr.loop import Loop
 from ccsr.rundir import STAGES, RunDir, atomic_write_json
@@ -55,8 +55,8 @@ from ccsr.tiny.sd import torch_threads
 
 logger = logging.getLogger(__name__)
 
-PAPER_CONFIG = REPO_ROOT / "configs" / "paper.yaml"
-TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+PAPER_CONFIG = shipped_file("configs/paper.yaml")
+TINY_CONFIG = shipped_file("configs/tiny.yaml")
 CLASS_NAME = "giraffe"
 VALIDATION_PROMPTS = (
     "A tall giraffe standing in the savanna at sunset, golden hour light, 85mm lens.",

@@ -142,25 +142,46 @@ def atomic_save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | No
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """A JSON file, or ``default`` when it is missing or damaged (a damaged file is never trusted)."""
+# Why a record is unreadable, when a strict reader (``ccsr status``) refuses it.
+DAMAGED = "damaged, or written by another ccsr version"
+
+
+def _read_bytes(path: Path, strict: bool) -> bytes:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return path.read_bytes()
+    except OSError as exc:
+        if not strict or isinstance(exc, FileNotFoundError):
+            raise
+        raise RunDirError(
+            f"{path}: cannot be read ({exc.strerror}); fix its permissions, or move it out of the run directory"
+        ) from None
+
+
+def read_json(path: Path, default: Any = None, strict: bool = False) -> Any:
+    """A JSON file, or ``default`` when it is missing. A damaged file is never trusted: ``default`` with a
+    warning, or with ``strict`` a RunDirError naming the file."""
+    try:
+        return json.loads(_read_bytes(Path(path), strict).decode("utf-8"))
     except FileNotFoundError:
         return default
     except (json.JSONDecodeError, UnicodeDecodeError):
+        if strict:
+            raise RunDirError(
+                f"{path}: not valid JSON ({DAMAGED}); repair the file or move it out of the run directory"
+            ) from None
         logger.warning("%s is damaged; ignoring it (the work it records will be redone)", path)
         return default
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All intact records. A torn last line (a crash mid-append) or a damaged line is skipped with a warning;
-    the loop then redoes the units whose records are missing."""
+def read_jsonl(path: Path, strict: bool = False) -> list[dict[str, Any]]:
+    """All intact records. A torn last line (a crash mid-append) is skipped: the next append cuts it off. A
+    damaged line elsewhere is skipped with a warning, the loop then redoes the units whose records are
+    missing; with ``strict`` it raises RunDirError naming the line."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    lines = path.read_bytes().split(b"\n")
+    lines = _read_bytes(path, strict).split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -170,6 +191,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             obj = None
         if not isinstance(obj, dict):
+            if complete and strict:
+                raise RunDirError(
+                    f"{path}: line {i + 1} is not a JSON object ({DAMAGED}); repair or delete that line "
+                    "(ccsr run skips it)"
+                )
             if complete:
                 logger.warning("%s: line %d is damaged; skipping it", path, i + 1)
             continue
@@ -338,13 +364,19 @@ _EVAL_MEASURES = ("clip_score", "judge_score", "confidence", "detected")
 R = TypeVar("R", bound=Record)
 
 
-def read_records(path: Path, cls: type[R]) -> list[R]:
-    """The intact records of ``path`` as ``cls``; a line that lacks a field of ``cls`` is skipped, warned."""
+def read_records(path: Path, cls: type[R], strict: bool = False) -> list[R]:
+    """The intact records of ``path`` as ``cls``; a line that lacks a field of ``cls`` is skipped, warned, or
+    with ``strict`` raises RunDirError naming the line (so do damaged lines, see ``read_jsonl``)."""
     out = []
-    for i, data in enumerate(read_jsonl(path)):
+    for i, data in enumerate(read_jsonl(path, strict)):
         try:
             out.append(cls.from_dict(data))
         except (KeyError, TypeError):
+            if strict:
+                raise RunDirError(
+                    f"{path}: record {i + 1} is not a {cls.__name__} ({DAMAGED}); repair or delete that "
+                    "line (ccsr run skips it)"
+                ) from None
             logger.warning("%s: record %d is not a %s; skipping it", path, i + 1, cls.__name__)
     return out
 

@@ -54,10 +54,11 @@ def _calibration_images(seed: int, size_range: tuple[int, int], n: int):
 
 
 def _calibration_questions() -> list[str]:
-    from ccsr.config import resolve_data_path
+    from ccsr.config import shipped_file
     from ccsr.questions import QuestionSet
 
-    qs = QuestionSet.load(resolve_data_path("prompts/questions.yaml"))
+    # The shipped question set, never one of the current folder: the embedded model must not depend on it.
+    qs = QuestionSet.load(shipped_file("prompts/questions.yaml"))
     return qs.render("giraffe", "A tall giraffe standing in the savanna at sunset, golden hour light.")
 
 
