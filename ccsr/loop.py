@@ -227,25 +227,21 @@ class Loop:
         """Find damaged or missing work of iteration k and make the loop redo just that.
 
         Candidate images are checked against their recorded checksums and redrawn from their seeds (the
-        same pixels, so later records stay valid); a LoRA that fails its checksum is retrained; a finished
+        same pixels, so later records stay valid), also while the candidates stage is still under way (a
+        damaged image is never handed to the judge); a LoRA that fails its checksum is retrained; a finished
         stage whose records are incomplete (a damaged line was dropped) is reopened, and its stage
         function redoes only the missing units.
         """
         done = self.run.stages_done(k)
         files = self.run.files(k)
         candidates = read_records(files["candidates"], Candidate)
-        if "candidates" in done:
-            bad = {
-                c.prompt_id
-                for c in candidates
-                if c.sha256 and sha256_file(self.run.root / c.path) != c.sha256
-            }
-            if bad:
-                logger.warning(
-                    "iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad)
-                )
-                self.run.event("repair", iteration=k, what="candidates", prompts=sorted(bad))
-                self._redraw(k, bad)
+        bad = {
+            c.prompt_id for c in candidates if c.sha256 and sha256_file(self.run.root / c.path) != c.sha256
+        }
+        if bad:
+            logger.warning("iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad))
+            self.run.event("repair", iteration=k, what="candidates", prompts=sorted(bad))
+            self._redraw(k, bad)
         lora_sha = done.get("train", {}).get("lora_sha256")
         if lora_sha and sha256_file(self.run.lora_file(k)) != lora_sha:
             logger.warning("iteration %d: LoRA fails its checksum; retraining", k)
