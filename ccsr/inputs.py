@@ -31,8 +31,6 @@ class InputError(ValueError):
 class LoraInfo:
     path: Path  # the weights file
     kohya: bool  # written in the kohya-ss layout (lora_unet_... keys)
-    layers: int  # UNet layers the LoRA adapts
-    ranks: tuple[int, ...]
 
 
 def lora_weights_file(path: str | Path) -> Path:
@@ -96,17 +94,22 @@ def _unet_part(file: Path, names: list[str]) -> dict:
 
 
 def _layers(file: Path, peft_state: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Each adapted layer's (down, up) matrix shapes; both must be there and fit together."""
+    """Each adapted layer's (down, up) matrix shapes; both must be there, finite, and fit together."""
+    import torch
+
     found: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, tensor in peft_state.items():
-        if key.endswith(_DOWN):
-            found.setdefault(key[: -len(_DOWN)], {})["down"] = tuple(tensor.shape)
-        elif key.endswith(_UP):
-            found.setdefault(key[: -len(_UP)], {})["up"] = tuple(tensor.shape)
-        else:
+        suffix = next((s for s in (_DOWN, _UP) if key.endswith(s)), None)
+        if suffix is None:
             raise InputError(
                 f"{file}: unexpected tensor {key!r}; ccsr reads plain LoRAs (down and up matrices per layer)"
             )
+        layer, part = key[: -len(suffix)], "down" if suffix == _DOWN else "up"
+        if not bool(torch.isfinite(tensor).all()):
+            raise InputError(
+                f"{file}: layer {layer}: the {part} matrix holds NaN or infinite values; replace it"
+            )
+        found.setdefault(layer, {})[part] = tuple(tensor.shape)
     layers = {}
     for layer, parts in found.items():
         for part in ("down", "up"):
@@ -176,12 +179,7 @@ def check_lora(path: str | Path, model: str | None = None, model_cache: str | No
         targets = unet_layers(model, model_cache)
         if targets is not None:
             _match(file, layers, targets, model)
-    return LoraInfo(
-        path=file,
-        kohya=any(n.startswith("lora_unet_") for n in names),
-        layers=len(layers),
-        ranks=tuple(sorted({down[0] for down, _ in layers.values()})),
-    )
+    return LoraInfo(path=file, kohya=any(n.startswith("lora_unet_") for n in names))
 
 
 def check_image(path: str | Path) -> None:

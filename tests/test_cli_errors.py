@@ -453,6 +453,7 @@ BAD_LORAS = {
     "kohya text encoder only": "holds no UNet weights, only text-encoder ones such as 'lora_te_text_model",
     "sdxl text_encoder_2": "holds text-encoder weights of an SDXL LoRA such as 'text_encoder_2.",
     "down matrix only": f"layer {LAYER} has no up matrix; the file is incomplete",
+    "nan values": f"layer {LAYER}: the up matrix holds NaN or infinite values; replace it",
     "ranks differ": f"layer {LAYER}: down matrix [4, 32] and up matrix [32, 8] do not fit together",
 }
 FOREIGN_LORAS = {
@@ -470,6 +471,7 @@ def write_lora(case: str, folder: Path, good: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    nan = float("nan")
     file = folder / LORA_FILE
     folder.mkdir(parents=True, exist_ok=True)
     good_bytes = (good / LORA_FILE).read_bytes()
@@ -489,6 +491,8 @@ def write_lora(case: str, folder: Path, good: Path) -> Path:
         "kohya text encoder only": kohya_pair("lora_te_" + te.replace(".", "_")),
         "sdxl text_encoder_2": {**diffusers_pair(f"unet.{LAYER}"), **diffusers_pair(f"text_encoder_2.{te}")},
         "down matrix only": {f"unet.{LAYER}.lora.down.weight": torch.zeros(4, 32)},
+        "nan values": diffusers_pair(f"unet.{LAYER}")
+        | {f"unet.{LAYER}.lora.up.weight": torch.full((32, 4), nan)},
         "ranks differ": lora_pair(f"unet.{LAYER}", ".lora.down.weight", ".lora.up.weight", rank=4)
         | {f"unet.{LAYER}.lora.up.weight": torch.zeros(32, 8)},
         "sdxl block": diffusers_pair(
