@@ -12,6 +12,7 @@ No hub library is imported at module level (see ``ccsr.cli``).
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,13 +183,26 @@ def check_lora(path: str | Path, model: str | None = None, model_cache: str | No
     return LoraInfo(path=file, kohya=any(n.startswith("lora_unet_") for n in names))
 
 
+def _pil_open():
+    """PIL's own ``Image.open``. Importing ultralytics (the detector) replaces it with a wrapper that, for a
+    file PIL cannot identify, first installs (pip, when online) and imports a HEIF plugin; a file that is no
+    image must simply fail."""
+    from PIL import Image
+
+    return getattr(sys.modules.get("ultralytics.utils.patches"), "_image_open", Image.open)
+
+
 def check_image(path: str | Path) -> None:
     """An image file PIL can open whose data is complete (``verify`` reads it through without decoding)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
+        with _pil_open()(path) as image:
             image.verify()
+    except ImportError:  # the wrapper above, should its original not be found: it ends here for a non-image
+        raise InputError(
+            f"{path}: not a readable image (cannot identify it); restore or replace it"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         # PIL reports a broken PNG chunk as SyntaxError; a non-image is UnidentifiedImageError (an OSError).
         raise InputError(f"{path}: not a readable image ({exc}); restore or replace it") from None

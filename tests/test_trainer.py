@@ -533,6 +533,21 @@ def test_a_damaged_training_image_is_named_before_any_model_is_loaded(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_non_image_is_named_also_once_ultralytics_has_wrapped_pil(tmp_path):
+    """Importing ultralytics (the detector does, in the loop's process) wraps PIL's Image.open so that a file
+    PIL cannot identify first makes it install and import a HEIF plugin; the check uses PIL's own open."""
+    import ultralytics.utils.patches  # noqa: F401 - the import the detector makes
+    from PIL import Image
+
+    from ccsr.inputs import InputError, check_image
+
+    assert Image.open.__module__ == "ultralytics.utils.patches"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"a text file named .png\n")
+    with pytest.raises(InputError, match="bad.png: not a readable image \\(cannot identify image file"):
+        check_image(bad)
+
+
 def test_a_damaged_init_lora_is_named_before_any_model_is_loaded(tmp_path):
     from ccsr.inputs import InputError
 
