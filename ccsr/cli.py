@@ -25,7 +25,8 @@ from typing import NoReturn
 
 from ccsr.config import Config, ConfigError, load_config, model_keys, resolve_data_path, save_config
 from ccsr.distributed import Ranks
-from ccsr.rundir import LORA_WEIGHTS_NAME, RunDir, RunDirError, run_lock, slugify, validate_class_name
+from ccsr.inputs import InputError
+from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name
 
 logger = logging.getLogger("ccsr")
 
@@ -115,6 +116,16 @@ MODEL_FOLDERS = {
 }
 # Loaded whatever the backends: the trainer fine-tunes generator.model, the evaluation's CLIP score.
 _ALWAYS_LOADED = ("generator.model", "evaluator.model")
+# The parts of a Stable Diffusion folder the pipeline loads, each with the config file it must hold (the
+# tokenizer's files vary: it must just not be empty). unet, vae and text_encoder hold weights too.
+SD_PARTS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "scheduler": "scheduler_config.json",
+    "tokenizer": None,
+}
+_SD_WEIGHTED = ("unet", "vae", "text_encoder")
 
 
 def _value(cfg: Config, key: str) -> str | None:
@@ -204,6 +215,29 @@ def _check_folder(key: str, name: str) -> None:
             raise UserError(
                 f"{key}: {name} holds a {model_type or 'untyped'} model, not {what}; point it at {what}"
             )
+    _check_model_files(key, name, path)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def _check_model_files(key: str, name: str, path: Path) -> None:
+    """The files a model folder of the right kind must also hold: its weights, and in a Stable Diffusion
+    folder every part the pipeline loads. By name only; nothing is read."""
+    incomplete = "the model folder is incomplete: copy or download it again"
+    if key != "generator.model":
+        if not _has_weights(path):
+            raise UserError(f"{key}: {name} holds no weights (*.safetensors or *.bin); {incomplete}")
+        return
+    for part, config in SD_PARTS.items():
+        folder = path / part
+        if not folder.is_dir() or not any(folder.iterdir()):
+            raise UserError(f"{key}: {name} has no {part} folder (or an empty one); {incomplete}")
+        if config is not None and not (folder / config).is_file():
+            raise UserError(f"{key}: {name} holds no {part}/{config}; {incomplete}")
+        if part in _SD_WEIGHTED and not _has_weights(folder):
+            raise UserError(f"{key}: {name} holds no {part} weights (*.safetensors or *.bin); {incomplete}")
 
 
 def _check_detector(cfg: Config) -> None:
@@ -474,19 +508,16 @@ def cmd_generate(args) -> int:
         scales = scales or [champion_scale]
         logging.getLogger("ccsr").info("champion: %s at scale %g", args.lora or "base model", scales[0])
     scales = scales or [1.0]
-    if args.lora:
-        if not Path(args.lora).is_dir():
-            raise UserError(
-                f"--lora {args.lora}: folder not found; give a folder holding {LORA_WEIGHTS_NAME}"
-            )
-        if not (Path(args.lora) / LORA_WEIGHTS_NAME).is_file():
-            raise UserError(
-                f"--lora {args.lora}: no {LORA_WEIGHTS_NAME} in that folder; give a trained LoRA folder"
-            )
-    if any(not 0.0 <= sc <= 1.0 for sc in scales):
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give the text to draw, e.g. --prompt 'a giraffe'")
+    if any(not 0.0 <= sc <= 1.0 for sc in scales):  # NaN fails the comparison too
         raise UserError(f"--scale must be within [0, 1], got {scales}")
     if args.num <= 0:
         raise UserError(f"--num must be > 0, got {args.num}")
+    if args.lora:
+        from ccsr.inputs import check_lora
+
+        check_lora(args.lora, cfg.generator.model, cfg.model_cache)
     paths = _output_paths(Path(args.out), args.num)
     _setup_logging(logging.DEBUG if args.debug else logging.INFO)
     from ccsr.generator import DiffusersGenerator
@@ -529,8 +560,12 @@ def cmd_eval(args) -> int:
     if k not in trained:
         raise UserError(f"--iteration {k}: no LoRA for that iteration (iterations with one: {trained})")
     scales = args.scales or cfg.evaluator.scales
-    if any(not 0.0 <= sc <= 1.0 for sc in scales):
+    if any(not 0.0 <= sc <= 1.0 for sc in scales):  # NaN fails the comparison too
         raise UserError(f"--scales must be within [0, 1], got {scales}")
+    check_models(cfg)
+    from ccsr.inputs import check_lora
+
+    check_lora(run.lora_dir(k), cfg.generator.model, cfg.model_cache)
     _setup_logging(logging.DEBUG if args.debug else logging.INFO)
     with run_lock(run):
         tag = "-".join(f"{sc:g}" for sc in sorted({0.0, *scales}))
@@ -553,12 +588,16 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from ccsr.export import export_kohya
+    from ccsr.inputs import check_lora
 
-    lora = Path(args.lora)
-    if not (lora / LORA_WEIGHTS_NAME).is_file() and not lora.is_file():
-        raise UserError(f"{lora}: no {LORA_WEIGHTS_NAME}; give a LoRA folder written by ccsr")
+    lora = check_lora(args.lora)
+    if lora.kohya:
+        raise UserError(f"{lora.path}: already in kohya format; nothing to convert")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file path such as {out / 'lora_kohya.safetensors'}")
     try:
-        print(export_kohya(lora, Path(args.out)))
+        print(export_kohya(lora.path, Path(args.out)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return 0
@@ -646,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run", help="a run directory: its config, and its champion LoRA when --lora is not given"
     )
     p.add_argument("--prompt", required=True)
-    p.add_argument("--lora", help="folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("--lora", help="LoRA folder (pytorch_lora_weights.safetensors) or .safetensors file")
     p.add_argument("--scale", type=float, nargs="+", help="LoRA scale(s); several give a side-by-side strip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1)
@@ -701,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (UserError, ConfigError, RunDirError) as exc:
+    except (UserError, ConfigError, RunDirError, InputError) as exc:
         if args.debug:
             raise
         print(f"ccsr: error: {exc}", file=sys.stderr)

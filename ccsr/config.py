@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import re
 import types
 import typing
@@ -412,6 +413,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if float in args and isinstance(value, float):
+            return _coerce(value, float, key, source)  # a NaN is named as such, not as the wrong type
         for arg in args:
             if arg is type(None):
                 continue
@@ -433,10 +436,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants 1.0e-4. Accept the plain scientific form.
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)
+        elif isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            number = float(value)
+        else:
+            number = None
+        if number is not None:
+            # YAML's .nan and .inf are floats; no setting means anything with them (NaN passes no range check).
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -47,12 +47,15 @@ class DiffusersGenerator:
             if self._adapters:
                 self.pipe.disable_lora()
             return
-        key = str(Path(lora).resolve())
+        path = Path(lora).resolve()
+        key = str(path)
         if key not in self._adapters:
-            if not (Path(key) / LORA_WEIGHTS_NAME).is_file():
-                raise FileNotFoundError(f"no {LORA_WEIGHTS_NAME} in LoRA folder {lora}")
+            # A LoRA folder (ccsr's) or a .safetensors file (such as one in kohya format).
+            folder, weight = (path, LORA_WEIGHTS_NAME) if path.is_dir() else (path.parent, path.name)
+            if not (folder / weight).is_file():
+                raise FileNotFoundError(f"no LoRA weights at {folder / weight}")
             name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:10]
-            self.pipe.load_lora_weights(key, weight_name=LORA_WEIGHTS_NAME, adapter_name=name)
+            self.pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=name)
             self._adapters[key] = name
         self.pipe.enable_lora()
         self.pipe.set_adapters([self._adapters[key]], adapter_weights=[float(scale)])

@@ -255,25 +255,21 @@ class Loop:
         """Find damaged or missing work of iteration k and make the loop redo just that.
 
         Candidate images are checked against their recorded checksums and redrawn from their seeds (the
-        same pixels, so later records stay valid); a LoRA that fails its checksum is retrained; a finished
+        same pixels, so later records stay valid), also while the candidates stage is still under way (a
+        damaged image is never handed to the judge); a LoRA that fails its checksum is retrained; a finished
         stage whose records are incomplete (a damaged line was dropped) is reopened, and its stage
         function redoes only the missing units.
         """
         done = self.run.stages_done(k)
         files = self.run.files(k)
-        candidates = read_records(files["candidates"], Candidate)
-        if "candidates" in done:
-            bad = {
-                c.prompt_id
-                for c in candidates
-                if c.sha256 and sha256_file(self.run.root / c.path) != c.sha256
-            }
-            if bad:
-                logger.warning(
-                    "iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad)
-                )
-                self.run.event("repair", iteration=k, what="candidates", prompts=sorted(bad))
-                self._redraw(k, bad)
+        candidates = read_committed(files["candidates"], Candidate)  # the ranks' shards too
+        bad = {
+            c.prompt_id for c in candidates if c.sha256 and sha256_file(self.run.root / c.path) != c.sha256
+        }
+        if bad:
+            logger.warning("iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad))
+            self.run.event("repair", iteration=k, what="candidates", prompts=sorted(bad))
+            self._redraw(k, bad)
         lora_sha = done.get("train", {}).get("lora_sha256")
         if lora_sha and sha256_file(self.run.lora_file(k)) != lora_sha:
             logger.warning("iteration %d: LoRA fails its checksum; retraining", k)
@@ -299,7 +295,7 @@ class Loop:
     def _redraw(self, k: int, prompt_ids: set[str]) -> None:
         files = self.run.files(k)
         prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-        records = read_records(files["candidates"], Candidate)
+        records = read_committed(files["candidates"], Candidate)  # rewritten whole: the merge counts each once
         grouped = by_prompt(records)
         generator = load_backend("generator", self.cfg)
         for pid in sorted(prompt_ids):

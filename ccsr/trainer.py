@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ccsr import checkpoints
 from ccsr.devices import torch_device
+from ccsr.inputs import check_image, check_lora
 from ccsr.models import resolve_model
 from ccsr.rundir import LORA_WEIGHTS_NAME, atomic_path, atomic_write_text, sha256_file
 from ccsr.training_data import (
@@ -508,6 +509,11 @@ def _validate(
     missing = [str(p.image_path) for p in pairs if not Path(p.image_path).is_file()]
     if missing:
         raise ValueError(f"training image not found: {missing[0]} ({len(missing)} missing in total)")
+    # A damaged image ends here in one line naming it, not in the encoder after the models are loaded.
+    images = [p.image_path for p in pairs]
+    images += [path for p in preferences or [] for path in (p.winner_path, p.loser_path)]
+    for path in images:
+        check_image(path)
 
 
 def _init_lora_hash(init_lora: Path | None) -> str | None:
@@ -1173,6 +1179,9 @@ def train_lora(
     docs/performance.md for what matches the single-process run exactly and what only to float rounding.
     """
     _validate(cfg, pairs, preferences, reference_lora)
+    for lora in (init_lora, reference_lora):
+        if lora is not None:
+            check_lora(lora)
     out_dir = Path(out_dir)
     model_path = resolve_model(cfg.generator.model, cfg.model_cache)
     image_hashes = [sha256_file(Path(p.image_path)) for p in pairs]

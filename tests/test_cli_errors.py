@@ -55,15 +55,41 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+# The files of a diffusers Stable Diffusion folder that the checks look for.
+SD_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+)
+
+
+def fake_sd(root: Path, without: str | None = None) -> Path:
+    for name in SD_FILES:
+        if without is None or not (name == without or name.startswith(without + "/")):
+            write(root / name, "{}")
+    return root
+
+
 @pytest.fixture
 def fake_folders(tmp_path) -> dict[str, Path]:
-    """Folders that look like models by their files only: the checks must not need weights."""
+    """Folders that look like models by their files only: the checks must not need weights (the "weights"
+    here are placeholders)."""
     write(tmp_path / "yolo" / "b.pt", "x")
+    write(tmp_path / "clip" / "model.safetensors", "x")
+    write(tmp_path / "llava" / "model-00001-of-00002.safetensors", "x")
+    write(tmp_path / "clip-no-weights" / "config.json", json.dumps({"model_type": "clip"}))
     return {
         "empty": (tmp_path / "empty").mkdir() or tmp_path / "empty",
         "clip": write(tmp_path / "clip" / "config.json", json.dumps({"model_type": "clip"})).parent,
         "llava": write(tmp_path / "llava" / "config.json", json.dumps({"model_type": "llava_next"})).parent,
-        "sd": write(tmp_path / "sd" / "model_index.json", "{}").parent,
+        "sd": fake_sd(tmp_path / "sd"),
+        "clip_no_weights": tmp_path / "clip-no-weights",
         "file": write(tmp_path / "weights.bin", "x"),
         "bad_json": write(tmp_path / "broken" / "config.json", "{not json").parent,
         "two_pt": write(tmp_path / "yolo" / "a.pt", "x").parent,
@@ -97,6 +123,10 @@ def fake_folders(tmp_path) -> dict[str, Path]:
         ("evaluator.scales=[0]", "'evaluator.scales' must list at least one LoRA scale > 0"),
         ("trainer.prior_weight=-1", "'trainer.prior_weight' must be >= 0"),
         ("trainer.checkpoint_every=-1", "'trainer.checkpoint_every' must be >= 0"),
+        ("evaluator.scales=[0.5, .nan]", "'evaluator.scales[1]' must be a finite number, got nan"),
+        ("generator.generation_scale=.nan", "'generator.generation_scale' must be a finite number"),
+        ("gate.margin=.nan", "'gate.margin' must be a finite number"),  # would reject every LoRA silently
+        ("trainer.learning_rate=.inf", "'trainer.learning_rate' must be a finite number, got inf"),
     ],
 )
 def test_config_values_are_refused_before_anything_is_written(tmp_path, capsys, override, expected):
@@ -122,6 +152,8 @@ def test_config_values_are_refused_before_anything_is_written(tmp_path, capsys, 
         ("detector.model", "empty", "holds no .pt files"),
         ("detector.model", "two_pt", "holds 2 .pt files"),
         ("detector.model", "file", "is not a .pt file"),
+        ("evaluator.model", "clip_no_weights", "holds no weights (*.safetensors or *.bin)"),
+        ("detector.text_model", "clip_no_weights", "holds no weights"),
     ],
 )
 def test_model_folders_of_the_wrong_kind(tmp_path, capsys, fake_folders, key, folder, expected):
@@ -129,6 +161,26 @@ def test_model_folders_of_the_wrong_kind(tmp_path, capsys, fake_folders, key, fo
     line = refused(run_args(tmp_path / "run", f"{key}={path}"), capsys)
     assert line.startswith(f"ccsr: error: {key}: ") and expected in line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "without, expected",
+    [
+        ("unet/config.json", "holds no unet/config.json"),
+        ("unet/diffusion_pytorch_model.safetensors", "holds no unet weights (*.safetensors or *.bin)"),
+        ("vae/diffusion_pytorch_model.safetensors", "holds no vae weights"),
+        ("text_encoder/model.safetensors", "holds no text_encoder weights"),
+        ("text_encoder/config.json", "holds no text_encoder/config.json"),
+        ("scheduler/scheduler_config.json", "has no scheduler folder"),
+        ("tokenizer", "has no tokenizer folder"),
+    ],
+)
+def test_an_incomplete_generator_folder_is_refused(tmp_path, capsys, without, expected):
+    sd = fake_sd(tmp_path / "sd", without=without)
+    line = refused(["validate", "--config", TINY, "--set", f"generator.model={sd}"], capsys)
+    assert line.startswith(f"ccsr: error: generator.model: {sd} ") and expected in line
+    assert "incomplete" in line
+    assert main(["validate", "--config", TINY, "--set", f"generator.model={fake_sd(sd)}"]) == 0
 
 
 def test_model_names_that_are_accepted_without_loading(fake_folders, capsys):
@@ -172,6 +224,23 @@ def test_unreadable_model_folder(tmp_path, capsys, fake_folders):
         ("questions: []\n", "'questions' must be a non-empty list"),
         ("questions:\n  - {id: Q1, text: 'Is it a {class_name}?', polarity: sideways}\n", "polarity"),
         ("questions: [\n", "not valid YAML"),
+        # valid YAML of the wrong shape
+        ("", "the top level must be a mapping"),
+        ("just a sentence\n", "the top level must be a mapping"),
+        (
+            "- {id: Q1, text: 'Is it a {class_name}?', polarity: positive}\n",
+            "the top level must be a mapping",
+        ),
+        ("questions: Is it a giraffe?\n", "'questions' must be a non-empty list"),
+        ("questions: {Q1: 'Is it a {class_name}?'}\n", "'questions' must be a non-empty list"),
+        ("questions:\n  - Is it a {class_name}?\n", "question #1: must be a mapping"),
+        ("questions:\n  - {text: 'Is it a {class_name}?', polarity: positive}\n", "missing or empty 'id'"),
+        ("questions:\n  - {id: Q1, polarity: positive}\n", "question Q1: missing or empty 'text'"),
+        (
+            "questions:\n  - {id: Q1, text: 'Is it a {class_name}?'}\n",
+            "polarity must be positive or negative",
+        ),
+        ("instruction: [yes, no]\nquestions: []\n", "'instruction' must be a string"),
     ],
 )
 def test_question_file_that_does_not_validate(tmp_path, capsys, questions, expected):
@@ -316,14 +385,247 @@ def test_generate_refuses_before_loading_a_model(tmp_path, capsys):
     lora.mkdir()
     write(lora / "adapter_model.bin", "x")
     line = refused([*base, "--lora", str(lora), "--out", str(tmp_path / "a.png")], capsys)
-    assert "no pytorch_lora_weights.safetensors" in line
+    assert line.startswith(f"ccsr: error: {lora}: no pytorch_lora_weights.safetensors in this folder; ")
     line = refused([*base, "--lora", str(tmp_path / "missing"), "--out", str(tmp_path / "a.png")], capsys)
-    assert "folder not found" in line
+    assert line.startswith(f"ccsr: error: {tmp_path / 'missing'}: no such file or folder; ")
     assert "--num must be > 0" in refused([*base, "--num", "0", "--out", str(tmp_path / "a.png")], capsys)
     blocker = write(tmp_path / "blocker", "x")
     assert "cannot create its folder" in refused([*base, "--out", str(blocker / "a.png")], capsys)
     assert "is a folder" in refused([*base, "--out", str(tmp_path)], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "lora"]
+
+
+# --- LoRA files, prompts, scales and counts of generate / eval / export ----------------------------------
+TINY_SD = "ccsr-tiny/stable-diffusion"
+# A layer of the tiny SD's UNet (32 features in and out), as the LoRA layouts spell it.
+LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def good_lora(tmp_path_factory) -> Path:
+    """A LoRA folder for the tiny SD written by ccsr's own writer (the trainer's ``save_lora``) from a peft
+    adapter on the real tiny UNet, its up matrices drawn non-zero so that it changes the images."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from ccsr.models import resolve_model
+    from ccsr.trainer import ADAPTER_NAME, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(resolve_model(TINY_SD), subfolder="unet")
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+        with torch.no_grad():
+            for name, param in unet.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.5)
+    return save_lora(unet, tmp_path_factory.mktemp("good-lora")).parent
+
+
+def lora_pair(layer: str, down: str, up: str, n_in: int = 32, n_out: int = 32, rank: int = 4) -> dict:
+    import torch
+
+    return {layer + down: torch.randn(rank, n_in), layer + up: torch.randn(n_out, rank)}
+
+
+def diffusers_pair(layer: str, n_in: int = 32, n_out: int = 32) -> dict:
+    return lora_pair(layer, ".lora.down.weight", ".lora.up.weight", n_in, n_out)
+
+
+def kohya_pair(module: str, n_in: int = 32, n_out: int = 32) -> dict:
+    return lora_pair(module, ".lora_down.weight", ".lora_up.weight", n_in, n_out)
+
+
+# case: what is wrong in the file's own words. The first group is wrong whatever the model; the second only
+# against the configured model's UNet (export, which has no model, converts those).
+BAD_LORAS = {
+    "truncated": "not a readable safetensors file (Error while deserializing header: incomplete metadata, "
+    "file not fully covered); it is truncated or corrupt, replace it",
+    "torn header": "not a readable safetensors file",
+    "not safetensors": "not a readable safetensors file",
+    "no tensors": "holds no tensors, so it is not a LoRA",
+    "model checkpoint": "'conv_in.weight' is not a LoRA weight; give a LoRA file, not a model checkpoint",
+    "text encoder only": "holds no UNet weights, only text-encoder ones such as "
+    "'text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight'",
+    "kohya text encoder only": "holds no UNet weights, only text-encoder ones such as 'lora_te_text_model",
+    "sdxl text_encoder_2": "holds text-encoder weights of an SDXL LoRA such as 'text_encoder_2.",
+    "down matrix only": f"layer {LAYER} has no up matrix; the file is incomplete",
+    "nan values": f"layer {LAYER}: the up matrix holds NaN or infinite values; replace it",
+    "ranks differ": f"layer {LAYER}: down matrix [4, 32] and up matrix [32, 8] do not fit together",
+}
+FOREIGN_LORAS = {
+    "sdxl block": "adapts layer down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q, which the UNet of "
+    f"{TINY_SD} does not have: a LoRA for another model (such as SDXL); give a LoRA trained on {TINY_SD}",
+    "sdxl add_embedding": f"adapts layer add_embedding.linear_1, which the UNet of {TINY_SD} does not have",
+    "kohya sgm names": f"which the UNet of {TINY_SD} does not have",
+    "sd 1.5 shapes": f"layer {LAYER} maps 320 to 320 features, but in {TINY_SD} it maps 32 to 32: a LoRA for "
+    "another model",
+}
+
+
+def write_lora(case: str, folder: Path, good: Path) -> Path:
+    """A LoRA folder whose weights file is wrong as ``case`` says."""
+    import torch
+    from safetensors.torch import save_file
+
+    nan = float("nan")
+    file = folder / LORA_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    good_bytes = (good / LORA_FILE).read_bytes()
+    raw = {
+        "truncated": good_bytes[:-64],
+        "torn header": good_bytes[:100],
+        "not safetensors": b"PK\x03\x04zip",
+    }
+    if case in raw:
+        file.write_bytes(raw[case])
+        return file
+    te = "text_model.encoder.layers.0.self_attn.q_proj"
+    tensors = {
+        "no tensors": {},
+        "model checkpoint": {"conv_in.weight": torch.zeros(32, 4, 3, 3)},
+        "text encoder only": diffusers_pair(f"text_encoder.{te}"),
+        "kohya text encoder only": kohya_pair("lora_te_" + te.replace(".", "_")),
+        "sdxl text_encoder_2": {**diffusers_pair(f"unet.{LAYER}"), **diffusers_pair(f"text_encoder_2.{te}")},
+        "down matrix only": {f"unet.{LAYER}.lora.down.weight": torch.zeros(4, 32)},
+        "nan values": diffusers_pair(f"unet.{LAYER}")
+        | {f"unet.{LAYER}.lora.up.weight": torch.full((32, 4), nan)},
+        "ranks differ": lora_pair(f"unet.{LAYER}", ".lora.down.weight", ".lora.up.weight", rank=4)
+        | {f"unet.{LAYER}.lora.up.weight": torch.zeros(32, 8)},
+        "sdxl block": diffusers_pair(
+            "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q", 1280, 1280
+        ),
+        "sdxl add_embedding": diffusers_pair("unet.add_embedding.linear_1", 2816, 1280),
+        "kohya sgm names": kohya_pair("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", 640, 640),
+        "sd 1.5 shapes": diffusers_pair(f"unet.{LAYER}", 320, 320),
+    }[case]
+    save_file(tensors, str(file))
+    return file
+
+
+@pytest.mark.parametrize("case", [*BAD_LORAS, *FOREIGN_LORAS])
+def test_a_bad_lora_is_refused_in_one_line_naming_its_file(tmp_path, capsys, good_lora, case):
+    file = write_lora(case, tmp_path / "lora", good_lora)
+    before = file.read_bytes()
+    out = tmp_path / "out" / "a.png"
+    argv = [
+        "generate",
+        "--config",
+        TINY,
+        "--prompt",
+        "a giraffe",
+        "--lora",
+        str(file.parent),
+        "--out",
+        str(out),
+    ]
+    expected = {**BAD_LORAS, **FOREIGN_LORAS}[case]
+    line = refused(argv, capsys)
+    assert line.startswith(f"ccsr: error: {file}: ") and expected in line
+    # The file itself in place of its folder: the same line.
+    assert refused([*argv[:-4], "--lora", str(file), "--out", str(out)], capsys) == line
+    if case in BAD_LORAS:
+        assert refused(["export", str(file.parent), "--out", str(tmp_path / "k.safetensors")], capsys) == line
+    assert not out.parent.exists() and not (tmp_path / "k.safetensors").exists()
+    assert file.read_bytes() == before
+
+
+def test_a_good_lora_draws_and_its_kohya_export_draws_the_same(tmp_path, capsys, good_lora):
+    """ccsr's LoRA loads in diffusers; its kohya export is accepted as well (as diffusers' own
+    load_lora_weights accepts that layout), draws the same pixels, and is not exported again."""
+    import numpy as np
+    from PIL import Image
+
+    def draw(name: str, *lora: str) -> np.ndarray:
+        out = tmp_path / f"{name}.png"
+        argv = ["generate", "--config", TINY, "--set", "generator.steps=2", "--prompt", "a giraffe"]
+        assert main([*argv, *lora, "--out", str(out)]) == 0
+        return np.asarray(Image.open(out), dtype=np.int16)
+
+    kohya = tmp_path / "giraffe-kohya.safetensors"
+    assert main(["export", str(good_lora), "--out", str(kohya)]) == 0
+    base, lora, exported = (
+        draw("base"),
+        draw("lora", "--lora", str(good_lora)),
+        draw("kohya", "--lora", str(kohya)),
+    )
+    assert (
+        np.abs(lora - base).max() > 10
+    )  # the LoRA changes the image, so the comparison below means something
+    assert np.abs(exported - lora).max() <= 1  # the same model up to rounding into 8-bit pixels
+    line = refused(["export", str(kohya), "--out", str(tmp_path / "again.safetensors")], capsys)
+    assert line == f"ccsr: error: {kohya}: already in kohya format; nothing to convert"
+    line = refused(["export", str(good_lora), "--out", str(tmp_path)], capsys)
+    assert line.startswith(f"ccsr: error: --out {tmp_path} is a folder; ")
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--prompt", ""], "--prompt is empty"),
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--scale", "-1"], "--scale must be within [0, 1], got [-1.0]"),
+        (["--scale", "nan"], "--scale must be within [0, 1], got [nan]"),
+        (["--scale", "0.5", "inf"], "--scale must be within [0, 1], got [0.5, inf]"),
+        (["--num", "0"], "--num must be > 0, got 0"),
+        (["--num", "-3"], "--num must be > 0, got -3"),
+    ],
+)
+def test_generate_refuses_bad_prompts_scales_and_counts(tmp_path, capsys, extra, expected):
+    out = tmp_path / "a.png"
+    line = refused(["generate", "--config", TINY, "--prompt", "a giraffe", "--out", str(out), *extra], capsys)
+    assert expected in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def fake_run(root: Path, lora: Path, *sets: str) -> Path:
+    """A run directory as far as ``ccsr eval`` looks before it draws: its config and iteration 1's LoRA."""
+    import shutil
+
+    from ccsr.config import load_config, save_config
+
+    save_config(load_config(TINY, list(sets), class_name="giraffe"), root / "config.yaml")
+    shutil.copytree(lora, RunDir(root).lora_dir(1))
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "case, extra, expected",
+    [
+        ("truncated", [], BAD_LORAS["truncated"]),
+        ("sd 1.5 shapes", [], FOREIGN_LORAS["sd 1.5 shapes"]),
+        ("good", ["--scales", "nan"], "--scales must be within [0, 1], got [nan]"),
+        ("good", ["--scales", "0.5", "-1"], "--scales must be within [0, 1], got [0.5, -1.0]"),
+        ("good", ["--iteration", "2"], "--iteration 2: no LoRA for that iteration"),
+    ],
+)
+def test_eval_refuses_bad_input_and_leaves_the_run_as_it_was(
+    tmp_path, capsys, good_lora, case, extra, expected
+):
+    lora = good_lora if case == "good" else write_lora(case, tmp_path / "bad", good_lora).parent
+    run = fake_run(tmp_path / "run", lora)
+    before = snapshot(run)
+    line = refused(["eval", str(run), *extra], capsys)
+    assert expected in line
+    if case != "good":
+        assert line.startswith(f"ccsr: error: {RunDir(run).lora_file(1)}: ")
+    assert snapshot(run) == before
+
+
+def test_eval_refuses_a_run_whose_generator_folder_is_incomplete(tmp_path, capsys, good_lora):
+    sd = fake_sd(tmp_path / "sd", without="unet/config.json")
+    run = fake_run(tmp_path / "run", good_lora, f"generator.model={sd}")
+    before = snapshot(run)
+    line = refused(["eval", str(run)], capsys)
+    assert line.startswith(f"ccsr: error: generator.model: {sd} holds no unet/config.json")
+    assert snapshot(run) == before
 
 
 @pytest.mark.parametrize("n", ["0", "-2"])

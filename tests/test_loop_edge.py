@@ -127,3 +127,37 @@ def test_generator_halves_its_batch_on_out_of_memory(repo_root, monkeypatch):
     monkeypatch.setattr(gen, "_draw", lambda p, s: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
     with pytest.raises(torch.cuda.OutOfMemoryError):
         gen.images(["a giraffe"], [1])
+
+
+def test_a_damaged_candidate_image_is_redrawn_on_resume_while_its_stage_is_under_way(tmp_path, repo_root):
+    """A candidate PNG replaced by a non-image after its prompt's unit was committed, the stage not finished:
+    the resume check finds it by its checksum and redraws it from its seed, so the judge never opens it."""
+    from ccsr.loop import StopRequested
+    from ccsr.rundir import Candidate, PromptRecord, read_records, write_records
+
+    sets = ["generator.steps=2", "generator.num_candidates=2"]
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", sets, class_name="giraffe")
+    run = RunDir(tmp_path / "giraffe")
+    run.root.mkdir()
+    save_config(cfg, run.config_path)
+    files = run.files(1)
+    run.iteration_dir(1).mkdir(parents=True)
+    prompts = [
+        PromptRecord("001-000", "a giraffe", "giraffe"),
+        PromptRecord("001-001", "two giraffes", "giraffe"),
+    ]
+    write_records(files["prompts"], prompts)
+    stops = iter([False, True])  # stop at the second unit boundary: the first prompt's images are committed
+    with pytest.raises(StopRequested):
+        Loop(cfg, run, should_stop=lambda: next(stops)).stage_candidates(1)
+    drawn = read_records(files["candidates"], Candidate)
+    assert [c.prompt_id for c in drawn] == ["001-000", "001-000"] and "candidates" not in run.stages_done(1)
+    image = run.root / drawn[1].path
+    good = image.read_bytes()
+    image.write_bytes(b"not a png\n")
+
+    Loop(cfg, run).verify(1)
+    assert image.read_bytes() == good  # the same seed draws the same pixels
+    repairs = [e for e in read_jsonl(run.events_path) if e["event"] == "repair"]
+    assert [(r["what"], r["prompts"]) for r in repairs] == [("candidates", ["001-000"])]
+    assert read_records(files["candidates"], Candidate) == drawn

@@ -503,3 +503,63 @@ def test_min_snr_weight_is_finite_at_zero_terminal_snr():
     assert torch.allclose(eps, torch.tensor([1.0, 1.0, 1.0, 0.25]))
     v = min_snr_weight(snr, 5.0, "v_prediction")
     assert torch.allclose(v, torch.tensor([0.0, 0.5, 5 / 6, 5 / 21]))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# damaged inputs end in one error naming the file, before a model is loaded
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flip", "not an image", "empty"])
+def test_a_damaged_training_image_is_named_before_any_model_is_loaded(tmp_path, damage):
+    import re
+
+    from ccsr.inputs import InputError
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(
+        {
+            "truncated": data[:-20],
+            "bit flip": data[:60] + bytes([data[60] ^ 0xFF]) + data[61:],
+            "not an image": b"a text file named .png\n",
+            "empty": b"",
+        }[damage]
+    )
+    cfg = make_cfg(tmp_path / "no-such-model")  # never loaded: the images are checked first
+    with pytest.raises(InputError, match=f"^{re.escape(str(bad))}: not a readable image"):
+        train_lora(cfg, [TrainPair("a red object", good), TrainPair("a red object", bad)], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_image_is_named_also_once_ultralytics_has_wrapped_pil(tmp_path):
+    """Importing ultralytics (the detector does, in the loop's process) wraps PIL's Image.open so that a file
+    PIL cannot identify first makes it install and import a HEIF plugin; the check uses PIL's own open."""
+    import ultralytics.utils.patches  # noqa: F401 - the import the detector makes
+    from PIL import Image
+
+    from ccsr.inputs import InputError, check_image
+
+    assert Image.open.__module__ == "ultralytics.utils.patches"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"a text file named .png\n")
+    with pytest.raises(InputError, match="bad.png: not a readable image \\(cannot identify image file"):
+        check_image(bad)
+
+
+def test_a_damaged_init_lora_is_named_before_any_model_is_loaded(tmp_path):
+    from ccsr.inputs import InputError
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(good)
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / LORA_WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    cfg = make_cfg(tmp_path / "no-such-model")
+    with pytest.raises(InputError, match="init/pytorch_lora_weights.safetensors: not a readable safetensors"):
+        train_lora(cfg, [TrainPair("a red object", good)], tmp_path / "out", init_lora=init)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: no pytorch_lora_weights.safetensors in this folder"):
+        train_lora(cfg, [TrainPair("a red object", good)], tmp_path / "out", init_lora=tmp_path / "empty")
+    assert not (tmp_path / "out").exists()
