@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccsr import checkpoints
-from ccsr.devices import torch_device
+from ccsr.devices import diffusers_dtype, torch_device
 from ccsr.models import resolve_model
 from ccsr.rundir import LORA_WEIGHTS_NAME, atomic_path, atomic_write_text, sha256_file
 from ccsr.training_data import (
@@ -634,9 +634,8 @@ class LoRATrainer:
         path, dtype = self.model_path, self.weight_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        # diffusers takes torch_dtype: its dtype= came long after the 0.34 this package supports.
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(dtype))
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):

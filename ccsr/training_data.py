@@ -322,6 +322,8 @@ def draw_prior(
     """
     from diffusers import StableDiffusionPipeline
 
+    from ccsr.devices import diffusers_dtype
+
     prompts = prior_prompts(cfg)
     g = cfg.generator
     prior_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +338,7 @@ def draw_prior(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-        dtype=dtype,
+        **diffusers_dtype(dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     logger.info(
