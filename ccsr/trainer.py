@@ -1066,15 +1066,19 @@ class LoRATrainer:
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
         """Resume, run the remaining steps (log, checkpoint, ``on_step`` after each), save the LoRA."""
-        from tqdm.auto import tqdm
+        from ccsr.console import bar
 
         start_step, resumed = self.resume()
         self._build_streams(start_step)
         if self.tracking:
             self.accelerator.init_trackers("lora", config=_tracker_config(self.cfg))
         # Steps, loss, lr and ETA (tqdm's remaining-time estimate) on the main process only.
-        progress = tqdm(
-            total=self.total_steps, initial=start_step, desc="LoRA", unit="step", disable=not self.is_main
+        progress = bar(
+            total=self.total_steps,
+            initial=start_step,
+            desc="train · LoRA",
+            unit="step",
+            disable=not self.is_main,
         )
         loss = float("nan") if resumed is None else float(resumed.get("loss", float("nan")))
         for step in range(start_step, self.total_steps):

@@ -175,9 +175,11 @@ class EncodingCache:
             n_text,
             len(pairs),
         )
-        from tqdm.auto import tqdm
+        from ccsr.console import bar
 
-        with tqdm(total=n_latent + n_text, desc="encoding", disable=not (n_latent and write)) as progress:
+        with bar(
+            total=n_latent + n_text, desc="train · encoding", disable=not (n_latent and write)
+        ) as progress:
             self._encode_latents(encoder, pairs, latents, latent_keys, batch_size, progress)
             self._encode_texts(encoder, pairs, texts, text_keys, batch_size, progress)
         self.mean = torch.stack([t["mean"] for t in latents])
