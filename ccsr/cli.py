@@ -76,22 +76,31 @@ class _RunLogHandler(RotatingFileHandler):
         super().handleError(record)
 
 
-def _setup_logging(level: int, log_file: Path | None = None) -> None:
+def _setup_logging(level: int, log_file: Path | None = None, brief: bool = False) -> None:
+    """stderr and the run's log file get the records at ``level`` and above; with ``brief`` the terminal shows
+    only ccsr's lines for it and warnings (``ccsr.console``). Python warnings are logged like the rest."""
+    from ccsr.console import FULL_FORMAT, ConsoleHandler
+
     root = logging.getLogger()
     root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     _remove_log_handlers()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(fmt)
+    handler = ConsoleHandler(brief, sys.stderr)
     handler._ccsr = True
     root.addHandler(handler)
     if log_file is not None:
         fh = _RunLogHandler(log_file, maxBytes=10_000_000, backupCount=3, encoding="utf-8")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setFormatter(logging.Formatter(FULL_FORMAT))
         fh._ccsr = True
         root.addHandler(fh)
+    logging.captureWarnings(True)
     for noisy in ("httpx", "urllib3", "PIL", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_options(args) -> dict:
+    """``_setup_logging``'s level and whether the terminal is brief, from ``--debug`` and ``--verbose``."""
+    verbose = getattr(args, "verbose", False)
+    return {"level": logging.DEBUG if args.debug else logging.INFO, "brief": not (args.debug or verbose)}
 
 
 def _remove_log_handlers() -> None:
@@ -102,6 +111,7 @@ def _remove_log_handlers() -> None:
         root.removeHandler(handler)
         if isinstance(handler, logging.FileHandler):
             handler.close()
+    logging.captureWarnings(False)
 
 
 # --- cheap checks of the models a config names (file names only: no weights are loaded) ---------------
@@ -406,16 +416,17 @@ def cmd_run(args, daemon: bool = False) -> int:
         if not ranks.is_main:
             cfg = _resume_config(run, cfg)
         if ranks.is_main:
-            _setup_logging(logging.DEBUG if args.debug else logging.INFO, run.log_path)
-        else:
-            _setup_logging(logging.DEBUG if args.debug else logging.WARNING)
+            _setup_logging(**_log_options(args), log_file=run.log_path)
+        else:  # the other ranks: warnings only, and no second writer of the run's log file
+            _setup_logging(**(_log_options(args) | {"level": logging.WARNING}))
+        from ccsr.console import CONSOLE
         from ccsr.loop import Loop, StopRequested
 
         stop = {"flag": False}
         stop_file = run.stop_path
 
         def request_stop(signum, frame):
-            logger.info("signal %d: stopping after the current unit", signum)
+            logger.info("signal %d: stopping after the current unit", signum, extra=CONSOLE)
             stop["flag"] = True
 
         if daemon:
@@ -432,7 +443,9 @@ def cmd_run(args, daemon: bool = False) -> int:
             run.event(
                 "start", pid=os.getpid(), iterations=cfg.iterations, daemon=daemon, processes=ranks.world
             )
-        logger.info("run %s: class %r, %d iterations", run.root, cfg.class_name, cfg.iterations)
+        logger.info(
+            "run %s: class %r, %d iterations", run.root, cfg.class_name, cfg.iterations, extra=CONSOLE
+        )
         try:
             loop.run_iterations(cfg.iterations)
         except StopRequested:
@@ -441,18 +454,21 @@ def cmd_run(args, daemon: bool = False) -> int:
                 if by_file:
                     stop_file.unlink()  # consumed: the next start runs
                 run.event("stopped", reason="stop file" if by_file else "signal")
-                logger.info("stopped cleanly; run the same command again to continue")
+                logger.info("stopped cleanly; run the same command again to continue", extra=CONSOLE)
             return 0
         if ranks.is_main:
             run.event("finished", iterations=cfg.iterations)
     if not ranks.is_main:
         return 0
+    from ccsr.report import REPORT_NAME
     from ccsr.status import format_status, run_status
 
     try:
         print(format_status(run_status(run.root)))  # after the lock is released: the process is done
     except RunDirError as exc:  # a damaged line the loop skipped and redid: the run itself is fine
         logger.warning("%s", exc)
+    if (run.root / REPORT_NAME).is_file():
+        print(f"report   {run.root / REPORT_NAME}")
     return 0
 
 
@@ -519,7 +535,7 @@ def cmd_generate(args) -> int:
 
         check_lora(args.lora, cfg.generator.model, cfg.model_cache)
     paths = _output_paths(Path(args.out), args.num)
-    _setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    _setup_logging(**_log_options(args))
     from ccsr.generator import DiffusersGenerator
     from ccsr.rundir import atomic_save_image
 
@@ -566,7 +582,7 @@ def cmd_eval(args) -> int:
     from ccsr.inputs import check_lora
 
     check_lora(run.lora_dir(k), cfg.generator.model, cfg.model_cache)
-    _setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    _setup_logging(**_log_options(args))
     with run_lock(run):
         tag = "-".join(f"{sc:g}" for sc in sorted({0.0, *scales}))
         out_dir = run.iteration_dir(k) / f"eval-scales-{tag}"
@@ -646,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show every log record, not one line a stage"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_command(name, help_text):
@@ -656,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_debug(p):
         # SUPPRESS: a subcommand's default must not overwrite ``ccsr --debug <command>``.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
 
     def add_config(p, required=True):
         p.add_argument(

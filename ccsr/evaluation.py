@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from ccsr.backends import load_backend
 from ccsr.config import resolve_data_path
+from ccsr.console import bar
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, shard_files
 from ccsr.rundir import (
@@ -241,7 +240,7 @@ def _draw(
     lora = run.lora_dir(k)
     units = []
     generator = load_backend("generator", cfg)
-    for scale in tqdm(scales, desc=f"iter {k} eval", unit="scale"):
+    for scale in bar(scales, desc=f"iteration {k} · eval", unit="scale"):
         if on_scale is not None:
             on_scale(scale)
         for chunk in chunks:

@@ -19,11 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ccsr import gate
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
+from ccsr.console import CONSOLE, bar, duration
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, read_committed
 from ccsr.rundir import (
@@ -112,6 +111,53 @@ def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
     )
 
 
+def stage_line(stage: str, info: dict, seconds: float, root: Path) -> str:
+    """The terminal's line for a finished stage (``info``: what the stage recorded): its figures and time."""
+    took = duration(seconds)
+    if stage == "prompts":
+        dropped = [f"{n} {why.replace('_', '-')}" for why, n in info.get("dropped", {}).items() if n]
+        calls = info.get("attempts", 0)
+        text = f"prompts: {info['count']} written in {took} ({calls} LLM call{'' if calls == 1 else 's'}"
+        return text + (f"; dropped {', '.join(dropped)})" if dropped else ")")
+    if stage == "candidates":
+        lora = Path(info["lora"]) if info.get("lora") else None
+        if lora is not None and lora.is_relative_to(root):
+            lora = lora.relative_to(root)
+        model = f"LoRA {lora}" if lora else "the base model"
+        return f"candidates: {info['count']} images in {took} (with {model})"
+    if stage == "judge":
+        text = f"judge: {info['count']} images scored in {took}"
+        if info.get("mean_score") is not None:
+            text += f", mean score {info['mean_score']:.2f}"
+        return text + (f", {info['nan_answers']} answers unreadable" if info.get("nan_answers") else "")
+    if stage == "filter":
+        prompts = info.get("prompts", 0)
+        kept = prompts - info.get("prompts_without_pair", 0)
+        text = f"filter: {kept} of {prompts} prompts kept, {info['count']} pairs"
+        if info.get("preferences"):
+            text += f", {info['preferences']} preference pairs"
+        return f"{text} in {took}"
+    if stage == "train":
+        if info.get("skipped"):
+            return f"train: skipped, {info.get('reason')}"
+        data = (
+            f"{info['preferences']} preference pairs" if "preferences" in info else f"{info['pairs']} pairs"
+        )
+        return f"train: {info['steps']} steps on {data}, loss {info['final_loss']:.4f} in {took}"
+    if stage == "eval":
+        if info.get("skipped"):
+            return f"eval: skipped, {info.get('reason')}; gate: rejected"
+        clip = ""
+        if info.get("clip_score") is not None and info.get("base_clip_score") is not None:
+            clip = f", CLIP {info['clip_score']:.2f} (base {info['base_clip_score']:.2f})"
+        verdict = info["gate"]
+        return (
+            f"eval: best scale {info['best_scale']:g}, win-rate {info['win_rate']:.2f}{clip} in {took}; "
+            f"gate: {'accepted' if verdict['accepted'] else 'rejected'} ({verdict['reason']})"
+        )
+    return f"{stage}: done in {took}"
+
+
 def _open_image(run: RunDir, rel_path: str):
     from PIL import Image
 
@@ -167,6 +213,7 @@ class Loop:
 
     def run_iteration(self, k: int) -> None:
         self.run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
+        began = time.perf_counter()
         for stage, work in self.stages():
             if self.run.is_done(k, stage):
                 continue
@@ -183,11 +230,18 @@ class Loop:
             if self.ranks.is_main:
                 self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
                 self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
+                logger.info(
+                    "iteration %d · %s", k, stage_line(stage, info, seconds, self.run.root), extra=CONSOLE
+                )
             self.ranks.barrier()  # every rank sees the stage done before anyone reads its records
-        self._event("iteration_end", iteration=k)
-        if self.ranks.is_main:
-            self.refresh_report()
-        logger.info("iteration %d complete", k)
+        if not self.ranks.is_main:
+            return
+        self.run.event("iteration_end", iteration=k)
+        self.refresh_report()
+        lora, scale = gate.current_champion(self.run)
+        champion = f"{lora.relative_to(self.run.root)} at scale {scale:g}" if lora else "the base model"
+        took = duration(time.perf_counter() - began)
+        logger.info("iteration %d complete in %s; champion: %s", k, took, champion, extra=CONSOLE)
 
     def _event(self, kind: str, **fields) -> None:
         if self.ranks.is_main:
@@ -222,7 +276,9 @@ class Loop:
         asked for on any rank ends every rank's share at its next unit, then all stop together."""
         stopped = False
         share = self.ranks.mine(units)
-        for unit in tqdm(share, desc=f"iter {k} {stage}", unit="prompt", disable=not self.ranks.is_main):
+        for unit in bar(
+            share, desc=f"iteration {k} · {stage}", unit="prompt", disable=not self.ranks.is_main
+        ):
             self._beat(k, stage, unit_id(unit))
             if self.should_stop():
                 stopped = True
@@ -295,7 +351,9 @@ class Loop:
     def _redraw(self, k: int, prompt_ids: set[str]) -> None:
         files = self.run.files(k)
         prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-        records = read_committed(files["candidates"], Candidate)  # rewritten whole: the merge counts each once
+        records = read_committed(
+            files["candidates"], Candidate
+        )  # rewritten whole: the merge counts each once
         grouped = by_prompt(records)
         generator = load_backend("generator", self.cfg)
         for pid in sorted(prompt_ids):
@@ -448,7 +506,11 @@ class Loop:
         if not self.ranks.is_main:
             return {}
         judged = self._merge(k, "judgments", Judgment)
-        return {"count": len(judged), "nan_answers": sum(a == "nan" for j in judged for a in j.answers)}
+        return {
+            "count": len(judged),
+            "nan_answers": sum(a == "nan" for j in judged for a in j.answers),
+            "mean_score": round(sum(j.score for j in judged) / len(judged), 4) if judged else None,
+        }
 
     # --- stage 4: filter -----------------------------------------------------------------------
     def stage_filter(self, k: int) -> dict:
@@ -484,6 +546,7 @@ class Loop:
         )
         result = {
             "count": len(selection.pairs),
+            "prompts": len(prompts),
             "prompts_without_pair": len(prompts) - with_pair,
             "preferences": len(preferences),
         }
@@ -588,4 +651,11 @@ class Loop:
             summary["clip_score_by_scale"],
             summary["gate"]["reason"],
         )
-        return {"win_rate": summary["win_rate"], "best_scale": summary["best_scale"], "gate": summary["gate"]}
+        clip = summary["clip_score_by_scale"]
+        return {
+            "win_rate": summary["win_rate"],
+            "best_scale": summary["best_scale"],
+            "clip_score": clip.get(f"{summary['best_scale']:g}"),
+            "base_clip_score": clip.get("0"),
+            "gate": summary["gate"],
+        }

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ccsr.console import CONSOLE
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "ccsr-tiny/"
@@ -98,7 +100,7 @@ def resolve_model(name: str, cache_dir: str | Path | None = None) -> str:
     module, func = BUILDERS[name[len(PREFIX) :]].split(":")
 
     def build(folder: Path) -> None:
-        logger.info("building embedded tiny model %s", name)
+        logger.info("building embedded tiny model %s (first use only)", name, extra=CONSOLE)
         folder.mkdir(parents=True)
         getattr(importlib.import_module(module), func)(folder, seed=0)
 

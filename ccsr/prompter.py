@@ -6,6 +6,7 @@ near-duplicates and asking again until enough are collected is shared by every b
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -24,12 +25,19 @@ _ITEM = re.compile(r"^\s*(?:\(?#?\d{1,3}\s*[.):\]]|#\d{1,3}\b|[-*•+])\s+")
 _LABEL = re.compile(
     r"^\s*(?:\*\*)?(?:prompt|t2i prompt|image prompt)\s*(?:#?\d+)?\s*[:\-]\s*(?:\*\*)?\s*", re.I
 )
+# A bold title before the prompt: "**Savanna sunset:** a giraffe ...", "**Morning mist** - a giraffe ...".
+_TITLE = re.compile(r"^(?:\*\*|__)([^*_\n]{1,60}?)(?::\s*(?:\*\*|__)|(?:\*\*|__)\s*[:\-–—])\s*(?=\S)")
 _CLOSING = re.compile(
     r"^\s*(?:i hope|hope these|let me know|feel free|these prompts|enjoy|note:|remember|each prompt|"
     r"these should|i have|i've|happy)",
     re.I,
 )
 _WORD = re.compile(r"[\w'-]+", re.UNICODE)
+_QUOTES = "\"'“”‘’`"
+# A fenced block (```json ... ```); an unclosed fence runs to the end of the answer.
+_FENCE = re.compile(r"```[\w-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
+# The fields of a JSON object that may hold its prompt, in order of preference (names in any case).
+_PROMPT_FIELDS = ("prompt", "text", "caption", "description")
 
 
 def _is_preamble(line: str) -> bool:
@@ -39,56 +47,142 @@ def _is_preamble(line: str) -> bool:
     return bool(re.match(r"^(?:sure|here are|here is|certainly|of course|okay|ok)\b", text))
 
 
+def _prompt_field(obj: dict) -> str | None:
+    fields = {str(key).lower(): value for key, value in obj.items()}
+    return next((fields[f] for f in _PROMPT_FIELDS if isinstance(fields.get(f), str)), None)
+
+
+def _json_strings(data) -> list[str] | None:
+    """The prompts of a decoded JSON value: a list of strings, a list of objects with a prompt field, or an
+    object holding one such list (``{"prompts": [...]}``); None for anything else."""
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        return _json_strings(lists[0]) if len(lists) == 1 else None
+    if not isinstance(data, list):
+        return None
+    found = [e if isinstance(e, str) else _prompt_field(e) if isinstance(e, dict) else None for e in data]
+    strings = [f for f in found if f is not None]
+    return strings or None
+
+
+def _json_prompts(text: str) -> list[str] | None:
+    """The first JSON list of prompts in the answer: inside a fenced block, or anywhere between a preamble and
+    a closing remark. None when there is none (the answer is read line by line instead)."""
+    decoder = json.JSONDecoder()
+    for block in [*_FENCE.findall(text), text]:
+        for opening in re.finditer(r"[\[{]", block):
+            try:
+                data, _ = decoder.raw_decode(block, opening.start())
+            except ValueError:
+                continue
+            strings = _json_strings(data)
+            if strings is not None:
+                return strings
+    return None
+
+
+def _json_line(text: str) -> str:
+    """One line of a JSON answer that was cut off (a string or an object with a prompt field, with its
+    trailing comma): its prompt. Any other text is returned as it is."""
+    candidate = text.strip().rstrip(",").strip()
+    if candidate[:1] not in ('"', "{"):
+        return text
+    try:
+        data = json.loads(candidate)
+    except ValueError:
+        return text
+    if isinstance(data, str):
+        return data
+    return (_prompt_field(data) or "") if isinstance(data, dict) else text
+
+
 def _clean(text: str, class_name: str) -> str:
+    text = _json_line(text)
     text = _ITEM.sub("", text, count=1)
     text = _LABEL.sub("", text)
+    title = _TITLE.match(text)
+    if title and len(title.group(1).split()) <= 8:
+        text = text[title.end() :]
     text = text.replace("**", "").replace("__", "")
     text = re.sub(r"\s+", " ", text).strip()
     # A "giraffe;" / "Giraffe:" prefix some models put before each prompt.
     text = re.sub(rf"^{re.escape(class_name)}\s*[;:|]\s*", "", text, flags=re.I)
-    text = text.strip().strip("\"'“”‘’`").strip()
+    text = text.strip().rstrip(",").strip().strip(_QUOTES).strip()
     return text
+
+
+def _join(lines: list[str]) -> str:
+    """One item's lines as one prompt; a short title line of its own ("1. Savanna sunset:") is dropped."""
+    head = _ITEM.sub("", lines[0], count=1).replace("**", "").replace("__", "").strip()
+    if len(lines) > 1 and head.endswith(":") and len(head.split()) <= 8:
+        lines = lines[1:]
+    return " ".join(line.strip() for line in lines)
+
+
+def _continues(line: str, previous: str) -> bool:
+    """Whether an unnumbered line is the rest of the previous prompt, wrapped: it is indented, or the previous
+    line ends in a comma and this one starts in lower case; a quoted or JSON line, or one with a label of its
+    own ("Prompt 2:"), starts a prompt."""
+    stripped = line.strip()
+    if stripped[:1] in _QUOTES + "[{" or _LABEL.match(stripped):
+        return False
+    before = previous.rstrip()
+    wrapped = (
+        before.endswith((",", ";")) and before[-2:-1] not in _QUOTES + "]}" and not stripped[0].isupper()
+    )
+    return wrapped or line[:1] in (" ", "\t")
+
+
+def _line_items(text: str) -> list[str]:
+    """The answer split into prompts line by line (see ``parse_prompts``)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    numbered = any(_ITEM.match(line) for line in lines)
+    items: list[list[str]] = []
+    current: list[str] | None = None
+    for line in lines:
+        stripped = line.strip()
+        if not stripped:
+            current = None
+            continue
+        if numbered:
+            if _ITEM.match(line):
+                current = [stripped]
+                items.append(current)
+            elif current is not None and not _CLOSING.match(stripped):
+                current.append(stripped)  # a prompt wrapped over several lines
+            # else: preamble before the first item, or a closing remark
+        elif _is_preamble(stripped) or _CLOSING.match(stripped):
+            current = None
+        elif current is not None and _continues(line, current[-1]):
+            current.append(stripped)
+        else:
+            current = [stripped]
+            items.append(current)
+    joined = [_join(item) for item in items]
+    return [item for item in joined if not _CLOSING.match(item) and (numbered or not _is_preamble(item))]
 
 
 def parse_prompts(text: str, class_name: str, min_words: int = 3) -> list[str]:
     """Split one raw LLM completion into prompts.
 
-    Handles numbered lists ("1.", "1)", "#1"), bullets, quoted prompts, a preamble or closing remark, blank
-    lines and prompts wrapped over several lines. Numbers inside a prompt ("f/2.8", "two giraffes") survive.
+    A JSON answer (a list of strings, a list of objects with a ``prompt`` field, or an object holding such a
+    list; in a fenced block or between a preamble and a closing remark) is read as JSON. Anything else, and a
+    JSON answer that was cut off, line by line: numbered lists ("1.", "1)", "#1"), bullets, "Prompt 2:"
+    labels, bold titles, quoted prompts, a preamble or closing remark, blank lines and prompts wrapped over
+    several lines. Numbers inside a prompt ("f/2.8", "two giraffes") survive. Prompts shorter than
+    ``min_words`` words are dropped, and a "giraffe:" prefix before each prompt is removed.
     """
-    lines = text.replace("\r\n", "\n").split("\n")
-    numbered = any(_ITEM.match(line) for line in lines)
-    items: list[str] = []
-    current: list[str] | None = None
-    for line in lines:
-        stripped = line.strip()
-        if not stripped:
-            if current is not None:
-                items.append(" ".join(current))
-                current = None
-            continue
-        if numbered:
-            if _ITEM.match(line):
-                if current is not None:
-                    items.append(" ".join(current))
-                current = [stripped]
-            elif current is not None and not _CLOSING.match(stripped):
-                current.append(stripped)  # a prompt wrapped over several lines
-            # else: preamble before the first item, or a closing remark
-        else:
-            if _is_preamble(stripped) or _CLOSING.match(stripped):
-                continue
-            items.append(stripped)
-    if current is not None:
-        items.append(" ".join(current))
-    prompts = []
-    for item in items:
-        if _CLOSING.match(item) or (not numbered and _is_preamble(item)):
-            continue
-        cleaned = _clean(item, class_name)
-        if len(_WORD.findall(cleaned)) >= min_words:
-            prompts.append(cleaned)
-    return prompts
+
+    def cleaned(items: list[str]) -> list[str]:
+        prompts = [_clean(item, class_name) for item in items]
+        return [p for p in prompts if len(_WORD.findall(p)) >= min_words]
+
+    from_json = _json_prompts(text)
+    if from_json is not None:
+        prompts = cleaned(from_json)
+        if prompts:
+            return prompts
+    return cleaned(_line_items(text))
 
 
 def _shingles(text: str) -> set[tuple[str, ...]]:

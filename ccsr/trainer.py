@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccsr import checkpoints
-from ccsr.devices import torch_device
+from ccsr.devices import diffusers_dtype, torch_device
 from ccsr.inputs import check_image, check_lora
 from ccsr.models import resolve_model
 from ccsr.rundir import LORA_WEIGHTS_NAME, atomic_path, atomic_write_text, sha256_file
@@ -640,9 +640,8 @@ class LoRATrainer:
         path, dtype = self.model_path, self.weight_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        # diffusers takes torch_dtype: its dtype= came long after the 0.34 this package supports.
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(dtype))
         self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -1073,15 +1072,19 @@ class LoRATrainer:
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
         """Resume, run the remaining steps (log, checkpoint, ``on_step`` after each), save the LoRA."""
-        from tqdm.auto import tqdm
+        from ccsr.console import bar
 
         start_step, resumed = self.resume()
         self._build_streams(start_step)
         if self.tracking:
             self.accelerator.init_trackers("lora", config=_tracker_config(self.cfg))
         # Steps, loss, lr and ETA (tqdm's remaining-time estimate) on the main process only.
-        progress = tqdm(
-            total=self.total_steps, initial=start_step, desc="LoRA", unit="step", disable=not self.is_main
+        progress = bar(
+            total=self.total_steps,
+            initial=start_step,
+            desc="train · LoRA",
+            unit="step",
+            disable=not self.is_main,
         )
         loss = float("nan") if resumed is None else float(resumed.get("loss", float("nan")))
         for step in range(start_step, self.total_steps):

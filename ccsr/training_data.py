@@ -175,9 +175,11 @@ class EncodingCache:
             n_text,
             len(pairs),
         )
-        from tqdm.auto import tqdm
+        from ccsr.console import bar
 
-        with tqdm(total=n_latent + n_text, desc="encoding", disable=not (n_latent and write)) as progress:
+        with bar(
+            total=n_latent + n_text, desc="train · encoding", disable=not (n_latent and write)
+        ) as progress:
             self._encode_latents(encoder, pairs, latents, latent_keys, batch_size, progress)
             self._encode_texts(encoder, pairs, texts, text_keys, batch_size, progress)
         self.mean = torch.stack([t["mean"] for t in latents])
@@ -322,6 +324,8 @@ def draw_prior(
     """
     from diffusers import StableDiffusionPipeline
 
+    from ccsr.devices import diffusers_dtype
+
     prompts = prior_prompts(cfg)
     g = cfg.generator
     prior_dir.mkdir(parents=True, exist_ok=True)
@@ -336,7 +340,7 @@ def draw_prior(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-        dtype=dtype,
+        **diffusers_dtype(dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     logger.info(

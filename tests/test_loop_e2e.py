@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,11 +49,26 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# What the libraries print when ccsr calls them the old way (torch_dtype=, a UNet-only LoRA loaded into the text
+# encoder too, prompts longer than CLIP's 77 tokens handed to the pipeline): none of it may reach the terminal.
+LIBRARY_NOISE = (
+    "FutureWarning",
+    "torch_dtype",
+    "No LoRA keys",
+    "Token indices sequence length",
+    "was truncated",
+)
+
+
 @pytest.fixture(scope="module")
 def two_iterations(tmp_path_factory, repo_root, monkeypatch_module):
     monkeypatch_module.chdir(repo_root)
+    monkeypatch_module.delenv("TQDM_DISABLE", raising=False)
     run_dir = tmp_path_factory.mktemp("run") / "giraffe"
-    assert run_cli(run_dir) == 0
+    terminal = io.StringIO()
+    with contextlib.redirect_stderr(terminal):
+        assert run_cli(run_dir) == 0
+    (run_dir.parent / "terminal.txt").write_text(terminal.getvalue(), encoding="utf-8")
     return run_dir
 
 
@@ -82,6 +100,37 @@ def test_two_iterations_leave_a_complete_run_dir(two_iterations, capsys):
         assert key in ev
     assert set(ev["clip_score_by_scale"]) == {"0", "0.5", "1"}
     assert ev["wins"] + ev["ties"] + ev["losses"] == 1  # 1 validation prompt x 1 seed
+
+
+def test_terminal_shows_a_bar_while_a_stage_runs_then_one_line_with_its_figures(two_iterations):
+    text = (two_iterations.parent / "terminal.txt").read_bytes().decode("utf-8")  # keeps the carriage returns
+    # A bar redraws itself after a carriage return; what stays on screen is each line's text after the last one.
+    screen = [line.split("\r")[-1] for line in text.split("\n") if line.split("\r")[-1].strip()]
+    figures = {
+        "prompts": "prompts: 3 written in ",
+        "candidates": "candidates: 30 images in ",
+        "judge": "judge: 30 images scored in ",
+        "filter": " of 3 prompts kept, ",
+        "train": " steps on ",
+        "eval": "eval: best scale ",
+    }
+    for k in (1, 2):
+        for stage, words in figures.items():
+            line = next((x for x in screen if x.startswith(f"iteration {k} · {stage}: ")), "")
+            assert words in line, f"iteration {k}, {stage}: {line!r}"
+        for name in ("candidates", "judge", "filter", "eval"):
+            assert re.search(rf"\riteration {k} · {name}: +\d+%\|", text), f"no bar while {name} ran"
+        assert any(x.startswith(f"iteration {k} complete in ") and "champion: " in x for x in screen)
+    assert re.search(r"\rtrain · LoRA: +\d+%\|", text), "no bar while training"
+    assert any("; gate: accepted (" in x for x in screen)  # gate.margin=-1
+    # Each line starts a line of its own: written after its bar was cleared, never glued to one.
+    lines = re.finditer(r"iteration \d (?:· \w+: (?!\s|\d+%\|)|complete in )", text)
+    assert all(text[m.start() - 1] in "\r\n" for m in lines)
+    # A line per stage, none per model call: the INFO records of ccsr's modules and the libraries go to the
+    # log file only.
+    shown = re.compile(r"(run |iteration \d (· \w+: |complete in )|building embedded tiny model |warning: )")
+    assert [x for x in screen if not shown.match(x)] == []
+    assert "encoding cache:" in (two_iterations / "ccsr.log").read_text(encoding="utf-8")
 
 
 def test_records_follow_the_design(two_iterations):
@@ -236,6 +285,20 @@ def test_cli_eval_report_export_and_champion_generate(two_iterations, tmp_path, 
     assert Image.open(champion).size == (h, h)
 
 
+def test_generate_with_the_champion_and_a_long_prompt_prints_only_the_image_path(two_iterations, tmp_path):
+    """A process of its own, as a user runs it: the champion LoRA is loaded, the prompt is cut to CLIP's 77
+    tokens, and the terminal shows the written path, none of the libraries' warnings about either."""
+    prompt = "a giraffe, " + ", ".join(f"detail number {i}" for i in range(60))
+    out = tmp_path / "long.png"
+    cmd = [sys.executable, "-m", "ccsr.cli", "generate", "--run", str(two_iterations), "--prompt", prompt]
+    cmd += ["--out", str(out)]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(out) and out.is_file()
+    assert not [noise for noise in LIBRARY_NOISE if noise in done.stderr], done.stderr[-2000:]
+
+
 def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path):
     """A damaged image, a torn last record and a damaged LoRA are found on resume and redone, not trusted."""
     import shutil
@@ -266,12 +329,17 @@ def test_damaged_artifacts_are_detected_and_redone(two_iterations, tmp_path):
     # (importing ultralytics here may have left OMP_NUM_THREADS=1 in the environment).
     import torch
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TQDM_DISABLE": "1"}
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     text = done.stderr
     assert "damaged candidate images" in text and "LoRA fails its checksum" in text
+    # The terminal of a real process: the redone stages' lines, no progress bar (TQDM_DISABLE), no library noise.
+    for stage in ("judge", "filter", "train", "eval"):
+        assert f"\niteration 1 · {stage}: " in text, stage
+    assert not re.search(r"\d%\||it/s|s/it|step/s|s/step|prompt/s|scale/s", text), text[-2000:]
+    assert not [noise for noise in LIBRARY_NOISE if noise in text], text[-2000:]
     assert digest(image) == digest(two_iterations / cands[3]["path"]), "redrawn from its seed"
     for name, records in before.items():
         assert read_jsonl(it / name) == records, name

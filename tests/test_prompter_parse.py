@@ -65,6 +65,158 @@ def test_garbage_gives_nothing():
     assert parse_prompts("ok\n\n??", "giraffe") == []
 
 
+# --- answers as chat models actually write them ------------------------------------------------------------
+JSON_ARRAY = """[
+  "A giraffe browsing acacia leaves at sunrise, warm backlight, 300mm telephoto, wildlife photo",
+  "Two giraffes \\"necking\\" in a dusty clearing, midday haze, wide angle, documentary style",
+  "A giraffe calf hiding behind its mother, soft overcast light, 85mm, shallow depth of field"
+]"""
+
+JSON_OBJECTS = """Here are the prompts as JSON:
+[
+  {"id": 1, "title": "Dawn", "prompt": "giraffe: a lone giraffe on a ridge at dawn, pink sky, 200mm"},
+  {"id": 2, "title": "Rain", "Prompt": "a giraffe standing in warm summer rain, wet coat, 70mm"},
+  {"id": 3, "title": "Empty", "prompt": ""}
+]
+Let me know if you want more!"""
+
+FENCED_JSON = """Sure! Here are 3 prompts for a giraffe:
+
+```json
+{"prompts": [
+  "a giraffe walking through tall golden grass, evening light, 135mm lens",
+  "aerial view of a giraffe herd crossing a dry riverbed, drone photo, noon",
+  "a giraffe"
+]}
+```
+
+Each prompt varies the light and the viewpoint."""
+
+BOLD_TITLES = """Here are 4 prompts for a giraffe:
+
+1. **Savanna sunset:** a giraffe silhouetted against an orange sky, acacia trees, 200mm, golden hour
+2. **Morning mist** - a giraffe emerging from morning fog, muted colors, 85mm, soft light
+3. **Close-up:**
+   a giraffe's head and ossicones in sharp focus, blurred green background, 105mm macro
+4. **A giraffe drinking at a waterhole with its legs splayed wide, reflections, dusk light**
+
+These prompts cover different times of day and viewpoints."""
+
+PROMPT_LABELS = """**Prompt 1:** a giraffe crossing a dirt road in front of a safari jeep, midday sun, 24mm
+Prompt 2 - a giraffe grazing beside zebras on the open plain, late afternoon, telephoto
+Prompt 3:
+a giraffe resting on the ground with its legs folded, early morning, 50mm, calm mood"""
+
+QUOTED_LINES = """Here you go:
+
+"A giraffe peering over a tree top, blue sky, low angle, 16mm wide lens",
+"A giraffe in a snowy zoo enclosure, cold winter light, 70-200mm",
+'A giraffe reflected in a still pond at dusk, symmetry, 35mm'"""
+
+PARAGRAPHS = """Here are three prompts:
+
+A giraffe standing alone on a golden plain at sunset,
+   long shadows, warm rim light, 400mm telephoto lens
+
+Giraffe; a mother giraffe licking her calf under an acacia tree, soft morning light, 85mm
+
+A giraffe running across the savanna, dust trail, motion blur, 1/60 s panning shot
+
+I hope you like them."""
+
+TRUNCATED_JSON = """[
+  "a giraffe at the edge of a waterhole, elephants behind, golden light, 300mm",
+  {"prompt": "a giraffe under a starry night sky, long exposure, milky way, 14mm"},
+  "a giraffe walking through a bush fire haze, orange light, dramatic, 2"""
+
+
+def test_json_array_of_strings_loses_its_quotes_and_commas():
+    got = parse_prompts(JSON_ARRAY, "giraffe")
+    assert got == [
+        "A giraffe browsing acacia leaves at sunrise, warm backlight, 300mm telephoto, wildlife photo",
+        'Two giraffes "necking" in a dusty clearing, midday haze, wide angle, documentary style',
+        "A giraffe calf hiding behind its mother, soft overcast light, 85mm, shallow depth of field",
+    ]
+
+
+def test_json_objects_with_a_prompt_field_between_preamble_and_outro():
+    got = parse_prompts(JSON_OBJECTS, "giraffe")
+    assert got == [
+        "a lone giraffe on a ridge at dawn, pink sky, 200mm",  # class prefix cleaned
+        "a giraffe standing in warm summer rain, wet coat, 70mm",  # field name in any case
+    ]
+
+
+def test_fenced_json_object_holding_the_list():
+    got = parse_prompts(FENCED_JSON, "giraffe")
+    assert got == [  # "a giraffe" is below min_words
+        "a giraffe walking through tall golden grass, evening light, 135mm lens",
+        "aerial view of a giraffe herd crossing a dry riverbed, drone photo, noon",
+    ]
+    assert len(parse_prompts(FENCED_JSON, "giraffe", min_words=1)) == 3
+
+
+def test_json_that_is_cut_off_is_read_line_by_line():
+    """The LLM ran out of tokens inside the array: no valid JSON, each complete line still counts."""
+    got = parse_prompts(TRUNCATED_JSON, "giraffe")
+    assert got[:2] == [
+        "a giraffe at the edge of a waterhole, elephants behind, golden light, 300mm",
+        "a giraffe under a starry night sky, long exposure, milky way, 14mm",
+    ]
+    assert not any(p.startswith(("[", "{", '"')) or p.endswith((",", '"')) for p in got)
+
+
+def test_bracketed_numbers_in_a_preamble_are_not_json():
+    text = "Here are [2] prompts:\n1. a giraffe at dawn, mist, 85mm\n2. a giraffe at noon, harsh sun, 24mm"
+    assert parse_prompts(text, "giraffe") == [
+        "a giraffe at dawn, mist, 85mm",
+        "a giraffe at noon, harsh sun, 24mm",
+    ]
+
+
+def test_bold_titles_are_dropped_and_a_bold_prompt_is_kept():
+    got = parse_prompts(BOLD_TITLES, "giraffe")
+    assert got == [
+        "a giraffe silhouetted against an orange sky, acacia trees, 200mm, golden hour",
+        "a giraffe emerging from morning fog, muted colors, 85mm, soft light",
+        "a giraffe's head and ossicones in sharp focus, blurred green background, 105mm macro",
+        "A giraffe drinking at a waterhole with its legs splayed wide, reflections, dusk light",
+    ]
+
+
+def test_prompt_labels_inline_and_on_their_own_line():
+    got = parse_prompts(PROMPT_LABELS, "giraffe")
+    assert got == [
+        "a giraffe crossing a dirt road in front of a safari jeep, midday sun, 24mm",
+        "a giraffe grazing beside zebras on the open plain, late afternoon, telephoto",
+        "a giraffe resting on the ground with its legs folded, early morning, 50mm, calm mood",
+    ]
+
+
+def test_quoted_lines_with_trailing_commas():
+    got = parse_prompts(QUOTED_LINES, "giraffe")
+    assert got == [
+        "A giraffe peering over a tree top, blue sky, low angle, 16mm wide lens",
+        "A giraffe in a snowy zoo enclosure, cold winter light, 70-200mm",
+        "A giraffe reflected in a still pond at dusk, symmetry, 35mm",
+    ]
+
+
+def test_blank_line_separated_paragraphs_join_their_wrapped_lines():
+    got = parse_prompts(PARAGRAPHS, "giraffe")
+    assert got == [
+        "A giraffe standing alone on a golden plain at sunset, long shadows, warm rim light, 400mm telephoto "
+        "lens",
+        "a mother giraffe licking her calf under an acacia tree, soft morning light, 85mm",
+        "A giraffe running across the savanna, dust trail, motion blur, 1/60 s panning shot",
+    ]
+
+
+def test_one_prompt_per_line_without_blank_lines_stays_one_per_line():
+    text = "a giraffe at dawn, mist, 85mm\na giraffe at noon, harsh sun, 24mm\na giraffe at night, 14mm"
+    assert len(parse_prompts(text, "giraffe")) == 3
+
+
 def test_similarity_and_diversity():
     a = "a giraffe at sunset, golden light, 200mm"
     assert similarity(a, a) == 1.0

@@ -307,6 +307,7 @@ def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, referen
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
+    from ccsr.devices import diffusers_dtype
     from ccsr.trainer import LoRATrainer
 
     fine = 1 + 2**-12
@@ -319,7 +320,7 @@ def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, referen
     trainer.cfg = make_cfg(sd_models["epsilon"], mixed_precision="fp16")
     trainer.t, trainer.dpo = trainer.cfg.trainer, False
     trainer.unet = UNet2DConditionModel.from_pretrained(
-        sd_models["epsilon"], subfolder="unet", torch_dtype=torch.float16
+        sd_models["epsilon"], subfolder="unet", **diffusers_dtype(torch.float16)
     )
     trainer._add_adapter(init)
     assert len(trainer.params) == len(tensors)
