@@ -60,6 +60,10 @@ def is_true(node: ast.AST | None) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
 
+def is_dtype_kwargs(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and dotted(node.func).rsplit(".", 1)[-1] == "diffusers_dtype"
+
+
 def keyword(call: ast.Call, name: str) -> ast.AST | None:
     return next((k.value for k in call.keywords if k.arg == name), None)
 
@@ -111,7 +115,8 @@ def findings(rel: str, text: str) -> list[tuple[str, int, str]]:
             trc = keyword(node, "trust_remote_code")
             if trc is not None and not dotted(trc).endswith(".trust_remote_code"):
                 out.append(("trust-remote-code-not-from-config", node.lineno, src))
-            if any(k.arg is None for k in node.keywords):  # **kwargs could smuggle trust_remote_code
+            # **kwargs could smuggle trust_remote_code; ``devices.diffusers_dtype`` holds only the dtype key.
+            if any(k.arg is None and not is_dtype_kwargs(k.value) for k in node.keywords):
                 out.append(("from-pretrained-opaque-kwargs", node.lineno, src))
     # Names used as code anywhere (not in strings or comments), e.g. getattr(pickle, ...).
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
@@ -157,6 +162,7 @@ torch.load(p, weights_only=True)
 yaml.safe_load(s)
 AutoModel.from_pretrained(p, trust_remote_code=cfg.judge.trust_remote_code)
 AutoModel.from_pretrained(p)
+UNet.from_pretrained(p, subfolder="unet", **diffusers_dtype(dtype))
 # pickle in a comment, "os.system" in a string
 """
     assert findings("y.py", ok) == []
