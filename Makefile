@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/ccsr run --config configs/tiny.yaml --class $(CLASS) --run-dir runs/$(CLASS)
-	$(VENV)/bin/ccsr status runs/$(CLASS) --json > runs/$(CLASS)/status.json
+	@$(VENV)/bin/ccsr status runs/$(CLASS) --json > runs/$(CLASS)/status.json
 	@echo "run directory: runs/$(CLASS)  (status: $(VENV)/bin/ccsr status runs/$(CLASS))"
 
 test: install
