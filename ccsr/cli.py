@@ -407,6 +407,12 @@ def cmd_run(args, daemon: bool = False) -> int:
                 run = _open_run(args, cfg)
                 held.enter_context(run_lock(run))
                 cfg = _resume_config(run, cfg)
+                if ranks.world > 1:
+                    # Embedded models are built by the main process before the others need them: a model's
+                    # save_pretrained on a rank other than 0 of a process group writes no weights.
+                    from ccsr.models import build_embedded
+
+                    build_embedded(cfg)
             except (UserError, RunDirError) as exc:
                 error = exc
         if ranks.any(error is not None):

@@ -107,10 +107,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 
 
-def run_to_end(run_dir: Path, processes: int, repo_root: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        ccsr_run(run_dir, processes), cwd=repo_root, env=env(), capture_output=True, text=True, timeout=900
-    )
+def run_to_end(run_dir: Path, processes: int, repo_root: Path, *sets: str) -> subprocess.CompletedProcess:
+    command = ccsr_run(run_dir, processes) + [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(command, cwd=repo_root, env=env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -150,7 +149,8 @@ def one_process(tmp_path_factory, repo_root) -> Path:
 @pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(tmp_path, repo_root, one_process):
     two = tmp_path / "two"
-    run_to_end(two, 2, repo_root)
+    # A model cache of its own: the launch builds the embedded models itself (on the main process).
+    run_to_end(two, 2, repo_root, f"model_cache={tmp_path / 'models'}")
     expected, got = snapshot(one_process), snapshot(two)
     assert len(got["candidates.jsonl"]) == 9 and len(got["eval_jobs"]) == 8  # 3 prompts x 3; 2 x 2 x 2 scales
     for key in expected:
