@@ -344,8 +344,12 @@ def _start_ranks(cfg: Config) -> Ranks:
                 "judge.backend vllm runs one engine per process on the first GPU; under a launcher use the "
                 "transformers judge, or run one process with vLLM's own tensor parallelism"
             )
-        from ccsr.devices import torch_device
+        from ccsr.devices import keep_cpu_threads, torch_device
 
+        # ultralytics runs a process-group barrier when it is first imported inside one (for its settings
+        # file), which would pair with another collective of the loop's; imported before the group exists, not.
+        with keep_cpu_threads():
+            import ultralytics  # noqa: F401
         ranks.start(cpu=torch_device(cfg).type == "cpu")
     return ranks
 

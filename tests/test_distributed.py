@@ -149,8 +149,7 @@ def one_process(tmp_path_factory, repo_root) -> Path:
 @pytest.mark.slow
 def test_two_processes_write_what_one_process_writes(tmp_path, repo_root, one_process):
     two = tmp_path / "two"
-    # A model cache of its own: the launch builds the embedded models itself (on the main process).
-    run_to_end(two, 2, repo_root, f"model_cache={tmp_path / 'models'}")
+    run_to_end(two, 2, repo_root)
     expected, got = snapshot(one_process), snapshot(two)
     assert len(got["candidates.jsonl"]) == 9 and len(got["eval_jobs"]) == 8  # 3 prompts x 3; 2 x 2 x 2 scales
     for key in expected:
@@ -169,6 +168,19 @@ def _process(pid: int) -> psutil.Process | None:
         return psutil.Process(pid)
     except psutil.NoSuchProcess:
         return None
+
+
+@pytest.mark.slow
+def test_a_launch_that_builds_its_models_and_leaves_a_rank_without_prompts(tmp_path, repo_root):
+    """A model cache of its own: the main process builds the embedded models (transformers writes weights
+    only on rank 0, ultralytics runs a barrier on import); one prompt: rank 1 has no unit in three stages and
+    never loads their models, yet takes part in every collective."""
+    run_dir = tmp_path / "one-prompt"
+    run_to_end(run_dir, 2, repo_root, "prompter.n_prompts=1", f"model_cache={tmp_path / 'models'}")
+    assert len(read_jsonl(run_dir / "iterations" / "001" / "judgments.jsonl")) == 3
+    from ccsr.models import model_path
+
+    assert (model_path("ccsr-tiny/llava-next", tmp_path / "models") / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
