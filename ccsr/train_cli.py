@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 from ccsr.config import ConfigError, load_config
+from ccsr.distributed import Ranks
 from ccsr.rundir import RunDir, RunDirError, run_lock
 
 logger = logging.getLogger("ccsr.train_cli")
@@ -34,11 +34,6 @@ EXIT_BAD_INPUT = 2
 
 class TrainCliError(Exception):
     """Anything the user can fix; printed as one line."""
-
-
-def _is_main_process() -> bool:
-    # Launchers (torchrun, accelerate launch) export RANK; read before any process group exists.
-    return os.environ.get("RANK", "0") == "0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,14 +79,15 @@ def train_iteration(run_dir: Path, k: int):
         raise TrainCliError(f"{run.root}: no training {kind} for iteration {k}; nothing to train")
     init = init_lora(cfg, run, k)
     result = train_iteration_lora(cfg, run, k)
-    if _is_main_process():
+    ranks = Ranks.from_env()  # the launcher's WORLD_SIZE and RANK, read before any process group exists
+    if ranks.is_main:
         run.event(
             "train_cli",
             iteration=k,
             pairs=len(examples),
             steps=result.steps,
             final_loss=result.final_loss,
-            num_processes=int(os.environ.get("WORLD_SIZE", "1")),
+            num_processes=ranks.world,
             init_lora=str(init) if init else None,
         )
     return result
@@ -99,7 +95,7 @@ def train_iteration(run_dir: Path, k: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    main_process = _is_main_process()
+    main_process = Ranks.from_env().is_main
     logging.basicConfig(
         level=logging.INFO if main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
