@@ -414,3 +414,14 @@ def test_base_model_training_gives_the_thread_count_back(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_proof_schedule_starts_loops_first_and_dependants_last():
+    from experiments.shapes import proof
+
+    order = proof.schedule(list(proof.DEFAULT_VARIANTS))
+    assert sorted(order) == sorted(proof.DEFAULT_VARIANTS)
+    loops = [n for n in order if proof.VARIANTS[n][1] == "loop"]
+    assert order[: len(loops)] == loops and loops[-1] == "paper"
+    for name, needed in proof.NEEDS.items():
+        assert order.index(needed) < order.index(name)
