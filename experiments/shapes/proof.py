@@ -83,6 +83,13 @@ PAPER_RECIPE = [
     SFT_BATCH,
     "trainer.reward_weighted=false",
 ]
+# Replay (Lee et al.'s pre-training term): the base model's own images of the class's loop captions.
+REPLAY = [
+    "trainer.prior_weight=1",
+    "trainer.prior_images=60",
+    "trainer.prior_prompts="
+    + json.dumps([world.caption(spec) for spec in world.training_specs(PROTOCOL.class_name)]),
+]
 # name -> (what it is, kind, overrides of configs/shapes.yaml). Kinds: "measure" (the base model, drawn and
 # measured), "loop" (a `ccsr run`, then its champion measured), "ground-truth" (after the ccsr variant).
 VARIANTS: dict[str, tuple[str, str, list[str]]] = {
@@ -116,6 +123,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "the ccsr loop's picks (top 3, min score 8) with the plain denoising loss instead of DPO",
         "loop",
         ["trainer.objective=sft", SFT_BATCH],
+    ),
+    "top3-replay": (
+        "the ccsr loop's picks with the plain loss, plus replay: 60 base images of loop captions, weight 1",
+        "loop",
+        ["trainer.objective=sft", SFT_BATCH, *REPLAY],
     ),
     "dpo-sft": (
         "the ccsr loop plus the plain denoising loss on the picks (weight 1)",
