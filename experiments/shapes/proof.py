@@ -205,8 +205,10 @@ def check_variants(variants: list[str]) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    if "ground-truth" in variants and "ccsr" not in variants:
-        raise ValueError("variant ground-truth trains on the prompts of the ccsr run: add ccsr to --variants")
+    for name in variants:
+        needed = NEEDS.get(name)
+        if needed not in (None, "base", *variants):  # the base is always measured
+            raise ValueError(f"variant {name} reads the {needed} run's results: add {needed} to --variants")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -525,7 +527,7 @@ def run_tasks(s: Settings, names: list[str]) -> dict[str, dict]:
     running: dict = {}
     with ProcessPoolExecutor(s.jobs, mp_context=ctx, initializer=_init_worker, initargs=(s.threads,)) as pool:
         while order or running:
-            ready = [n for n in order if NEEDS.get(n) not in order and NEEDS.get(n) not in running.values()]
+            ready = [n for n in order if NEEDS.get(n) not in {*order, *running.values()}]
             while ready and len(running) < s.jobs:
                 name = ready.pop(0)
                 order.remove(name)
