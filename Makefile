@@ -38,7 +38,7 @@ bench: install
 # One iteration at the paper's model sizes with random weights (no download), timed per stage, written to
 # runs/gpu-check/results.json; without CUDA the same at tiny geometry on the CPU (docs/performance.md).
 gpu-check: install
-	TQDM_DISABLE=1 $(PY) -m ccsr.gpu_check
+	TQDM_DISABLE=1 $(PY) -m benchmarks.gpu_check
 
 # The shapes world (docs/proof.md): base model trained from scratch, the loop and its variants, docs/proof.json.
 proof: install

@@ -1,4 +1,4 @@
-"""``python -m ccsr.gpu_check``: the tiny path end to end, the paper geometry's sizes, the estimate's arithmetic."""
+"""``python -m benchmarks.gpu_check``: the tiny path end to end, the paper geometry's sizes, the estimate's arithmetic."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
+from benchmarks.gpu_check import PAPER_CONFIG, estimate_minutes, paper_counts
 from ccsr.config import load_config
-from ccsr.gpu_check import PAPER_CONFIG, estimate_minutes, paper_counts
 from ccsr.rundir import STAGES
 
 
 @pytest.mark.slow
 def test_tiny_geometry_writes_results(tmp_path):
-    """``python -m ccsr.gpu_check`` without CUDA: the tiny path, no network access (the audit hook of
+    """``python -m benchmarks.gpu_check`` without CUDA: the tiny path, no network access (the audit hook of
     tests/test_offline.py), and results.json in the documented schema."""
     from tests.test_offline import OFFLINE_VARS, REPO, SITECUSTOMIZE, assert_offline
 
@@ -35,7 +35,7 @@ def test_tiny_geometry_writes_results(tmp_path):
     )
     out = tmp_path / "gpu-check"
     proc = subprocess.run(
-        [sys.executable, "-m", "ccsr.gpu_check", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -132,7 +132,7 @@ def test_paper_counts_and_estimate_arithmetic():
 
 def test_paper_check_config_keeps_the_paper_settings(tmp_path):
     """The paper geometry's run: paper.yaml's settings, transformers backends, only the counts scaled."""
-    from ccsr.gpu_check import PAPER_ROLES, check_config
+    from benchmarks.gpu_check import PAPER_ROLES, check_config
 
     paths = {key: f"/models/{role}" for key, role in PAPER_ROLES.items()}
     cfg = check_config("paper", tmp_path, paths)

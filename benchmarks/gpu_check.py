@@ -1,6 +1,6 @@
 """``make gpu-check``: one iteration of the real loop at the paper's model sizes, timed stage by stage.
 
-    python -m ccsr.gpu_check [--geometry paper|tiny] [--out runs/gpu-check] [--cache-dir DIR]
+    python -m benchmarks.gpu_check [--geometry paper|tiny] [--out runs/gpu-check] [--cache-dir DIR]
 
 ``--geometry paper`` (the default on a CUDA machine) builds every role of ``configs/paper.yaml`` at its real
 size with random weights (``ccsr.tiny.paper``: SD 2.1-base, Mistral-7B, LLaVA-1.6-Mistral-7B, YOLO-World v2-s,
@@ -358,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("YOLO_VERBOSE", "False")
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m ccsr.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0]
+    )
     parser.add_argument(
         "--geometry", choices=("paper", "tiny"), default=None, help="paper on CUDA, else tiny"
     )
