@@ -3,9 +3,9 @@
     python -m benchmarks.gpu_check [--geometry paper|tiny] [--out runs/gpu-check] [--cache-dir DIR]
 
 ``--geometry paper`` (the default on a CUDA machine) builds every role of ``configs/paper.yaml`` at its real
-size with random weights (``ccsr.tiny.paper``: SD 2.1-base, Mistral-7B, LLaVA-1.6-Mistral-7B, YOLO-World v2-s,
-CLIP ViT-L/14 and ViT-B/32), saves them once into a cache folder, then runs one iteration of ``ccsr.loop``
-with the paper's backends and settings, except that the vLLM prompter is replaced by the transformers one and
+size with random weights (``benchmarks.paper_models``: SD 2.1-base, Mistral-7B, LLaVA-1.6-Mistral-7B,
+YOLO-World v2-s, CLIP ViT-L/14 and ViT-B/32), saves them once into a cache folder, then runs one iteration of
+``ccsr.loop`` with the paper's backends and settings, except that the vLLM prompter is replaced by the transformers one and
 the counts are small (``CHECK_COUNTS``): 8 prompts x 10 candidates at 512 px and 50 steps, the judge and the
 detector on all of them, 100 LoRA steps at batch 18 in fp16, evaluation of 2 prompts x 1 seed at five scales.
 Random weights cost the same FLOPs and memory as trained ones, so the timings are those of the real models.
@@ -48,10 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccsr.config import Config, load_config, save_config, shipped_file
-from ccsr.devices import free_memory
+from ccsr.devices import free_memory, torch_threads
 from ccsr.loop import Loop
 from ccsr.rundir import STAGES, RunDir, atomic_write_json
-from ccsr.tiny.sd import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ CHECK_COUNTS = {
         "seeds": [0],
     },
 }
-# config key -> role of ccsr.tiny.paper (a .pt file inside the folder for the detector)
+# config key -> role of benchmarks.paper_models (a .pt file inside the folder for the detector)
 PAPER_ROLES = {
     "prompter.model": "mistral",
     "generator.model": "stable-diffusion",
@@ -107,8 +106,8 @@ def default_cache_dir() -> Path:
 
 def build_paper_models(cache_dir: Path, device: str, dtype) -> dict[str, str]:
     """Every role at the paper's size, built once into ``cache_dir``; returns config key -> path."""
+    from benchmarks.paper_models import BUILD_VERSION, YOLO_WORLD_FILE, build_paper_role
     from ccsr.models import build_once
-    from ccsr.tiny.paper import BUILD_VERSION, YOLO_WORLD_FILE, build_paper_role
 
     paths = {}
     for role in sorted(set(PAPER_ROLES.values())):
@@ -319,7 +318,7 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
     save_config(cfg, run.config_path)
     loop = MeasuredLoop(cfg, run)
     # The tiny models' ops are too small for a second thread; on a busy 2-core box two threads made this run
-    # 15x slower (measured: 164 s against 11 s), so the CPU check runs on one (``ccsr.tiny.sd.torch_threads``).
+    # 15x slower (measured: 164 s against 11 s), so the CPU check runs on one (``ccsr.devices.torch_threads``).
     threads = torch_threads(1) if geometry == "tiny" else nullcontext()
     with threads, loop.timed_loading():
         loop.run_iterations(1)

@@ -2,8 +2,8 @@
 
 The class name is embedded offline with the CLIP text tower through transformers (``detector.text_model``:
 ``openai/clip-vit-base-patch32`` for the real YOLO-World, ``ccsr-tiny/clip`` for the tiny one) and handed to
-the model as its text features. ultralytics' own ``set_classes`` would instead install OpenAI's ``clip``
-package from git and download its weights, which fails offline.
+the model as its text features (``ccsr.class_embeddings``). ultralytics' own ``set_classes`` would instead
+install OpenAI's ``clip`` package from git and download its weights, which fails offline.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ccsr.class_embeddings import set_class_embedding, text_embeddings
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -38,28 +40,6 @@ def find_model_file(path: str | Path) -> Path:
         f"detector.model: {path} is not a .pt file or a folder with one; download the YOLO-World weights "
         "(e.g. yolov8s-worldv2.pt) and give their local path"
     )
-
-
-def text_embeddings(clip_path: str | Path, names: list[str], device=None):
-    """L2-normalised CLIP text embeddings, shape (len(names), projection_dim): YOLO-World's class input."""
-    import torch
-    from transformers import CLIPModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(clip_path))
-    model = CLIPModel.from_pretrained(str(clip_path)).to(device or "cpu").eval()
-    tokens = tokenizer(names, padding=True, truncation=True, return_tensors="pt").to(device or "cpu")
-    with torch.no_grad():
-        out = model.get_text_features(**tokens)
-    # transformers 5 returns an output object with the projected embedding in pooler_output; 4.x a tensor.
-    feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
-
-
-def set_class_embedding(model, feats, name: str) -> None:
-    """Point a WorldModel at one class: what ``set_classes`` does, minus its CLIP download."""
-    model.txt_feats = feats.reshape(1, 1, -1).float().clone()
-    model.model[-1].nc = 1
-    model.names = {0: name}
 
 
 class YoloWorldDetector:

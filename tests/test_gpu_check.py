@@ -4,45 +4,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from benchmarks.gpu_check import PAPER_CONFIG, estimate_minutes, paper_counts
 from ccsr.config import load_config
 from ccsr.rundir import STAGES
+from tests.helpers import assert_offline, run_guarded
 
 
 @pytest.mark.slow
 def test_tiny_geometry_writes_results(tmp_path):
-    """``python -m benchmarks.gpu_check`` without CUDA: the tiny path, no network access (the audit hook of
-    tests/test_offline.py), and results.json in the documented schema."""
-    from tests.test_offline import OFFLINE_VARS, REPO, SITECUSTOMIZE, assert_offline
-
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
-    log = tmp_path / "network.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS and k != "CUDA_VISIBLE_DEVICES"}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(hook), str(REPO)]),
-        CCSR_NETWORK_LOG=str(log),
-        HF_HOME=str(tmp_path / "hf-home"),
-        YOLO_CONFIG_DIR=str(tmp_path / "yolo-config"),
-        CUDA_VISIBLE_DEVICES="",  # the default geometry without CUDA, even on a GPU machine
-    )
+    """``python -m benchmarks.gpu_check`` without CUDA: the tiny path, no network access (the offline guard
+    of tests/helpers.py), and results.json in the documented schema."""
     out = tmp_path / "gpu-check"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    proc, events = run_guarded(
+        tmp_path,
+        "benchmarks.gpu_check",
+        ["--out", str(out)],
         timeout=300,
+        env={"CUDA_VISIBLE_DEVICES": ""},  # the default geometry without CUDA, even on a GPU machine
     )
-    events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     assert_offline(proc, events)
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["geometry"] == "tiny"
@@ -74,11 +56,16 @@ PAPER_SIZES = (
 )
 
 
+def parameter_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def test_paper_geometry_parameter_counts():
-    """The config dicts of ``ccsr.tiny.paper`` on the meta device: nothing allocated, sizes as published."""
+    """The config dicts of ``benchmarks.paper_models`` on the meta device: nothing allocated, sizes as
+    published."""
     import torch
 
-    from ccsr.tiny.paper import paper_model, parameter_count, yolo_world_model
+    from benchmarks.paper_models import paper_model, yolo_world_model
 
     for part, low, high in PAPER_SIZES:
         with torch.device("meta"):
@@ -91,8 +78,8 @@ def test_paper_geometry_parameter_counts():
 
 def test_paper_geometry_token_ids_fit():
     """The project's tokenizers produce ids inside the paper-size models' vocabularies."""
+    from benchmarks.paper_models import CLIP_VIT_L14, LLAVA_16_MISTRAL, MISTRAL_7B, OPENCLIP_H_TEXT
     from ccsr.tiny.llava import IMAGE_TOKEN
-    from ccsr.tiny.paper import CLIP_VIT_L14, LLAVA_16_MISTRAL, MISTRAL_7B, OPENCLIP_H_TEXT
     from ccsr.tiny.sd import build_clip_tokenizer
     from ccsr.tiny.tokenizer import build_tokenizer
 

@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from ccsr.tiny.sd import torch_threads
+from ccsr.devices import torch_threads
 from ccsr.tiny.tokenizer import SCENES, STYLE, SUBJECTS, build_tokenizer
 
 logger = logging.getLogger(__name__)

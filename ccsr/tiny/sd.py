@@ -8,9 +8,7 @@ on a GPU box. Images are noise-like; they exist to exercise the loop, not to loo
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,25 +19,6 @@ logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77  # CLIP's text context length, as in every SD text encoder
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-@contextlib.contextmanager
-def torch_threads(n: int = 1) -> Iterator[None]:
-    """Run a builder's compute on ``n`` threads, then restore the previous count.
-
-    The builders that compute (the Mistral fit, the YOLO-World calibration) use one thread: their ops are
-    tiny, so a second thread buys nothing, and on a busy 2-core box it made them 3-13x slower (measured:
-    YOLO-World build 8 s on one thread, 104 s on two). It also makes the weights independent of the core
-    count, which changes float summation order (the calibrated head bias moved in the 3rd decimal).
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def byte_chars() -> list[str]:

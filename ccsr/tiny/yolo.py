@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ccsr.detector import set_class_embedding, text_embeddings
+from ccsr.class_embeddings import set_class_embedding, text_embeddings
+from ccsr.devices import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ TARGET_LOGIT = math.log(TARGET_CONFIDENCE / (1 - TARGET_CONFIDENCE))
 
 def build_yolo_world(out_dir: Path, seed: int = 0) -> None:
     """Write ``out_dir/yolo-world.pt`` (ultralytics' model format), calibrated as described above."""
-    from ccsr.tiny.sd import torch_threads
-
     with torch_threads(1):
         _build(Path(out_dir), seed)
 

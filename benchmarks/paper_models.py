@@ -1,4 +1,4 @@
-"""Random-weight models at the paper's real sizes, for ``python -m ccsr.gpu_check`` (no download).
+"""Random-weight models at the paper's real sizes, for ``python -m benchmarks.gpu_check`` (no download).
 
 Every role of ``configs/paper.yaml`` is built from the architecture hyper-parameters below (hidden sizes,
 layer counts, heads, vocabulary sizes of the public model configs), with random weights, and saved in the
@@ -163,7 +163,7 @@ CLIP_VIT_B32 = {
 YOLO_WORLD_CFG = "yolov8s-worldv2.yaml"  # ultralytics' own architecture file; the "s" picks the scale
 YOLO_WORLD_FILE = "yolo-world.pt"
 
-# role -> folder name under the cache; the config key each one fills is in ccsr.gpu_check.
+# role -> folder name under the cache; the config key each one fills is in benchmarks.gpu_check.
 ROLES = ("stable-diffusion", "mistral", "llava-next", "clip-vit-l-14", "clip-vit-b-32", "yolo-world")
 BUILD_VERSION = "1"
 
@@ -318,13 +318,9 @@ def yolo_world_model():
 def _build_yolo_world(out_dir: Path, seed: int) -> None:
     import torch
 
-    from ccsr.detector import set_class_embedding
+    from ccsr.class_embeddings import set_class_embedding
 
     yolo = yolo_world_model()
     feats = torch.nn.functional.normalize(torch.randn(CLIP_VIT_B32["projection_dim"]), dim=0)
     set_class_embedding(yolo.model, feats, "object")  # replaced by the detector's own class at run time
     yolo.save(out_dir / YOLO_WORLD_FILE)
-
-
-def parameter_count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
