@@ -40,14 +40,14 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccsr.config import Config, load_config, save_config, shipped_file
+from benchmarks.common import fresh_loop
+from ccsr.config import Config, load_config, shipped_file
 from ccsr.devices import free_memory, torch_threads
 from ccsr.loop import Loop
 from ccsr.rundir import STAGES, RunDir, atomic_write_json
@@ -310,13 +310,8 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
     cfg = check_config(geometry, out, model_paths)
     build_embedded(cfg)  # built once, outside the timed run
     build_seconds = time.perf_counter() - start
-    root = out / "run"
-    if root.exists():
-        shutil.rmtree(root)
-    run = RunDir(root)
-    run.root.mkdir(parents=True)
-    save_config(cfg, run.config_path)
-    loop = MeasuredLoop(cfg, run)
+    loop = fresh_loop(cfg, out / "run", MeasuredLoop)
+    run = loop.run
     # The tiny models' ops are too small for a second thread; on a busy 2-core box two threads made this run
     # 15x slower (measured: 164 s against 11 s), so the CPU check runs on one (``ccsr.devices.torch_threads``).
     threads = torch_threads(1) if geometry == "tiny" else nullcontext()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,21 +20,14 @@ RESULTS = Path("runs/bench/results.json")
 
 def bench_iteration() -> dict:
     """Wall time of each stage of one tiny iteration, and the share spent outside model calls."""
-    from ccsr.config import REPO_ROOT, load_config, save_config
-    from ccsr.loop import Loop
+    from benchmarks.common import fresh_loop
+    from ccsr.config import REPO_ROOT, load_config
     from ccsr.models import build_embedded
-    from ccsr.rundir import RunDir
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", class_name="giraffe")
     cfg.iterations = 1
     build_embedded(cfg)  # build once, outside the timed run
-    root = Path("runs/bench/iteration")
-    if root.exists():
-        shutil.rmtree(root)
-    run = RunDir(root)
-    run.root.mkdir(parents=True)
-    save_config(cfg, run.config_path)
-    loop = Loop(cfg, run)
+    loop = fresh_loop(cfg, Path("runs/bench/iteration"))
     start = time.perf_counter()
     loop.run_iterations(1)
     total = time.perf_counter() - start

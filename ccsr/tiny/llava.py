@@ -157,13 +157,9 @@ def llava_processor(tokenizer, crop: int, patch: int, pinpoints: list[list[int]]
 def build_llava_next(out_dir: Path, seed: int = 0, geometry: str = "tiny") -> None:
     """Write a loadable LLaVA-Next folder (safetensors + processor + chat template) to ``out_dir``."""
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        MistralConfig,
-    )
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
+    from ccsr.tiny.llm import tiny_mistral_config
     from ccsr.tiny.tokenizer import build_tokenizer
 
     crop, patch, pinpoints = GEOMETRIES[geometry]
@@ -179,20 +175,8 @@ def build_llava_next(out_dir: Path, seed: int = 0, geometry: str = "tiny") -> No
         patch_size=patch,
         projection_dim=32,
     )
-    text = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    # No sliding window, as in Mistral-7B-Instruct-v0.2, the text model of LLaVA-1.6-Mistral.
+    text = tiny_mistral_config(tokenizer, max_positions=8192, sliding_window=None)
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,

@@ -63,28 +63,37 @@ def _training_chats(rng: random.Random, n_chats: int) -> list[list[dict[str, str
     return chats
 
 
-def build_mistral(out_dir: Path, seed: int = 0) -> None:
-    """Write a loadable tiny Mistral (safetensors + tokenizer + chat template) to ``out_dir``."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
+def tiny_mistral_config(tokenizer, max_positions: int, **fields):
+    """The toy-size Mistral of the prompter and of the judge's language tower: vocabulary and special ids
+    from ``tokenizer`` (``ccsr.tiny.tokenizer``), ``max_positions`` positions; ``fields`` are further
+    ``MistralConfig`` fields."""
+    from transformers import MistralConfig
 
-    out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(out_dir)
-    torch.manual_seed(seed)
-    config = MistralConfig(
+    return MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **fields,
     )
-    model = MistralForCausalLM(config)
+
+
+def build_mistral(out_dir: Path, seed: int = 0) -> None:
+    """Write a loadable tiny Mistral (safetensors + tokenizer + chat template) to ``out_dir``."""
+    import torch
+    from transformers import MistralForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(tiny_mistral_config(tokenizer, max_positions=2048))
     _fit_numbered_lists(model, tokenizer, seed)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
