@@ -3,7 +3,8 @@
 The embedded default is a set of tiny random-weight models of the real architectures, built offline and
 deterministically (fixed seed) by ``ccsr/tiny/`` into ``<cache>/<name>-v<BUILD_VERSION>`` the first time they
 are needed, then loaded by the same ``from_pretrained`` / model-file code as a real checkpoint. This module is
-the only runtime module that reaches the tiny builders; every other name is returned unchanged.
+the only runtime module that reaches the tiny builders (``tests/test_layering.py`` holds the package to that);
+every other name is returned unchanged.
 """
 
 from __future__ import annotations
