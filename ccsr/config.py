@@ -539,6 +539,17 @@ MOVED_KEYS = {
 }
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time only: a command reads a run's saved config.yaml several
+    times (to resume, for the status it prints), and one line says it all."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
 def _move_old_keys(data: dict[str, Any], source: str) -> list[str]:
     """Rename the ``MOVED_KEYS`` found in ``data`` (a config's YAML) in place; returns the old keys found."""
     found = []
@@ -595,9 +606,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), class_name: 
     if overrides:
         source += " (with --set overrides)"
     if moved:
-        renames = ", ".join(f"{old} as {MOVED_KEYS[old]}" for old in dict.fromkeys(moved))
-        logger.warning(
-            "%s: read the old keys %s (the filter's rules have a section of their own now)", source, renames
+        _warn_once(
+            f"{source}: read the old keys "
+            + ", ".join(f"{old} as {MOVED_KEYS[old]}" for old in dict.fromkeys(moved))
+            + " (the filter's rules have a section of their own now)"
         )
     return _fill(Config, data, source)
 

@@ -191,7 +191,7 @@ def test_vllm_memory_share_and_device_index(repo_root):
     assert load_config(tiny, ["device=cuda:2"]).device == "cuda:2"  # transformers takes the index
 
 
-def test_the_filter_rules_load_from_their_old_keys_with_one_warning(repo_root, tmp_path, caplog):
+def test_the_filter_rules_load_from_their_old_keys_with_one_warning(repo_root, tmp_path, caplog, monkeypatch):
     """judge.top_k, judge.min_score, judge.tie_break and detector.threshold were the filter's keys before it
     had a section: a file or an override naming them still loads, with one warning naming old and new."""
     import logging
@@ -200,8 +200,10 @@ def test_the_filter_rules_load_from_their_old_keys_with_one_warning(repo_root, t
 
     old = tmp_path / "old.yaml"
     old.write_text("judge:\n  top_k: 3\n  min_score: 8\n  tie_break: p_yes\ndetector:\n  threshold: 0.5\n")
+    monkeypatch.setattr("ccsr.config._warned", set())  # warnings this process gave before do not count
     with caplog.at_level(logging.WARNING):
         cfg = load_config(old)
+        load_config(old)  # read again (a resumed run reads its config.yaml more than once): no second line
     f = cfg.filter
     assert (f.top_k, f.min_score, f.tie_break, f.detection_threshold) == (3, 8, "p_yes", 0.5)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
