@@ -1,9 +1,10 @@
 """Command line: ``ccsr run | daemon | status | generate | validate``.
 
-Bad input of any kind ends in one line on stderr naming the problem and the fix, exit code 2, no traceback
-(``--debug`` shows it), and nothing written: every check runs before the run directory is created. A full
-disk ends the same way (one line, exit code 1); atomic commits leave no temp or torn files behind, so the
-same command continues once there is space again.
+Bad input of any kind (``ccsr.inputs.UserError``, a ``ConfigError``, a ``RunDirError``) ends in one line on
+stderr naming the problem and the fix, exit code 2, no traceback (``--debug`` shows it), and nothing written:
+every check (``ccsr.inputs``) runs before the run directory is created. A full disk ends the same way (one
+line, exit code 1); atomic commits leave no temp or torn files behind, so the same command continues once
+there is space again.
 
 Nothing here imports a hub library (huggingface_hub, transformers, diffusers, ultralytics) at module level:
 the offline switches are read by those libraries at import time and are set only once the config is known.

@@ -134,7 +134,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "loop",
         ["trainer.dpo_sft_weight=1"],
     ),
-    "no-detector": ("detector threshold 0: no image is filtered out", "loop", ["filter.detection_threshold=0"]),
+    "no-detector": (
+        "detector threshold 0: no image is filtered out",
+        "loop",
+        ["filter.detection_threshold=0"],
+    ),
     "no-gate": ("every LoRA is accepted, better or not", "loop", ["gate.enabled=false"]),
     "ground-truth": (
         "one LoRA on correct renders of the ccsr run's prompts, the ccsr run's total steps",
