@@ -15,7 +15,7 @@ counts, in well under two minutes; peak GPU memory is then null.
 
 Two settings differ from the paper for the sake of random weights, neither changes the work per item: the
 detector threshold is 0, so every prompt's best images pass (a random detector's confidence is arbitrary and
-the train stage would otherwise have nothing to train on), and ``judge.top_k`` keeps several images per
+the train stage would otherwise have nothing to train on), and ``filter.top_k`` keeps several images per
 prompt so that the few prompts give at least one full training batch. The prompter asks for one prompt per
 completion, so that each call samples four completions (the batch a trained prompter's first calls have). The validation prompts are read from a
 file (``validation.txt`` in the output folder) so that the evaluation's size does not depend on the prompter.
@@ -144,8 +144,8 @@ def check_config(geometry: str, out: Path, model_paths: dict[str, str] | None = 
     cfg.prompter.n_validation = counts["n_validation"]
     cfg.prompter.max_new_tokens = counts["max_new_tokens"]
     cfg.generator.num_candidates = counts["num_candidates"]
-    cfg.judge.top_k = counts["top_k"]
-    cfg.detector.threshold = 0.0
+    cfg.filter.top_k = counts["top_k"]
+    cfg.filter.detection_threshold = 0.0
     cfg.trainer.max_steps = counts["max_steps"]
     cfg.evaluator.seeds = list(counts["seeds"])
     cfg.validate()

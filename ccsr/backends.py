@@ -1,8 +1,8 @@
-"""Backends by name. Heavy libraries are imported only when their backend is used.
+"""Backends by name, built. Heavy libraries are imported only when their backend is used.
 
-A config's ``<role>.backend`` is either a name of this table or an import path ``package.module:Class`` of a
-backend outside the package (an experiment's, such as ``experiments.shapes.backends:MeasuringJudge``). Either
-way the class takes the whole resolved ``Config`` and implements the role's interface.
+Which backends fill each role, and which config keys name a model, is ``ccsr.roles``; this module turns a
+config's ``<role>.backend`` into an object. Either way (a name of the table or an import path
+``package.module:Class``) the class takes the whole resolved ``Config`` and implements the role's interface.
 
 A backend class names the models it loads by their config keys: ``model_keys = ("judge.model",)``, ``()`` for
 one that loads none. The command line checks those models (and decides whether the run needs the network)
@@ -14,42 +14,13 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import typing
 from typing import TYPE_CHECKING, Any
+
+from ccsr.devices import keep_cpu_threads
+from ccsr.roles import BACKENDS, backend_target, section_model_keys
 
 if TYPE_CHECKING:
     from ccsr.config import Config
-
-BACKENDS = {
-    "prompter": {
-        "transformers": "ccsr.prompter:TransformersPrompter",
-        "vllm": "ccsr.prompter_vllm:VLLMPrompter",
-    },
-    "generator": {"diffusers": "ccsr.generator:DiffusersGenerator"},
-    "judge": {
-        "transformers": "ccsr.judge:TransformersJudge",
-        "vllm": "ccsr.judge_vllm:VLLMJudge",
-    },
-    "detector": {"yolo_world": "ccsr.detector:YoloWorldDetector"},
-}
-
-
-def is_import_path(name: str) -> bool:
-    """``package.module:Class``: a backend named by where it lives rather than by a name of the table."""
-    module, sep, cls = name.partition(":")
-    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and cls.isidentifier()
-
-
-def backend_target(role: str, name: str) -> str:
-    """The ``module:Class`` of a backend name; raises ValueError naming the choices for an unknown one."""
-    if name in BACKENDS[role]:
-        return BACKENDS[role][name]
-    if is_import_path(name):
-        return name
-    raise ValueError(
-        f"unknown {role} backend {name!r}: use one of {', '.join(BACKENDS[role])} "
-        "or an import path package.module:Class"
-    )
 
 
 def backend_class(role: str, name: str) -> type:
@@ -72,16 +43,11 @@ def backend_class(role: str, name: str) -> type:
 def loaded_model_keys(role: str, cls: type) -> tuple[str, ...]:
     """The config keys of the models a backend class loads: its ``model_keys``, else every model key of its
     role's section (``judge.model``; ``detector.model`` and ``detector.text_model``)."""
-    from ccsr.config import Config
-
     keys = getattr(cls, "model_keys", None)
-    if keys is None:
-        keys = tuple(f"{role}.{name}" for name in typing.get_type_hints(Config)[role].model_fields)
-    return tuple(keys)
+    return section_model_keys(role) if keys is None else tuple(keys)
 
 
 def load_backend(role: str, cfg: Config) -> Any:
-    from ccsr.devices import keep_cpu_threads
-
+    """The backend ``cfg`` names for ``role``, built (its models loaded)."""
     with keep_cpu_threads():  # some libraries change torch's thread count on import
         return backend_class(role, getattr(cfg, role).backend)(cfg)

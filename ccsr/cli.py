@@ -1,9 +1,10 @@
 """Command line: ``ccsr run | daemon | status | generate | validate``.
 
-Bad input of any kind ends in one line on stderr naming the problem and the fix, exit code 2, no traceback
-(``--debug`` shows it), and nothing written: every check runs before the run directory is created. A full
-disk ends the same way (one line, exit code 1); atomic commits leave no temp or torn files behind, so the
-same command continues once there is space again.
+Bad input of any kind (``ccsr.inputs.UserError``, a ``ConfigError``, a ``RunDirError``) ends in one line on
+stderr naming the problem and the fix, exit code 2, no traceback (``--debug`` shows it), and nothing written:
+every check (``ccsr.inputs``) runs before the run directory is created. A full disk ends the same way (one
+line, exit code 1); atomic commits leave no temp or torn files behind, so the same command continues once
+there is space again.
 
 Nothing here imports a hub library (huggingface_hub, transformers, diffusers, ultralytics) at module level:
 the offline switches are read by those libraries at import time and are set only once the config is known.
@@ -23,9 +24,9 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn
 
-from ccsr.config import Config, ConfigError, load_config, model_keys, resolve_data_path, save_config
+from ccsr.config import Config, ConfigError, load_config, save_config
 from ccsr.distributed import Ranks
-from ccsr.inputs import InputError
+from ccsr.inputs import UserError, check_config, check_models, set_offline
 from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name
 
 logger = logging.getLogger("ccsr")
@@ -33,37 +34,12 @@ logger = logging.getLogger("ccsr")
 EXIT_BAD_INPUT = 2
 EXIT_DISK_FULL = 1
 
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "YOLO_OFFLINE")
-
-
-class UserError(Exception):
-    """Anything the user can fix; printed as one line."""
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line too (usage text stays behind ``--help``)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"ccsr: error: {message} (see {self.prog} --help)\n")
-
-
-def set_offline(cfg: Config) -> None:
-    """Set the hub/ultralytics offline switches when the config asks for it or every model is on disk.
-
-    The libraries read these variables when they are imported (ultralytics without YOLO_OFFLINE does DNS
-    look-ups on import), so this runs before any of them is imported: deciding needs no hub library (see
-    ``all_models_local``). For an in-process caller that imported huggingface_hub already, its module-level
-    flag is switched too.
-    """
-    if cfg.offline or all_models_local(cfg):
-        for var in OFFLINE_VARS:
-            os.environ[var] = "1"
-        hub_constants = sys.modules.get("huggingface_hub.constants")
-        if hub_constants is not None:
-            hub_constants.HF_HUB_OFFLINE = True
-    os.environ.setdefault("YOLO_VERBOSE", "False")
-    # Model-loading bars of the libraries drown ccsr's own per-stage bars.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 class _RunLogHandler(RotatingFileHandler):
@@ -112,210 +88,6 @@ def _remove_log_handlers() -> None:
         if isinstance(handler, logging.FileHandler):
             handler.close()
     logging.captureWarnings(False)
-
-
-# --- cheap checks of the models a config names (file names only: no weights are loaded) ---------------
-# What a local folder named by a model key must be: (what it is, a file it must hold, accepted config.json
-# model_type prefixes). detector.model is a YOLO-World .pt file instead (_check_detector).
-MODEL_FOLDERS = {
-    "prompter.model": ("a causal language model folder", "config.json", ()),
-    "generator.model": ("a diffusers Stable Diffusion folder", "model_index.json", ()),
-    "judge.model": ("a LLaVA-Next folder", "config.json", ("llava",)),
-    "detector.text_model": ("a CLIP folder", "config.json", ("clip",)),
-    "evaluator.model": ("a CLIP folder", "config.json", ("clip",)),
-}
-# Loaded whatever the backends: the trainer fine-tunes generator.model, the evaluation's CLIP score.
-_ALWAYS_LOADED = ("generator.model", "evaluator.model")
-# The parts of a Stable Diffusion folder the pipeline loads, each with the config file it must hold (the
-# tokenizer's files vary: it must just not be empty). unet, vae and text_encoder hold weights too.
-SD_PARTS = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "scheduler": "scheduler_config.json",
-    "tokenizer": None,
-}
-_SD_WEIGHTED = ("unet", "vae", "text_encoder")
-
-
-def _value(cfg: Config, key: str) -> str | None:
-    section, field_name = key.split(".")
-    return getattr(getattr(cfg, section), field_name)
-
-
-def _on_disk(name: str) -> bool:
-    from ccsr.models import is_embedded
-
-    return is_embedded(name) or Path(name).expanduser().exists()
-
-
-def _is_hub_id(name: str) -> bool:
-    """``name`` or ``org/name`` by the hub's own rules. Imports huggingface_hub: call after ``set_offline``."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _models_in_use(cfg: Config) -> list[str]:
-    """The model keys this config's run loads, in config order: each backend class's ``model_keys``."""
-    from ccsr.backends import BACKENDS, backend_class, loaded_model_keys
-
-    in_use = set(_ALWAYS_LOADED)
-    for role in BACKENDS:
-        try:
-            in_use.update(loaded_model_keys(role, backend_class(role, getattr(cfg, role).backend)))
-        except ValueError as exc:
-            raise UserError(f"{role}.backend: {exc}") from None
-    return [key for key in model_keys() if key in in_use]
-
-
-def all_models_local(cfg: Config) -> bool:
-    """True when every model the run loads is embedded or an existing file or folder.
-
-    Any other name is a hub id or an ultralytics asset name, both downloads, or no model at all, which
-    ``check_models`` refuses before anything runs: either way the run is not an offline one. So this needs
-    no hub library, and can run before the offline switches are set.
-    """
-    return all(_on_disk(_value(cfg, key)) for key in _models_in_use(cfg))
-
-
-def _check_readable(key: str, path: Path) -> None:
-    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
-        raise UserError(f"{key}: {path} cannot be read (permission denied); fix its permissions")
-
-
-def _check_tiny(key: str, name: str) -> None:
-    from ccsr.models import BUILDERS, PREFIX
-
-    if name[len(PREFIX) :] not in BUILDERS:
-        known = ", ".join(PREFIX + k for k in BUILDERS)
-        raise UserError(
-            f"{key}: unknown embedded model {name!r}; use one of {known}, a local folder or a hub id"
-        )
-
-
-def _check_folder(key: str, name: str) -> None:
-    from ccsr.models import is_embedded
-
-    what, required, model_types = MODEL_FOLDERS[key]
-    if is_embedded(name):
-        return _check_tiny(key, name)
-    path = Path(name).expanduser()
-    if not path.exists():
-        if not _is_hub_id(name):
-            raise UserError(f"{key}: {name} does not exist; give {what} or a hub id")
-        return  # a hub id: resolved (or refused, offline) by the library when the model is loaded
-    if not path.is_dir():
-        raise UserError(f"{key}: {name} is a file; give {what} (holding {required})")
-    _check_readable(key, path)
-    if not (path / required).is_file():
-        raise UserError(f"{key}: {name} holds no {required}, so it is not {what}; point it at {what}")
-    if model_types:
-        try:
-            model_type = str(json.loads((path / required).read_text(encoding="utf-8")).get("model_type", ""))
-        except (OSError, ValueError, AttributeError):
-            raise UserError(
-                f"{key}: {path / required} is not a readable JSON config; fix or replace it"
-            ) from None
-        if not model_type.startswith(model_types):
-            raise UserError(
-                f"{key}: {name} holds a {model_type or 'untyped'} model, not {what}; point it at {what}"
-            )
-    _check_model_files(key, name, path)
-
-
-def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-
-
-def _check_model_files(key: str, name: str, path: Path) -> None:
-    """The files a model folder of the right kind must also hold: its weights, and in a Stable Diffusion
-    folder every part the pipeline loads. By name only; nothing is read."""
-    incomplete = "the model folder is incomplete: copy or download it again"
-    if key != "generator.model":
-        if not _has_weights(path):
-            raise UserError(f"{key}: {name} holds no weights (*.safetensors or *.bin); {incomplete}")
-        return
-    for part, config in SD_PARTS.items():
-        folder = path / part
-        if not folder.is_dir() or not any(folder.iterdir()):
-            raise UserError(f"{key}: {name} has no {part} folder (or an empty one); {incomplete}")
-        if config is not None and not (folder / config).is_file():
-            raise UserError(f"{key}: {name} holds no {part}/{config}; {incomplete}")
-        if part in _SD_WEIGHTED and not _has_weights(folder):
-            raise UserError(f"{key}: {name} holds no {part} weights (*.safetensors or *.bin); {incomplete}")
-
-
-def _check_detector(cfg: Config) -> None:
-    """YOLO-World: a ``.pt`` file, or a folder holding one (ultralytics' own format)."""
-    from ccsr.models import is_embedded
-
-    key, name = "detector.model", cfg.detector.model
-    if is_embedded(name):
-        return _check_tiny(key, name)
-    path = Path(name).expanduser()
-    if not path.exists():
-        # ultralytics downloads a bare asset name such as yolov8s-worldv2.pt (a name with a slash is a path);
-        # offline that cannot work.
-        if "/" in name or os.sep in name or cfg.offline:
-            raise UserError(
-                f"{key}: {name} does not exist; give a local YOLO-World .pt file"
-                + (" (offline: true forbids ultralytics' download)" if cfg.offline else "")
-            )
-        return
-    _check_readable(key, path)
-    if path.is_dir():
-        found = len(list(path.glob("*.pt")))
-        if found != 1:
-            raise UserError(
-                f"{key}: {name} holds {found or 'no'} .pt files; give a YOLO-World .pt file or a folder with one"
-            )
-    elif path.suffix != ".pt":
-        raise UserError(f"{key}: {name} is not a .pt file; give a YOLO-World .pt file or a folder with one")
-
-
-def check_models(cfg: Config) -> None:
-    """Every model the run loads must be a known embedded model, a hub id, or a local folder of the right
-    kind. Judged from the files a folder holds, without loading weights; hub ids are not looked up. Imports
-    huggingface_hub for a name that is not on disk: call after ``set_offline``."""
-    for key in _models_in_use(cfg):
-        if key == "detector.model":
-            _check_detector(cfg)
-        else:
-            _check_folder(key, _value(cfg, key))
-
-
-def check_data_files(cfg: Config) -> None:
-    """The prompter's data files and the question set must exist and the question set must validate."""
-    from ccsr.questions import QuestionSet
-
-    for key in ("prompter.system_prompt", "prompter.examples", "prompter.validation_file"):
-        value = _value(cfg, key)
-        if value is not None and not resolve_data_path(value).is_file():
-            raise UserError(f"{key}: file {value} not found; give an existing file (see prompts/)")
-    validation = cfg.prompter.validation_file
-    if validation is not None:
-        try:
-            text = resolve_data_path(validation).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"prompter.validation_file: {validation} cannot be read ({exc})") from None
-        if not text.strip():  # the evaluation would have no prompt to score, the gate nothing to compare
-            raise UserError(
-                f"prompter.validation_file: {validation} holds no prompt; give one prompt per line"
-            )
-    try:
-        QuestionSet.load(resolve_data_path(cfg.judge.questions))
-    except ValueError as exc:  # QuestionSet names the file, the question and the problem
-        raise UserError(f"judge.questions: {exc}") from None
-
-
-def check_config(cfg: Config) -> None:
-    check_models(cfg)
-    check_data_files(cfg)
 
 
 def _load(args) -> Config:
@@ -546,10 +318,10 @@ def cmd_generate(args) -> int:
         check_lora(args.lora, cfg.generator.model, cfg.model_cache)
     paths = _output_paths(Path(args.out), args.num)
     _setup_logging(**_log_options(args))
-    from ccsr.generator import DiffusersGenerator
+    from ccsr.backends import load_backend
     from ccsr.rundir import atomic_save_image
 
-    gen = DiffusersGenerator(cfg)
+    gen = load_backend("generator", cfg)
     seeds = [args.seed + i for i in range(args.num)]
     rows = [gen.images([args.prompt] * args.num, seeds, lora=args.lora, scale=sc) for sc in scales]
     for i, path in enumerate(paths):
@@ -772,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (UserError, ConfigError, RunDirError, InputError) as exc:
+    except (UserError, ConfigError, RunDirError) as exc:
         if args.debug:
             raise
         print(f"ccsr: error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import logging
 import math
 import re
 import types
@@ -20,13 +21,15 @@ from typing import Any, ClassVar
 
 import yaml
 
-from ccsr.backends import backend_target, is_import_path
+from ccsr.roles import MODEL_KEYS, backend_target, is_import_path, section_model_keys
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 # The source tree: a checkout or an editable install, where prompts/ and configs/ sit beside the package.
 REPO_ROOT = PACKAGE_ROOT.parent
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -41,17 +44,14 @@ class _Section:
     """
 
     section: ClassVar[str] = ""  # the section's key ("generator"); "" for the top level
-    model_fields: ClassVar[tuple[str, ...]] = ()  # fields naming a model: hub id, local folder or ccsr-tiny/*
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        for name in self.model_fields:
-            if not getattr(self, name).strip():
-                raise ConfigError(
-                    f"'{self._key(name)}' is empty; give a hub id, a local folder or ccsr-tiny/<name>"
-                )
+        for key in section_model_keys(self.section):  # the fields naming a model (ccsr.roles.MODEL_KEYS)
+            if not getattr(self, key.split(".")[1]).strip():
+                raise ConfigError(f"'{key}' is empty; give a hub id, a local folder or ccsr-tiny/<name>")
 
     def _key(self, name: str) -> str:
         return f"{self.section}.{name}" if self.section else name
@@ -81,7 +81,7 @@ class _Section:
             self._require(0.0 <= getattr(self, name) <= 1.0, name, "must be within [0, 1]")
 
     def _backend(self) -> None:
-        """A name of the backend table (``ccsr.backends.BACKENDS``) or an import path ``package.module:Class``."""
+        """A name of the backend table (``ccsr.roles.BACKENDS``) or an import path ``package.module:Class``."""
         try:
             backend_target(self.section, self.backend)
         except ValueError as exc:
@@ -91,7 +91,6 @@ class _Section:
 @dataclass
 class PrompterConfig(_Section):
     section: ClassVar[str] = "prompter"
-    model_fields: ClassVar[tuple[str, ...]] = ("model",)
 
     backend: str = "transformers"
     model: str = "ccsr-tiny/mistral"
@@ -127,7 +126,6 @@ class PrompterConfig(_Section):
 @dataclass
 class GeneratorConfig(_Section):
     section: ClassVar[str] = "generator"
-    model_fields: ClassVar[tuple[str, ...]] = ("model",)
 
     backend: str = "diffusers"
     model: str = "ccsr-tiny/stable-diffusion"
@@ -153,19 +151,11 @@ class GeneratorConfig(_Section):
 @dataclass
 class JudgeConfig(_Section):
     section: ClassVar[str] = "judge"
-    model_fields: ClassVar[tuple[str, ...]] = ("model",)
 
     backend: str = "transformers"
     model: str = "ccsr-tiny/llava-next"
     questions: str = "prompts/questions.yaml"
     mode: str = "logits"  # logits: the answer token's probability, one pass; generate: free text, parsed
-    tie_break: str = "none"  # none (paper) | p_yes: images of the same eq. 1 score ranked by signed P(yes)
-    min_score: int | None = (
-        None  # a prompt yields a pair only if its best eq. 1 score reaches it (paper: None)
-    )
-    # Images per prompt that become training examples: 1 is the paper's rule; k > 1 keeps up to the k best
-    # that pass the detector and min_score (ccsr.selection), the detector then seeing every candidate.
-    top_k: int = 1
     batch_size: int = 4
     max_new_tokens: int = 16
     trust_remote_code: bool = False
@@ -175,36 +165,59 @@ class JudgeConfig(_Section):
         super().validate()
         self._backend()
         self._one_of("mode", ("logits", "generate"))
-        self._one_of("tie_break", ("none", "p_yes"))
-        self._positive("batch_size", "max_new_tokens", "top_k")
+        self._positive("batch_size", "max_new_tokens")
         self._require(
             0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be within (0, 1]"
         )
-        # The table's judges read P(yes) in logits mode only (generate mode gives None); the tie-break would
-        # silently rank every tied image equal.
-        if self.tie_break == "p_yes" and self.mode == "generate" and not is_import_path(self.backend):
-            raise ConfigError(
-                "'judge.tie_break' p_yes needs judge.mode: logits (generate mode reads no P(yes))"
-            )
 
 
 @dataclass
 class DetectorConfig(_Section):
     section: ClassVar[str] = "detector"
-    model_fields: ClassVar[tuple[str, ...]] = ("model", "text_model")
 
     backend: str = "yolo_world"
     model: str = "ccsr-tiny/yolo-world"  # a YOLO-World .pt file or a folder holding one
     text_model: str = "ccsr-tiny/clip"  # CLIP model whose text tower embeds the class name
-    threshold: float = 0.6  # minimum detection confidence (paper: 0.6)
     image_size: int = 640
     batch_size: int = 32  # images per detector call (halved on a CUDA out-of-memory error)
 
     def validate(self) -> None:
         super().validate()
         self._backend()
-        self._unit_interval("threshold")
         self._positive("image_size", "batch_size")
+
+
+@dataclass
+class FilterConfig(_Section):
+    """Which judged and detected candidates become training examples (paper section 3; ``ccsr.selection``)."""
+
+    section: ClassVar[str] = "filter"
+
+    detection_threshold: float = field(
+        default=0.6,
+        metadata={"help": "the detector confidence an image must reach to be picked (paper: 0.6)"},
+    )
+    min_score: int | None = field(
+        default=None,
+        metadata={"help": "a prompt yields a pair only if its best eq. 1 score reaches this (paper: null)"},
+    )
+    top_k: int = field(
+        default=1,
+        metadata={
+            "help": "images per prompt that become training examples: 1 is the paper's rule; k > 1 keeps up "
+            "to the k best that pass the detector and min_score, the detector then seeing every candidate"
+        },
+    )
+    tie_break: str = field(
+        default="none",
+        metadata={"help": "none (paper) | p_yes: images of the same eq. 1 score ranked by signed P(yes)"},
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        self._unit_interval("detection_threshold")
+        self._positive("top_k")
+        self._one_of("tie_break", ("none", "p_yes"))
 
 
 @dataclass
@@ -291,7 +304,6 @@ class TrainerConfig(_Section):
 @dataclass
 class EvaluatorConfig(_Section):
     section: ClassVar[str] = "evaluator"
-    model_fields: ClassVar[tuple[str, ...]] = ("model",)
 
     model: str = "ccsr-tiny/clip"  # CLIP model of the CLIP score
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # paper: 50 prompts x 4 seeds
@@ -299,9 +311,17 @@ class EvaluatorConfig(_Section):
     tie_band: float = 0.01  # paper: a difference under 0.01 is a tie
     judge_and_detect: bool = True  # also score the evaluation images with the judge and the detector
     batch_size: int = 64  # images per CLIP call (halved on a CUDA out-of-memory error)
+    unit_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "(held-out prompt, seed) jobs at one scale committed together, the unit a resumed "
+            "evaluation redoes at most; null: generator.batch_size"
+        },
+    )
 
     def validate(self) -> None:
         super().validate()
+        self._positive_or_none("unit_size")
         if not self.scales:
             raise ConfigError("'evaluator.scales' must list at least one LoRA scale")
         for s in self.scales:
@@ -353,6 +373,7 @@ class Config(_Section):
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -381,6 +402,16 @@ class Config(_Section):
                     f"'device' {self.device} cannot reach {section.section}.backend vllm, which takes no device "
                     f"index: set device: cuda and run with CUDA_VISIBLE_DEVICES={int(index)}"
                 )
+        # The table's judges read P(yes) in logits mode only (generate mode gives None); the tie-break would
+        # silently rank every tied image equal.
+        if (
+            self.filter.tie_break == "p_yes"
+            and self.judge.mode == "generate"
+            and not is_import_path(self.judge.backend)
+        ):
+            raise ConfigError(
+                "'filter.tie_break' p_yes needs judge.mode: logits (generate mode reads no P(yes))"
+            )
         if self.gate.metric in _NEEDS_JUDGE_AND_DETECT and not self.evaluator.judge_and_detect:
             raise ConfigError(
                 f"'gate.metric' {self.gate.metric} is computed only with evaluator.judge_and_detect: true; "
@@ -392,14 +423,9 @@ class Config(_Section):
 
 
 def model_keys() -> tuple[str, ...]:
-    """Every config key that names a model (``judge.model``, ``detector.text_model``, ...), in config order."""
-    hints = typing.get_type_hints(Config)
-    return tuple(
-        f"{hints[f.name].section}.{name}"
-        for f in dataclasses.fields(Config)
-        if isinstance(hints[f.name], type) and issubclass(hints[f.name], _Section)
-        for name in hints[f.name].model_fields
-    )
+    """Every config key that names a model (``judge.model``, ``detector.text_model``, ...), in config order
+    (the table is ``ccsr.roles.MODEL_KEYS``)."""
+    return tuple(MODEL_KEYS)
 
 
 def _type_name(tp: Any) -> str:
@@ -502,8 +528,52 @@ def _apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys that moved, old -> new. The filter's rules lived in the judge and detector sections before the filter
+# had a section of its own; a file or an override naming an old key still loads (with one warning), so the
+# config.yaml of a run directory written before the move resumes as the same run.
+MOVED_KEYS = {
+    "judge.top_k": "filter.top_k",
+    "judge.min_score": "filter.min_score",
+    "judge.tie_break": "filter.tie_break",
+    "detector.threshold": "filter.detection_threshold",
+}
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time only: a command reads a run's saved config.yaml several
+    times (to resume, for the status it prints), and one line says it all."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
+def _move_old_keys(data: dict[str, Any], source: str) -> list[str]:
+    """Rename the ``MOVED_KEYS`` found in ``data`` (a config's YAML) in place; returns the old keys found."""
+    found = []
+    for old, new in MOVED_KEYS.items():
+        old_section, old_name = old.split(".")
+        new_section, new_name = new.split(".")
+        section = data.get(old_section)
+        if not isinstance(section, dict) or old_name not in section:
+            continue
+        target = data.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # a malformed section, which _fill names
+        if new_name in target:
+            raise ConfigError(f"{source}: '{old}' and '{new}' are one setting; keep '{new}' only")
+        target[new_name] = section.pop(old_name)
+        found.append(old)
+    return found
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), class_name: str | None = None) -> Config:
-    """Load ``path`` (YAML), apply ``--set`` overrides, validate. Raises ConfigError on any problem."""
+    """Load ``path`` (YAML), apply ``--set`` overrides, validate. Raises ConfigError on any problem.
+
+    An old key of ``MOVED_KEYS``, in the file or an override, is read as its new key; one warning names them.
+    """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -524,13 +594,23 @@ def load_config(path: str | Path | None, overrides: list[str] = (), class_name: 
             raise ConfigError(f"{path}: not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    moved = _move_old_keys(data, source)
     for text in overrides:
         key, value = parse_override(text)
+        if key in MOVED_KEYS:
+            moved.append(key)
+            key = MOVED_KEYS[key]
         _apply_override(data, key, value)
     if class_name is not None:
         data["class_name"] = class_name
     if overrides:
         source += " (with --set overrides)"
+    if moved:
+        _warn_once(
+            f"{source}: read the old keys "
+            + ", ".join(f"{old} as {MOVED_KEYS[old]}" for old in dict.fromkeys(moved))
+            + " (the filter's rules have a section of their own now)"
+        )
     return _fill(Config, data, source)
 
 

@@ -27,19 +27,30 @@ READ_CONFIDENCE = 0.001
 
 
 def find_model_file(path: str | Path) -> Path:
-    """A YOLO-World ``.pt`` file, or a folder holding exactly one."""
-    path = Path(path).expanduser()
-    if path.is_file() and path.suffix == ".pt":
-        return path
-    if path.is_dir():
-        files = sorted(path.glob("*.pt"))
+    """A YOLO-World ``.pt`` file, or a folder holding exactly one (ultralytics' own format): the file itself.
+
+    Anything else raises FileNotFoundError with a one-line message naming ``detector.model``, the path as
+    given and what to give instead; the command line's input check shows the same line.
+    """
+    found = Path(path).expanduser()
+    if found.is_dir():
+        files = sorted(found.glob("*.pt"))
         if len(files) == 1:
             return files[0]
-        raise FileNotFoundError(f"detector.model: expected one .pt file in {path}, found {len(files)}")
-    raise FileNotFoundError(
-        f"detector.model: {path} is not a .pt file or a folder with one; download the YOLO-World weights "
-        "(e.g. yolov8s-worldv2.pt) and give their local path"
-    )
+        raise FileNotFoundError(
+            f"detector.model: {path} holds {len(files) or 'no'} .pt files; give a YOLO-World .pt file or a "
+            "folder with one .pt file"
+        )
+    if not found.exists():
+        raise FileNotFoundError(
+            f"detector.model: {path} is not a .pt file or a folder with one; download the YOLO-World weights "
+            "(e.g. yolov8s-worldv2.pt) and give their local path"
+        )
+    if found.suffix != ".pt":
+        raise FileNotFoundError(
+            f"detector.model: {path} is not a .pt file; give a YOLO-World .pt file or a folder with one .pt file"
+        )
+    return found
 
 
 class YoloWorldDetector:

@@ -175,7 +175,7 @@ def evaluate(
     Writes the images and ``records.jsonl`` (``EvalRecord``) under ``eval_dir`` and returns the summary (no
     gate decision). ``on_scale`` is called before each scale is drawn (the loop's heartbeat and stop check).
 
-    The work is cut into units of ``generator.batch_size`` (held-out prompt, seed) jobs at one scale, and every
+    The work is cut into units of ``evaluator.unit_size`` (held-out prompt, seed) jobs at one scale, and every
     model sees one unit at a time, so a unit's figures do not depend on the others. Under a launcher each rank
     does every ``world``-th unit; the main process merges the records and returns the summary, the others
     return None.
@@ -189,7 +189,7 @@ def evaluate(
         for stale in shard_files(records_path):  # an earlier, interrupted evaluation's
             stale.unlink()
     jobs = _jobs(cfg, run)
-    size = max(1, cfg.generator.batch_size)
+    size = max(1, cfg.evaluator.unit_size or cfg.generator.batch_size)
     chunks = ranks.mine([jobs[i : i + size] for i in range(0, len(jobs), size)])
     with keep_cpu_threads():
         units = _draw(cfg, run, k, scales, chunks, eval_dir, on_scale)
@@ -302,5 +302,5 @@ def judge_and_detect(cfg: Config, units: list[list[EvalRecord]], images: list[li
         )
         for r, c in zip(unit, confidences, strict=True):
             r.confidence = round(float(c), 6)
-            r.detected = bool(c >= cfg.detector.threshold)
+            r.detected = bool(c >= cfg.filter.detection_threshold)
     detector.close()

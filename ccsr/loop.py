@@ -528,11 +528,11 @@ class Loop:
             prompts,
             candidates,
             read_records(files["detections"], Detection),
-            cfg.detector.threshold,
-            cfg.judge.min_score,
-            k=cfg.judge.top_k,
+            cfg.filter.detection_threshold,
+            cfg.filter.min_score,
+            k=cfg.filter.top_k,
             judgments=judgments,
-            tie_break=cfg.judge.tie_break,
+            tie_break=cfg.filter.tie_break,
             questions=_questions(cfg),
         )
         preferences = preference_pairs(selection.pairs, candidates, judgments)
@@ -550,7 +550,7 @@ class Loop:
             "prompts_without_pair": len(prompts) - with_pair,
             "preferences": len(preferences),
         }
-        if cfg.judge.min_score is not None:
+        if cfg.filter.min_score is not None:
             result["prompts_below_min_score"] = selection.count(BELOW_MIN_SCORE)
         return result
 
@@ -568,10 +568,10 @@ class Loop:
         def detect(pid: str) -> None:
             nonlocal detector
             # The paper's rule needs the best-tied images only; top-k ranks every candidate.
-            if self.cfg.judge.top_k > 1:
+            if self.cfg.filter.top_k > 1:
                 tied = judgments[pid]
             else:
-                tied = best_tied(judgments[pid], self.cfg.judge.tie_break, questions)
+                tied = best_tied(judgments[pid], self.cfg.filter.tie_break, questions)
             images = [_open_image(self.run, paths[(pid, j.index)]) for j in tied]
             with self._model_call("filter"):
                 detector = detector or load_backend("detector", self.cfg)

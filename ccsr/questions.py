@@ -210,7 +210,7 @@ class QuestionSet:
 def signed_p_yes(
     question_set: QuestionSet, p_yes: list[float | None], answers: list[str] | None = None
 ) -> float:
-    """Tie-break for images with the same eq. (1) score (``judge.tie_break: p_yes``, not in the paper): the
+    """Tie-break for images with the same eq. (1) score (``filter.tie_break: p_yes``, not in the paper): the
     polarity-signed sum of P(yes), +p for positive questions and -p for negative ones. Questions that are
     'nan' by the dependency rule (decided from ``answers`` if given, else from p_yes > 0.5) and missing
     probabilities are skipped."""

@@ -485,7 +485,7 @@ def _render(
             class_name=cfg.class_name or "",
             run_dir=run.root.name,
             base_model=cfg.generator.model,
-            detector_threshold=cfg.detector.threshold,
+            detector_threshold=cfg.filter.detection_threshold,
             iterations=iterations,
             iterations_completed=sum(it.complete for it in iterations),
             iterations_target=cfg.iterations,

@@ -1,11 +1,12 @@
 """Which images of a prompt become training data: the filter rule of paper section 3, over typed records.
 
-Per prompt: the images tied at the best eq. (1) score (optionally narrowed by the signed P(yes) tie-break,
-``judge.tie_break: p_yes``, not in the paper) go to the detector; of those, the optimal image is the one with
-the highest detector confidence at or above the threshold (paper: 0.6), ties broken by the lowest candidate
-index. A prompt whose best score is below ``judge.min_score`` (not in the paper) yields no pair either.
+The rules are the config's ``filter`` section. Per prompt: the images tied at the best eq. (1) score
+(optionally narrowed by the signed P(yes) tie-break, ``filter.tie_break: p_yes``, not in the paper) go to the
+detector; of those, the optimal image is the one with the highest detector confidence at or above
+``filter.detection_threshold`` (paper: 0.6), ties broken by the lowest candidate index. A prompt whose best
+score is below ``filter.min_score`` (not in the paper) yields no pair either.
 
-``judge.top_k`` > 1 (not in the paper) keeps up to k images per prompt: the candidates ranked by score, then
+``filter.top_k`` > 1 (not in the paper) keeps up to k images per prompt: the candidates ranked by score, then
 (with the p_yes tie-break) signed P(yes), then passing the detector, then detector confidence, then lowest
 index; of the first k, those that pass the detector and ``min_score``. The first of that ranking is the
 paper's optimal image, so k = 1 is the paper's rule exactly.
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 # Why a prompt yields no pair (counted by the filter stage).
 NO_DETECTION = "no_detection"  # no best-scored image has a detection at or above the threshold
-BELOW_MIN_SCORE = "below_min_score"  # the best eq. 1 score is below judge.min_score
+BELOW_MIN_SCORE = "below_min_score"  # the best eq. 1 score is below filter.min_score
 
 T = TypeVar("T", Judgment, Detection, Candidate)
 

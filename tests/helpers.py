@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ccsr.cli import OFFLINE_VARS
+from ccsr.inputs import OFFLINE_VARS
 
 REPO = Path(__file__).resolve().parent.parent
 

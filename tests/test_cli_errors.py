@@ -104,14 +104,14 @@ def fake_folders(tmp_path) -> dict[str, Path]:
         ("bogus=1", "unknown key 'bogus'"),
         ("generator.bogus=1", "unknown key 'generator.bogus'"),
         ("generator.steps=many", "'generator.steps' must be int"),
-        ("detector.threshold=high", "'detector.threshold' must be float"),
+        ("filter.detection_threshold=high", "'filter.detection_threshold' must be float"),
         ("offline=maybe", "'offline' must be bool"),
         ("generator.num_candidates=0", "'generator.num_candidates' must be > 0"),
         ("prompter.n_prompts=-3", "'prompter.n_prompts' must be > 0"),
         ("trainer.max_steps=0", "'trainer.max_steps' must be > 0"),
         ("trainer.lr_warmup_steps=-1", "'trainer.lr_warmup_steps' must be >= 0"),
-        ("detector.threshold=1.5", "'detector.threshold' must be within [0, 1]"),
-        ("detector.threshold=-0.1", "'detector.threshold' must be within [0, 1]"),
+        ("filter.detection_threshold=1.5", "'filter.detection_threshold' must be within [0, 1]"),
+        ("filter.detection_threshold=-0.1", "'filter.detection_threshold' must be within [0, 1]"),
         ("evaluator.scales=[0.0, 1.5]", "'evaluator.scales' must be within [0, 1]"),
         ("evaluator.scales=[]", "'evaluator.scales' must list at least one"),
         ("generator.generation_scale=2", "'generator.generation_scale' must be within [0, 1]"),
@@ -273,10 +273,10 @@ def test_a_gate_metric_the_evaluation_does_not_compute_is_refused(capsys, metric
 
 
 def test_a_p_yes_tie_break_needs_the_logits_mode(capsys):
-    base = ["validate", "--config", TINY, "--set", "judge.tie_break=p_yes"]
+    base = ["validate", "--config", TINY, "--set", "filter.tie_break=p_yes"]
     assert main(base) == 0
     line = refused([*base, "--set", "judge.mode=generate"], capsys)
-    assert "'judge.tie_break' p_yes needs judge.mode: logits" in line
+    assert "'filter.tie_break' p_yes needs judge.mode: logits" in line
 
 
 def test_an_empty_validation_file_is_refused(tmp_path, capsys):

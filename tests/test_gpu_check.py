@@ -134,4 +134,4 @@ def test_paper_check_config_keeps_the_paper_settings(tmp_path):
     validation = (tmp_path / "validation.txt").read_text(encoding="utf-8").splitlines()
     assert len(validation) == cfg.prompter.n_validation == 2
     # 8 prompts x top_k 3 can fill one batch of 18.
-    assert cfg.prompter.n_prompts * cfg.judge.top_k >= t.batch_size
+    assert cfg.prompter.n_prompts * cfg.filter.top_k >= t.batch_size

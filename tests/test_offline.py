@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-from ccsr.cli import OFFLINE_VARS, all_models_local, set_offline
 from ccsr.config import load_config
+from ccsr.inputs import OFFLINE_VARS, all_models_local, set_offline
 from tests.helpers import REPO, SITECUSTOMIZE, assert_offline, run_guarded
 
 
@@ -59,7 +59,7 @@ def test_deciding_the_offline_switches_imports_no_hub_library(repo_root):
     repo-id validation is used later, by check_models). Checked in a fresh process without the switches."""
     code = (
         "import sys\n"
-        "from ccsr.cli import all_models_local, set_offline\n"
+        "from ccsr.inputs import all_models_local, set_offline\n"
         "from ccsr.config import load_config\n"
         "for name in ('tiny',):\n"
         "    cfg = load_config(f'configs/{name}.yaml', ['offline=false'])\n"

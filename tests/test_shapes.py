@@ -97,7 +97,7 @@ def test_judge_catches_wrong_count_colour_and_background():
 
 def test_detector_confident_on_class_not_on_blank_or_other_class():
     detector = MeasuringDetector(_cfg("star"))
-    threshold = _cfg("star").detector.threshold
+    threshold = _cfg("star").filter.detection_threshold
     for shape in world.CLASSES:
         images = [img for _, img in _renders(shape, 10, seed=5)]
         conf = detector.confidence(images, shape)
@@ -176,13 +176,13 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     (out / "proof.md").write_bytes(hand_written)
     # Threshold 0: an untrained base draws no recognisable shape, and every stage must still run.
     argv = ["--quick", "--base-model", str(quick_base_model), "--work-dir", str(work), "--out-dir", str(out)]
-    assert proof.main([*argv, "--set", "detector.threshold=0"]) == 0
+    assert proof.main([*argv, "--set", "filter.detection_threshold=0"]) == 0
     it = work / "ccsr" / "iterations" / "001"
     stages = json.loads((it / "stages.json").read_text())
     assert {"prompts", "candidates", "judge", "filter", "train", "eval"} <= set(stages), stages
     assert (it / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    # threshold 0: every prompt yields its judge.top_k best candidates
-    top_k = load_config("configs/shapes.yaml").judge.top_k
+    # threshold 0: every prompt yields its filter.top_k best candidates
+    top_k = load_config("configs/shapes.yaml").filter.top_k
     assert len((it / "pairs.jsonl").read_text().splitlines()) == 3 * top_k
 
     results = json.loads((out / "proof.json").read_text())
@@ -208,7 +208,7 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     assert results["variants"]["ground-truth"]["ground_truth"]["steps"] == stages["train"]["steps"]
     assert (work / "ground-truth" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     renders = sorted((work / "ground-truth" / "images").glob("*.png"))
-    assert len(renders) == 3 * top_k  # the ccsr run's 3 prompts, judge.top_k renders each
+    assert len(renders) == 3 * top_k  # the ccsr run's 3 prompts, filter.top_k renders each
     for path in renders:
         prompt_id = path.stem.rsplit("-", 1)[0]
         (record,) = [
@@ -381,7 +381,7 @@ def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_mod
     from experiments.shapes.proof import QUICK
 
     run_dir = tmp_path / "run"
-    sets = [*QUICK, "prompter.n_prompts=6", "detector.threshold=0", "judge.min_score=2"]
+    sets = [*QUICK, "prompter.n_prompts=6", "filter.detection_threshold=0", "filter.min_score=2"]
     sets += [f"generator.model={quick_base_model}"]
     argv = ["run", "--config", "configs/shapes.yaml", "--class", "square", "--run-dir", str(run_dir)]
     argv += ["--iterations", "1"] + [x for s in sets for x in ("--set", s)]

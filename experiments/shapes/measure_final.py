@@ -85,11 +85,11 @@ def draw_and_measure(
 ) -> Rows:
     """Every prompt x every seed drawn with ``cfg``'s generator (``lora`` at ``scale``, or the base), saved
     into ``folder`` and measured."""
-    from ccsr.generator import DiffusersGenerator
+    from ccsr.backends import load_backend
 
     seeds = list(seeds)
     folder.mkdir(parents=True, exist_ok=True)
-    generator = DiffusersGenerator(cfg)
+    generator = load_backend("generator", cfg)
     rows: Rows = {}
     for i, prompt in enumerate(prompts):
         logger.info("%s: drawing %d images of %r (%d/%d)", label, len(seeds), prompt, i + 1, len(prompts))
@@ -108,7 +108,7 @@ def draw_and_measure(
 
 class Picker:
     """The loop's pick among a prompt's candidates: the measuring judge's eq. (1) score, the best-tied images
-    to the measuring detector, ``choose_image`` at ``detector.threshold`` (ccsr.loop's judge and filter)."""
+    to the measuring detector, ``choose_image`` at ``filter.detection_threshold`` (ccsr.loop's judge and filter)."""
 
     def __init__(self, cfg: Config):
         from ccsr.questions import QuestionSet
@@ -129,13 +129,13 @@ class Picker:
         for index, answer in enumerate(self.judge.answer(images, [rendered] * len(images))):
             answers = self.questions.apply_dependencies(answer.answers)
             judgments.append(Judgment("p", index, answers, self.questions.score(answers), answer.p_yes))
-        tied = best_tied(judgments, self.cfg.judge.tie_break, self.questions)
+        tied = best_tied(judgments, self.cfg.filter.tie_break, self.questions)
         confidences = self.detector.confidence([images[j.index] for j in tied], self.cfg.class_name)
         detections = [
             Detection("p", j.index, j.score, round(float(c), 6))
             for j, c in zip(tied, confidences, strict=True)
         ]
-        choice = choose_image(detections, self.cfg.detector.threshold)
+        choice = choose_image(detections, self.cfg.filter.detection_threshold)
         return None if choice.detection is None else choice.detection.index
 
 
@@ -147,10 +147,10 @@ def best_of_n(
     into ``folder`` and measured. Returns the rows and how often each case happened."""
     from PIL import Image
 
-    from ccsr.generator import DiffusersGenerator
+    from ccsr.backends import load_backend
 
     folder.mkdir(parents=True, exist_ok=True)
-    generator = DiffusersGenerator(cfg)
+    generator = load_backend("generator", cfg)
     pick = Picker(cfg)
     rows: Rows = {}
     info = {"candidates": n, "groups": len(prompts) * len(seeds), "base_image_picked": 0, "none_passed": 0}

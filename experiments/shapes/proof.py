@@ -76,8 +76,8 @@ RANDOM_JUDGE = "judge.backend=experiments.shapes.backends:RandomJudge"
 SFT_BATCH = "trainer.batch_size=8"  # 8 images a step, as a DPO step of the shapes config's 4 pairs
 # The paper's recipe over configs/shapes.yaml: the single best image per prompt, the plain denoising loss.
 PAPER_RECIPE = [
-    "judge.top_k=1",
-    "judge.min_score=null",
+    "filter.top_k=1",
+    "filter.min_score=null",
     "trainer.prior_weight=0",
     "trainer.objective=sft",
     SFT_BATCH,
@@ -134,7 +134,11 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {
         "loop",
         ["trainer.dpo_sft_weight=1"],
     ),
-    "no-detector": ("detector threshold 0: no image is filtered out", "loop", ["detector.threshold=0"]),
+    "no-detector": (
+        "detector threshold 0: no image is filtered out",
+        "loop",
+        ["filter.detection_threshold=0"],
+    ),
     "no-gate": ("every LoRA is accepted, better or not", "loop", ["gate.enabled=false"]),
     "ground-truth": (
         "one LoRA on correct renders of the ccsr run's prompts, the ccsr run's total steps",
@@ -150,7 +154,7 @@ QUICK = [
     "trainer.epochs=2",
     "trainer.max_steps=null",
     "trainer.batch_size=2",
-    "judge.min_score=null",
+    "filter.min_score=null",
     "evaluator.seeds=[0]",
     "evaluator.scales=[0.0, 1.0]",
 ]
@@ -298,7 +302,7 @@ def train_ground_truth(s: Settings) -> tuple[Config, Path, dict]:
         ]
     cfg = load_config(run.config_path, overrides)
     folder = s.work_dir / "ground-truth"
-    pairs = ground_truth_pairs(run, cfg.judge.top_k, folder / "images")
+    pairs = ground_truth_pairs(run, cfg.filter.top_k, folder / "images")
     logger.info("ground-truth: training one LoRA on %d renders (%s steps)", len(pairs), steps or "config")
     result = train_lora(cfg, pairs, folder / "lora")
     return cfg, result.lora_dir, {"images": len(pairs), "steps": result.steps}
