@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccsr.lora import weights_hash
+from ccsr.lora import ADAPTER_NAME, weights_hash
 from ccsr.rundir import atomic_path, atomic_save_tensors, atomic_write_text, sha256_file
 from ccsr.training_data import PIXEL_TRANSFORM
 
@@ -169,6 +169,33 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
     states = {p.stem: torch.load(p, weights_only=True) for p in sorted(path.glob("*.pt"))}
     rng = load_file(str(path / "rng.safetensors"))["torch_cpu"]
     return adapter, states, rng
+
+
+def training_states(optimizer, lr_scheduler, scaler) -> dict[str, dict]:
+    """What a checkpoint keeps besides the adapter weights and the generator: the optimizer's and the lr
+    scheduler's states and, under fp16 (``scaler`` not None), the GradScaler's loss scale and growth tracker:
+    a resume from the initial scale would skip other steps on overflow, and scale the loss otherwise, than the
+    uninterrupted run."""
+    states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+    if scaler is not None:
+        states[GRAD_SCALER_STATE] = scaler.state_dict()
+    return states
+
+
+def restore(path: Path, unet, optimizer, lr_scheduler, scaler) -> None:
+    """Set the trained adapter, the training states and the torch CPU generator from a valid checkpoint."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    adapter, states, rng = read_checkpoint(path)
+    set_peft_model_state_dict(unet, adapter, adapter_name=ADAPTER_NAME)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if scaler is not None and GRAD_SCALER_STATE in states:
+        scaler.load_state_dict(states[GRAD_SCALER_STATE])
+    elif scaler is not None:
+        logger.warning("checkpoint %s keeps no fp16 loss scale: the GradScaler starts afresh", path)
+    torch.set_rng_state(rng)
 
 
 def drop_checkpoints_after(root: Path, step: int) -> None:

@@ -36,11 +36,17 @@ from typing import TYPE_CHECKING, Any
 
 from ccsr import checkpoints, lora
 from ccsr.batches import DenoisingBatch, MicroBatchStream, epoch_layout
-from ccsr.devices import diffusers_dtype
 from ccsr.distributed import all_reduce_gradients, check_ranks_in_sync
 from ccsr.rundir import atomic_write_text
 from ccsr.seeds import PAIRS_DRAWS, PAIRS_ORDER, PRIOR_DRAWS, PRIOR_ORDER
-from ccsr.training_data import EncodingCache, FrozenEncoder, TrainPair, draw_prior, load_prior, prior_key
+from ccsr.training_data import (
+    EncodingCache,
+    FrozenEncoder,
+    FrozenParts,
+    TrainPair,
+    load_frozen_parts,
+    prepare_prior,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +92,44 @@ def loss_weights(pairs: list[TrainPair], reward_weighted: bool) -> list[float]:
         logger.warning("reward-weighted loss: every score is <= 0, falling back to uniform weights")
         return [1.0] * len(pairs)
     return [c * len(pairs) / total for c in clipped]
+
+
+def make_accelerator(out_dir: Path, mixed_precision: str, device: torch.device):
+    """(accelerate's Accelerator for one training run, whether it logs to TensorBoard).
+
+    Gradient accumulation is done by hand (the micro-batch streams are indexed by step, for exact resume),
+    so accelerate must not also divide the loss in backward(). Under a launcher on a CPU-only box,
+    `--cpu --num_processes 2` silently runs one process; `--multi_gpu` with cpu=True runs two on gloo.
+    TensorBoard is an optional extra: logged through accelerate's tracker only when it is importable.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available
+
+    if device.type == "cpu" and mixed_precision == "fp16":
+        logger.warning("trainer.mixed_precision=fp16 needs a GPU; training in float32 on the CPU")
+        mixed_precision = "no"
+    tracking = is_tensorboard_available()
+    project = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard"))
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device.type == "cpu",
+        log_with="tensorboard" if tracking else None,
+        project_config=project if tracking else None,
+    )
+    return accelerator, tracking
+
+
+def grad_scaler(accelerator):
+    """accelerate's GradScaler under fp16 on a GPU, else None (bf16 and float32 scale no loss)."""
+    scaler = accelerator.scaler
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def tracker_config(cfg: TrainerConfig, seed: int, model_name: str) -> dict[str, Any]:
+    """Scalar trainer settings for the tracker's hyper-parameter table (it accepts no lists or None)."""
+    values = {f"trainer.{k}": v for k, v in asdict(cfg).items()}
+    values.update({"seed": seed, "generator.model": model_name})
+    return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
 
 
 # The objective's name and Diffusion-DPO's settings came after the first sft LoRAs were trained: the plain sft
@@ -143,91 +187,35 @@ class LoRATrainer:
         self.cfg, self.seed, self.job = trainer_cfg, seed, job
         self.out_dir, self.model_path, self.fingerprint = job.out_dir, job.model_path, job.fingerprint
         self.model_name = model_name
-        self._setup_accelerator(device)
-        self._load_frozen_parts()
+        self.accelerator, self.tracking = make_accelerator(self.out_dir, trainer_cfg.mixed_precision, device)
+        self.device, self.is_main = self.accelerator.device, self.accelerator.is_main_process
+        self.num_processes = self.accelerator.num_processes
+        self.process_index = self.accelerator.process_index
+        self.checkpoint_root = self.out_dir / checkpoints.CHECKPOINTS_DIR
+        parts = self._load_frozen_parts()
         # Drawn by the base UNet, i.e. before the LoRA is added (and before any init LoRA).
-        self.prior_pairs, self.prior_hashes = self._prepare_prior()
+        self.prior_pairs, self.prior_hashes = prepare_prior(
+            job.prior, seed, self.model_path, job.prior_dir, parts, self.weight_dtype, self.accelerator
+        )
         self._add_adapter()
         self._setup_optimizer()
         # The loss terms compute_loss reports, in the order they are reduced over processes and logged.
         self.log_names = ["loss", *self.objective_log_names(), *(["prior_loss"] if self.prior_pairs else [])]
 
-    def _setup_accelerator(self, device: torch.device) -> None:
+    def _load_frozen_parts(self) -> FrozenParts:
+        """The pipeline parts, in the mixed-precision dtype (the trainable adapter is float32 regardless)."""
         import torch
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, is_tensorboard_available
 
-        mixed_precision = self.cfg.mixed_precision
-        if device.type == "cpu" and mixed_precision == "fp16":
-            logger.warning("trainer.mixed_precision=fp16 needs a GPU; training in float32 on the CPU")
-            mixed_precision = "no"
-        # Gradient accumulation is done by hand (the micro-batch stream is indexed by step, for exact resume),
-        # so accelerate must not also divide the loss in backward().
-        # Under a launcher on a CPU-only box, `--cpu --num_processes 2` silently runs one process; `--multi_gpu`
-        # with cpu=True runs two on gloo.
-        # TensorBoard is an optional extra: logged through accelerate's tracker only when it is importable.
-        self.tracking = is_tensorboard_available()
-        project = ProjectConfiguration(
-            project_dir=str(self.out_dir), logging_dir=str(self.out_dir / "tensorboard")
-        )
-        self.accelerator = Accelerator(
-            mixed_precision=mixed_precision,
-            cpu=device.type == "cpu",
-            log_with="tensorboard" if self.tracking else None,
-            project_config=project if self.tracking else None,
-        )
-        self.device = self.accelerator.device
-        self.num_processes = self.accelerator.num_processes
-        self.process_index = self.accelerator.process_index
-        self.is_main = self.accelerator.is_main_process
         dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
         self.weight_dtype = dtypes.get(self.accelerator.mixed_precision, torch.float32)
-
-    def _load_frozen_parts(self) -> None:
-        """Tokenizer, text encoder, VAE, UNet (frozen, in the mixed-precision dtype) and the noise scheduler."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        path, dtype = self.model_path, self.weight_dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(dtype))
-        self.noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        parts = load_frozen_parts(self.model_path, self.weight_dtype, self.device)
+        self.tokenizer, self.text_encoder, self.vae = parts.tokenizer, parts.text_encoder, parts.vae
+        self.unet, self.noise_scheduler = parts.unet, parts.noise_scheduler
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{path}: unsupported scheduler prediction_type {self.prediction_type!r}")
-        for module in (self.text_encoder, self.vae, self.unet):
-            module.requires_grad_(False)
-            module.to(self.device)
-        self.text_encoder.eval()
-        self.vae.eval()
         # Per-sample latent shape, for drawing the whole global batch's noise on every process.
-        downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        side = self.cfg.resolution // downscale
+        side = self.cfg.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_shape = (self.vae.config.latent_channels, side, side)
-
-    def _prepare_prior(self) -> tuple[list[TrainPair], list[str]]:
-        """The prior images (and their hashes): cached in the job's prior folder or drawn now; none without
-        the prior term."""
-        prior = self.job.prior
-        if prior is None:
-            return [], []
-        root = self.job.prior_dir
-        key = prior_key(prior, self.seed, self.model_path, self.weight_dtype)
-        # The main process draws and writes; the others wait, then load its files.
-        with self.accelerator.main_process_first():
-            loaded = load_prior(root, key)
-            if loaded is not None:
-                logger.info("reusing %d cached prior images from %s", len(loaded[0]), root)
-            elif self.is_main:
-                parts = (self.vae, self.text_encoder, self.tokenizer, self.unet, self.weight_dtype)
-                loaded = draw_prior(prior, self.seed, self.model_path, root, key, *parts)
-            else:
-                raise RuntimeError(
-                    f"process {self.process_index}: the main process left no prior images in {root}"
-                )
-        return loaded
+        return parts
 
     def _add_adapter(self) -> None:
         """A peft LoRA on the UNet's attention projections (paper: rank 4), set from the job's init LoRA if
@@ -294,31 +282,16 @@ class LoRATrainer:
 
     # ---- resume and checkpoints
 
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.out_dir / checkpoints.CHECKPOINTS_DIR
-
     def resume(self) -> tuple[int, dict | None]:
         """Load the newest valid checkpoint (if any); return (its step or 0, its state)."""
-        import torch
-        from peft import set_peft_model_state_dict
-
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         start_step, state = 0, None
         found = checkpoints.latest_checkpoint(self.checkpoint_root, self.fingerprint)
         if found is not None:
             path, state = found
-            adapter, states, rng = checkpoints.read_checkpoint(path)
-            set_peft_model_state_dict(self.unet, adapter, adapter_name=lora.ADAPTER_NAME)
-            self.optimizer.load_state_dict(states["optimizer"])
-            self.lr_scheduler.load_state_dict(states["lr_scheduler"])
-            scaler = self._grad_scaler()
-            if scaler is not None and checkpoints.GRAD_SCALER_STATE in states:
-                scaler.load_state_dict(states[checkpoints.GRAD_SCALER_STATE])
-            elif scaler is not None:
-                logger.warning("checkpoint %s keeps no fp16 loss scale: the GradScaler starts afresh", path)
-            torch.set_rng_state(rng)
+            scaler = grad_scaler(self.accelerator)
+            checkpoints.restore(path, self.unet, self.optimizer, self.lr_scheduler, scaler)
             start_step = state["step"]
             logger.info("resuming LoRA training from %s (step %d of %d)", path, start_step, self.total_steps)
         self.accelerator.wait_for_everyone()  # every process has read its checkpoint before the main one prunes
@@ -326,23 +299,6 @@ class LoRATrainer:
             checkpoints.rewrite_log(self.out_dir / checkpoints.TRAIN_LOG, start_step)
             checkpoints.drop_checkpoints_after(self.checkpoint_root, start_step)
         return start_step, state
-
-    def _grad_scaler(self):
-        """accelerate's GradScaler under fp16 on a GPU, else None (bf16 and float32 scale no loss)."""
-        scaler = self.accelerator.scaler
-        return scaler if scaler is not None and scaler.is_enabled() else None
-
-    def _training_states(self) -> dict[str, dict]:
-        """What a checkpoint keeps besides the adapter weights and the generator (see ccsr.checkpoints).
-
-        Under fp16 also the GradScaler's loss scale and growth tracker: a resume from the initial scale would
-        skip other steps on overflow, and scale the loss otherwise, than the uninterrupted run.
-        """
-        states = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()}
-        scaler = self._grad_scaler()
-        if scaler is not None:
-            states[checkpoints.GRAD_SCALER_STATE] = scaler.state_dict()
-        return states
 
     def checkpoint(self, done: int, loss: float) -> None:
         micro_batches = done * self.accumulation
@@ -355,20 +311,13 @@ class LoRATrainer:
             "seed": self.seed,
             "loss": loss,
         }
-        checkpoints.write_checkpoint(
-            self.checkpoint_root,
-            done,
-            lora.adapter_state(self.unet),
-            self._training_states(),
-            state,
-            self.cfg.checkpoints_kept,
-        )
+        states = checkpoints.training_states(self.optimizer, self.lr_scheduler, grad_scaler(self.accelerator))
+        adapter, kept = lora.adapter_state(self.unet), self.cfg.checkpoints_kept
+        checkpoints.write_checkpoint(self.checkpoint_root, done, adapter, states, state, kept)
 
     # ---- data
 
-    def _encoding_cache(
-        self, encoder: FrozenEncoder, pairs: list[TrainPair], hashes: list[str]
-    ) -> EncodingCache:
+    def _encoding_cache(self, encoder: FrozenEncoder, pairs: list[TrainPair], hashes: list[str]):
         # With a cache folder the main process encodes and writes first, the others then load its files
         # (bit-identical to its in-memory tensors); without one, every process encodes for itself.
         cache_dir = self.job.encode_cache_dir
@@ -379,21 +328,11 @@ class LoRATrainer:
 
     def _build_streams(self, start_step: int) -> None:
         """``self.stream`` over the examples (:meth:`example_stream`) and ``self.prior_stream`` over the prior
-        images (None without them).
-
-        The prior set runs its own epochs (its size differs from the examples') and draws from its own
-        generators, so the objective term's numbers are the same with and without it.
-        """
+        images (None without them). The prior set runs its own epochs (its size differs from the examples')
+        and draws from its own generators, so the objective term's numbers are the same with and without it."""
         cfg = self.cfg
-        encoder = FrozenEncoder(
-            self.model_path,
-            self.vae,
-            self.text_encoder,
-            self.tokenizer,
-            cfg.resolution,
-            self.device,
-            self.weight_dtype,
-        )
+        frozen = (self.vae, self.text_encoder, self.tokenizer, cfg.resolution, self.device, self.weight_dtype)
+        encoder = FrozenEncoder(self.model_path, *frozen)
         encode_now = cfg.cache_latents and start_step < self.total_steps
         common = dict(
             seed=self.seed,
@@ -409,19 +348,10 @@ class LoRATrainer:
         self.stream = self.example_stream(encoder, encode_now, common)
         self.prior_stream = None
         if self.prior_pairs:
-            prior_cache = (
-                self._encoding_cache(encoder, self.prior_pairs, self.prior_hashes) if encode_now else None
-            )
-            ones = [1.0] * len(self.prior_pairs)
-            self.prior_stream = MicroBatchStream(
-                "prior images",
-                self.prior_pairs,
-                ones,
-                order_key=PRIOR_ORDER,
-                draw_key=PRIOR_DRAWS,
-                cache=prior_cache,
-                **common,
-            )
+            pairs, ones = self.prior_pairs, [1.0] * len(self.prior_pairs)
+            cache = self._encoding_cache(encoder, pairs, self.prior_hashes) if encode_now else None
+            keys = dict(order_key=PRIOR_ORDER, draw_key=PRIOR_DRAWS)
+            self.prior_stream = MicroBatchStream("prior images", pairs, ones, **keys, cache=cache, **common)
 
     def example_stream(self, encoder: FrozenEncoder, encode_now: bool, common: dict) -> MicroBatchStream:
         """The stream of the examples the objective trains on: the pairs, weighted (``reward_weighted``)."""
@@ -477,10 +407,8 @@ class LoRATrainer:
         return ["fidelity_loss"] if self.prior_pairs else []
 
     def objective_loss(self, batch: DenoisingBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The objective's term on one micro-batch of its stream, and its logged parts as floats.
-
-        sft: the fidelity term, the (reward-weighted) denoising loss on the pairs (Lee et al. 2023, eq. 2).
-        """
+        """The objective's term on one micro-batch of its stream, and its logged parts as floats; sft: the
+        fidelity term, the (reward-weighted) denoising loss on the pairs (Lee et al. 2023, eq. 2)."""
         fidelity = self.denoising_loss(batch)
         return fidelity, ({"fidelity_loss": fidelity.detach().item()} if self.prior_pairs else {})
 
@@ -541,7 +469,9 @@ class LoRATrainer:
         start_step, resumed = self.resume()
         self._build_streams(start_step)
         if self.tracking:
-            self.accelerator.init_trackers("lora", config=self._tracker_config())
+            self.accelerator.init_trackers(
+                "lora", config=tracker_config(self.cfg, self.seed, self.model_name)
+            )
         # Steps, loss, lr and ETA (tqdm's remaining-time estimate) on the main process only.
         progress = bar(
             total=self.total_steps,
@@ -569,12 +499,6 @@ class LoRATrainer:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
         return self.save(loss)
-
-    def _tracker_config(self) -> dict[str, Any]:
-        """Scalar trainer settings for the tracker's hyper-parameter table (it accepts no lists or None)."""
-        values = {f"trainer.{k}": v for k, v in asdict(self.cfg).items()}
-        values.update({"seed": self.seed, "generator.model": self.model_name})
-        return {k: v for k, v in values.items() if isinstance(v, (bool, int, float, str))}
 
     def _log(self, done: int, logs: dict[str, float], lr: float) -> None:
         """One line of ``train_log.jsonl`` (main process) and the tracker."""
@@ -604,13 +528,8 @@ class LoRATrainer:
                 result["rank_adapter_sha256"] = rank_digests
             atomic_write_text(self.out_dir / RESULT_FILE, json.dumps(result, indent=1))
         self.accelerator.wait_for_everyone()
+        steps, out_dir = self.total_steps, self.out_dir
         logger.info(
-            "LoRA trained: %d steps, final loss %.4f, %.1f s -> %s",
-            self.total_steps,
-            final_loss,
-            seconds,
-            self.out_dir,
+            "LoRA trained: %d steps, final loss %.4f, %.1f s -> %s", steps, final_loss, seconds, out_dir
         )
-        return TrainResult(
-            lora_dir=self.out_dir, steps=self.total_steps, final_loss=final_loss, seconds=seconds
-        )
+        return TrainResult(lora_dir=out_dir, steps=steps, final_loss=final_loss, seconds=seconds)

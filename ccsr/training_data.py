@@ -83,6 +83,42 @@ def load_pixels(path: Path, resolution: int) -> torch.Tensor:
         return _pixel_transform(resolution)(img.convert("RGB"))
 
 
+@dataclass
+class FrozenParts:
+    """The pipeline parts LoRA training never changes, plus the UNet (frozen itself, the adapter is added)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+def load_frozen_parts(model_path: str, dtype: torch.dtype, device: torch.device) -> FrozenParts:
+    """Tokenizer, text encoder, VAE, UNet (frozen, in ``dtype``, on ``device``) and the DDPM noise scheduler
+    of a Stable Diffusion folder; raises ValueError for a prediction type the trainer has no target for."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from ccsr.devices import diffusers_dtype
+
+    path = model_path
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(dtype))
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{path}: unsupported scheduler prediction_type {prediction_type!r}")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device)
+    text_encoder.eval()
+    vae.eval()
+    return FrozenParts(tokenizer, text_encoder, vae, unet, noise_scheduler)
+
+
 class FrozenEncoder:
     """The frozen halves of the pipeline: VAE latent distributions of images and CLIP embeddings of captions."""
 
@@ -316,6 +352,35 @@ def load_prior(prior_dir: Path, key: str) -> tuple[list[TrainPair], list[str]] |
         logger.warning("ignoring unreadable prior metadata %s", meta_path, exc_info=True)
         return None
     return pairs, hashes
+
+
+def prepare_prior(
+    prior: PriorSettings | None,
+    seed: int,
+    model_path: str,
+    prior_dir: Path,
+    parts: FrozenParts,
+    dtype: torch.dtype,
+    accelerator,
+) -> tuple[list[TrainPair], list[str]]:
+    """The prior images (and their hashes), before any LoRA is added: cached in ``prior_dir`` or drawn now
+    by the base model; none without the prior term. The main process draws and writes, the others wait,
+    then load its files."""
+    if prior is None:
+        return [], []
+    key = prior_key(prior, seed, model_path, dtype)
+    with accelerator.main_process_first():
+        loaded = load_prior(prior_dir, key)
+        if loaded is not None:
+            logger.info("reusing %d cached prior images from %s", len(loaded[0]), prior_dir)
+        elif accelerator.is_main_process:
+            modules = (parts.vae, parts.text_encoder, parts.tokenizer, parts.unet)
+            loaded = draw_prior(prior, seed, model_path, prior_dir, key, *modules, dtype)
+        else:
+            raise RuntimeError(
+                f"process {accelerator.process_index}: the main process left no prior images in {prior_dir}"
+            )
+    return loaded
 
 
 def draw_prior(
