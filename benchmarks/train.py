@@ -42,7 +42,8 @@ def bench_train(
 ) -> dict:
     """Return ``{"images_per_s": {"cached", "uncached"}, "speedup_vs_uncached", "peak_rss_mb"}``."""
     from ccsr.config import Config
-    from ccsr.trainer import TrainPair, train_lora
+    from ccsr.train import train_lora
+    from ccsr.training_data import TrainPair
 
     with tempfile.TemporaryDirectory(prefix="ccsr-bench-train-") as tmp:
         root = Path(tmp)

@@ -13,7 +13,7 @@ trainer), so accelerate would save no adapter weights at all, or the whole UNet 
 ``load_state`` also resets Python's and NumPy's global generators and ``accelerator.step``, state the trainer
 never draws from and the calling process (the loop) owns; and it keeps its RNG states in a pickle, where we
 keep ours in safetensors. Resume is exact without any of it: every draw comes from a generator seeded by the
-step (see ``ccsr.trainer``). A new training state is one more entry in ``states``.
+step (see ``ccsr.batches``). A new training state is one more entry in ``states``.
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ccsr.lora import ADAPTER_NAME, weights_hash
 from ccsr.rundir import atomic_path, atomic_save_tensors, atomic_write_text, sha256_file
-from ccsr.training_data import PIXEL_TRANSFORM, TrainPair, prior_prompts
+from ccsr.training_data import PIXEL_TRANSFORM
 
 if TYPE_CHECKING:
     import torch
 
-    from ccsr.config import Config
+    from ccsr.config import TrainerConfig
+    from ccsr.train import TrainJob
 
 logger = logging.getLogger(__name__)
 
@@ -42,41 +44,34 @@ GRAD_SCALER_STATE = "grad_scaler"  # the fp16 GradScaler's entry in ``states``
 # Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
 # still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
 FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")
-# The Diffusion-DPO settings: left out of an sft fingerprint, so the sft LoRAs and checkpoints written before these
-# settings existed keep their fingerprints (and are not trained again).
-DPO_FIELDS = ("objective", "dpo_beta", "dpo_sft_weight")
 
 
-def fingerprint(
-    cfg: Config,
-    model_path: str,
-    pairs: list[TrainPair],
-    image_hashes: list[str],
-    init_hash: str | None,
-    dpo: dict | None = None,
-) -> str:
-    """sha256 of everything the trained weights depend on: model, seed, trainer settings, data, init LoRA; for
-    objective dpo also ``dpo`` (the preference pairs' prompts and image hashes, the reference LoRA's hash and
-    scale; see ``ccsr.trainer.train_lora``)."""
-    trainer = {k: v for k, v in asdict(cfg.trainer).items() if k not in FINGERPRINT_EXCLUDED}
-    if cfg.trainer.objective == "sft":
-        trainer = {k: v for k, v in trainer.items() if k not in DPO_FIELDS}
+def fingerprint(trainer: TrainerConfig, seed: int, job: TrainJob) -> str:
+    """sha256 of everything the trained weights depend on: model, seed, trainer settings (less those the
+    objective leaves out), data, init LoRA, the objective's own inputs (``fingerprint_inputs``, e.g. DPO's
+    preference pairs and reference) and the prior images' settings. It decides whether a checkpoint or a
+    finished LoRA is reused (see ``ccsr.train``)."""
+    objective = job.trainer_class
+    left_out = (*FINGERPRINT_EXCLUDED, *objective.fingerprint_left_out())
     payload = {
-        "model": model_path,
-        "seed": cfg.seed,
-        "trainer": trainer,
-        "pairs": [[p.prompt, h, float(p.score)] for p, h in zip(pairs, image_hashes, strict=True)],
-        "init_lora": init_hash,
+        "model": job.model_path,
+        "seed": seed,
+        "trainer": {k: v for k, v in asdict(trainer).items() if k not in left_out},
+        "pairs": [[p.prompt, h, float(p.score)] for p, h in zip(job.pairs, job.image_hashes, strict=True)],
+        "init_lora": weights_hash(job.init_lora),
         "pixels": PIXEL_TRANSFORM,
     }
-    if dpo is not None:
-        payload["dpo"] = dpo
-    if cfg.trainer.prior_weight > 0:
+    objective_inputs = objective.fingerprint_inputs(job)
+    if objective_inputs is not None:
+        # Under "dpo", the key it had when Diffusion-DPO was the only objective with inputs of its own: the
+        # fingerprints of LoRAs trained since stay the same.
+        payload["dpo"] = objective_inputs
+    if job.prior is not None:
         # The prior images are a function of these (and of model, seed, resolution, already above).
         payload["prior"] = {
-            "prompts": prior_prompts(cfg),
-            "steps": cfg.generator.steps,
-            "guidance_scale": cfg.generator.guidance_scale,
+            "prompts": job.prior.prompts,
+            "steps": job.prior.steps,
+            "guidance_scale": job.prior.guidance_scale,
         }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -174,6 +169,33 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict
     states = {p.stem: torch.load(p, weights_only=True) for p in sorted(path.glob("*.pt"))}
     rng = load_file(str(path / "rng.safetensors"))["torch_cpu"]
     return adapter, states, rng
+
+
+def training_states(optimizer, lr_scheduler, scaler) -> dict[str, dict]:
+    """What a checkpoint keeps besides the adapter weights and the generator: the optimizer's and the lr
+    scheduler's states and, under fp16 (``scaler`` not None), the GradScaler's loss scale and growth tracker:
+    a resume from the initial scale would skip other steps on overflow, and scale the loss otherwise, than the
+    uninterrupted run."""
+    states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+    if scaler is not None:
+        states[GRAD_SCALER_STATE] = scaler.state_dict()
+    return states
+
+
+def restore(path: Path, unet, optimizer, lr_scheduler, scaler) -> None:
+    """Set the trained adapter, the training states and the torch CPU generator from a valid checkpoint."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    adapter, states, rng = read_checkpoint(path)
+    set_peft_model_state_dict(unet, adapter, adapter_name=ADAPTER_NAME)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if scaler is not None and GRAD_SCALER_STATE in states:
+        scaler.load_state_dict(states[GRAD_SCALER_STATE])
+    elif scaler is not None:
+        logger.warning("checkpoint %s keeps no fp16 loss scale: the GradScaler starts afresh", path)
+    torch.set_rng_state(rng)
 
 
 def drop_checkpoints_after(root: Path, step: int) -> None:

@@ -313,9 +313,9 @@ def cmd_generate(args) -> int:
     if args.num <= 0:
         raise UserError(f"--num must be > 0, got {args.num}")
     if args.lora:
-        from ccsr.inputs import check_lora
+        from ccsr import lora
 
-        check_lora(args.lora, cfg.generator.model, cfg.model_cache)
+        lora.check(args.lora, cfg.generator.model, cfg.model_cache)
     paths = _output_paths(Path(args.out), args.num)
     _setup_logging(**_log_options(args))
     from ccsr.backends import load_backend
@@ -361,9 +361,9 @@ def cmd_eval(args) -> int:
     if any(not 0.0 <= sc <= 1.0 for sc in scales):  # NaN fails the comparison too
         raise UserError(f"--scales must be within [0, 1], got {scales}")
     check_models(cfg)
-    from ccsr.inputs import check_lora
+    from ccsr import lora
 
-    check_lora(run.lora_dir(k), cfg.generator.model, cfg.model_cache)
+    lora.check(run.lora_dir(k), cfg.generator.model, cfg.model_cache)
     _setup_logging(**_log_options(args))
     with run_lock(run):
         tag = "-".join(f"{sc:g}" for sc in sorted({0.0, *scales}))
@@ -385,17 +385,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ccsr.export import export_kohya
-    from ccsr.inputs import check_lora
+    from ccsr import lora
 
-    lora = check_lora(args.lora)
-    if lora.kohya:
-        raise UserError(f"{lora.path}: already in kohya format; nothing to convert")
+    info = lora.check(args.lora)
+    if info.kohya:
+        raise UserError(f"{info.path}: already in kohya format; nothing to convert")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file path such as {out / 'lora_kohya.safetensors'}")
     try:
-        print(export_kohya(lora.path, Path(args.out)))
+        print(lora.export_kohya(info.path, Path(args.out)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return 0

@@ -259,7 +259,7 @@ class TrainerConfig(_Section):
         ]
     )
     # sft: the denoising loss on the selected pairs (the paper). dpo: Diffusion-DPO (Wallace et al. 2023) on the
-    # (winner, loser) preferences against the model the candidates were drawn with (see ccsr.trainer).
+    # (winner, loser) preferences against the model the candidates were drawn with (see ccsr.dpo_trainer).
     objective: str = "sft"
     # DPO's beta in diffusers' convention, loss = -logsigmoid(dpo_beta * logits) without the paper's 1/2 factor:
     # 2500 here is the paper's beta = 5000.
@@ -268,13 +268,14 @@ class TrainerConfig(_Section):
 
     def validate(self) -> None:
         super().validate()
-        self._one_of("objective", ("sft", "dpo"))
+        from ccsr.train import (
+            TRAINERS,
+        )  # the objectives are the trainers' table (imported here: it imports them)
+
+        self._one_of("objective", tuple(TRAINERS))
         self._positive("dpo_beta")
         self._non_negative("dpo_sft_weight")
-        if self.objective == "dpo" and self.reward_weighted:
-            raise ConfigError("'trainer.reward_weighted' applies to objective sft only; set it false for dpo")
-        if self.objective == "dpo" and self.snr_gamma is not None:
-            raise ConfigError("'trainer.snr_gamma' applies to objective sft only; set it null for dpo")
+        TRAINERS[self.objective].check_settings(self)
         self._one_of("lr_scheduler", ("constant", "constant_with_warmup", "linear", "cosine"))
         self._one_of("mixed_precision", ("no", "fp16", "bf16"))
         self._one_of("train_on", ("all", "newest"))

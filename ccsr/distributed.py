@@ -108,3 +108,55 @@ def merge_shards(
 def positions(items: Iterable[Hashable]) -> dict[Hashable, int]:
     """Each item's index, for sorting records in the order of the list they came from."""
     return {item: i for i, item in enumerate(items)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data-parallel LoRA training: each process takes a share of every global batch (see ccsr.trainer)
+
+
+def shard(size: int, num_processes: int, process_index: int) -> tuple[int, int]:
+    """[lo, hi) of this process's share of a global batch of ``size``: contiguous, sizes differ by at most 1."""
+    return size * process_index // num_processes, size * (process_index + 1) // num_processes
+
+
+def all_reduce_gradients(accelerator, params: list) -> None:
+    """Sum the gradients of ``params`` over processes, in one collective on one flat buffer.
+
+    Each process's loss is its share of the global-batch mean (sum over its samples / global batch size), so
+    the sum over processes is the single-process gradient. An explicit sum rather than DDP's bucketed mean:
+    shares may be unequal (batch 18 on 4 processes, the short last batch of an epoch) or empty, and the LoRA
+    gradient is a few MB at most, so overlapping communication with backward buys nothing.
+    """
+    import torch
+
+    for p in params:
+        if p.grad is None:  # a parameter no sample reached: its gradient is zero, not missing
+            p.grad = torch.zeros_like(p)
+    flat = accelerator.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="sum")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def adapter_digest(unet) -> str:
+    """sha256 over the trained adapter's tensors (names, dtypes, shapes and bytes), in name order."""
+    import hashlib
+
+    from ccsr.lora import adapter_state
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(adapter_state(unet).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_ranks_in_sync(accelerator, unet) -> list[str]:
+    """Every process's adapter digest (process order); raise if they differ, i.e. the replicas diverged."""
+    from accelerate.utils import gather_object
+
+    digests = gather_object([adapter_digest(unet)])
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"LoRA weights differ across processes after training: {digests}")
+    return digests

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ccsr.devices import in_batches
-from ccsr.rundir import LORA_WEIGHTS_NAME
+from ccsr.lora import weights_file as lora_weights_file
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -54,9 +54,8 @@ class DiffusersGenerator:
         key = str(path)
         if key not in self._adapters:
             # A LoRA folder (ccsr's) or a .safetensors file (such as one in kohya format).
-            folder, weight = (path, LORA_WEIGHTS_NAME) if path.is_dir() else (path.parent, path.name)
-            if not (folder / weight).is_file():
-                raise FileNotFoundError(f"no LoRA weights at {folder / weight}")
+            file = lora_weights_file(path)
+            folder, weight = file.parent, file.name
             name = "lora_" + hashlib.sha1(key.encode()).hexdigest()[:10]
             self._load_lora(folder, weight, name)
             self._adapters[key] = name

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccsr import gate
+from ccsr import gate, train
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
 from ccsr.console import CONSOLE, bar, duration
@@ -30,8 +30,6 @@ from ccsr.rundir import (
     Candidate,
     Detection,
     Judgment,
-    Pair,
-    Preference,
     PromptRecord,
     RunDir,
     append_records,
@@ -46,69 +44,13 @@ from ccsr.rundir import (
     write_records,
 )
 from ccsr.selection import BELOW_MIN_SCORE, best_tied, by_prompt, preference_pairs, select_pairs
+from ccsr.train import training_pairs
 
 logger = logging.getLogger(__name__)
 
 
 class StopRequested(Exception):
     """Raised at a unit boundary when a stop was asked for (signal or stop file)."""
-
-
-# --- the train stage's work, shared with ``python -m ccsr.train_cli`` ----------------------------------------
-def training_iterations(cfg: Config, k: int) -> list[int]:
-    """The iterations whose pairs iteration k trains on: 1..k, or only k with ``trainer.train_on: newest``."""
-    return [k] if cfg.trainer.train_on == "newest" else list(range(1, k + 1))
-
-
-def training_pairs(cfg: Config, run: RunDir, k: int) -> list[Pair]:
-    """The pairs iteration k trains on (``training_iterations``)."""
-    return [p for j in training_iterations(cfg, k) for p in read_records(run.files(j)["pairs"], Pair)]
-
-
-def training_preferences(cfg: Config, run: RunDir, k: int) -> list[Preference]:
-    """The preference pairs iteration k trains on (``trainer.objective: dpo``), of the same iterations."""
-    return [
-        p for j in training_iterations(cfg, k) for p in read_records(run.files(j)["preferences"], Preference)
-    ]
-
-
-def init_lora(cfg: Config, run: RunDir, k: int) -> Path | None:
-    """Iteration k's training start: the champion before k (``init_from: previous``), else a fresh LoRA."""
-    return gate.champion_lora(run, k) if cfg.trainer.init_from == "previous" else None
-
-
-def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
-    """Train iteration k's LoRA into ``run.lora_dir(k)`` with the run's encoding cache and prior images;
-    returns the trainer's ``TrainResult`` (at once when the finished LoRA of the same setup is there).
-
-    Objective dpo trains on the preference pairs against the model iteration k drew its candidates with:
-    the champion before k at its generation scale (``gate.generation_scale``), or the base model.
-    """
-    from ccsr.trainer import PreferencePair, TrainPair, train_lora
-
-    dpo: dict = {}
-    if cfg.trainer.objective == "dpo":
-        pairs = []
-        dpo = {
-            "preferences": [
-                PreferencePair(p.prompt, run.root / p.winner_path, run.root / p.loser_path)
-                for p in training_preferences(cfg, run, k)
-            ],
-            "reference_lora": gate.champion_lora(run, k),
-            "reference_scale": gate.generation_scale(run, k, cfg.generator.generation_scale),
-        }
-    else:
-        pairs = [TrainPair(p.prompt, run.root / p.path, float(p.score)) for p in training_pairs(cfg, run, k)]
-    return train_lora(
-        cfg,
-        pairs,
-        run.lora_dir(k),
-        init_lora=init_lora(cfg, run, k),
-        encode_cache_dir=run.encode_cache,
-        on_step=on_step,
-        prior_dir=run.prior_cache,
-        **dpo,
-    )
 
 
 def stage_line(stage: str, info: dict, seconds: float, root: Path) -> str:
@@ -594,27 +536,16 @@ class Loop:
 
     # --- stage 5: train ------------------------------------------------------------------------
     def stage_train(self, k: int) -> dict:
-        dpo = self.cfg.trainer.objective == "dpo"
-        kind, record = ("preferences", Preference) if dpo else ("pairs", Pair)
-        if not read_records(self.run.files(k)[kind], record):
-            # Nothing new to learn from: retraining on earlier pairs alone would only repeat an iteration.
-            reason = "no preference pairs" if dpo else "no new pairs"
+        """Iteration k's LoRA (``ccsr.train``), unless the iteration brought nothing to train on."""
+        reason = train.nothing_to_train(self.cfg, self.run, k)
+        if reason is not None:
             logger.warning("iteration %d: %s, training skipped", k, reason)
             self.run.event("train_skipped", iteration=k, reason=reason)
             return {"skipped": True, "reason": reason}
-        init = init_lora(self.cfg, self.run, k)
         with self._model_call("train"):
-            result = train_iteration_lora(self.cfg, self.run, k)
-        info = {
-            "pairs": len(training_pairs(self.cfg, self.run, k)),
-            "lora_sha256": sha256_file(self.run.lora_file(k)),
-            "steps": result.steps,
-            "final_loss": result.final_loss,
-            "init_lora": str(init) if init else None,
-        }
-        if dpo:
-            info["preferences"] = len(training_preferences(self.cfg, self.run, k))
-        return info
+            job = train.iteration_job(self.cfg, self.run, k)
+            result = train.run_job(self.cfg, job)
+        return train.stage_info(self.cfg, self.run, k, job, result)
 
     # --- stage 6: eval -------------------------------------------------------------------------
     def stage_eval(self, k: int) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccsr.rundir import atomic_save_image, atomic_save_tensors, atomic_write_text, sha256_file
+from ccsr.seeds import PRIOR_IMAGE, seeded_generator
 
 if TYPE_CHECKING:
     import torch
@@ -50,15 +51,6 @@ class PreferencePair:
         return TrainPair(self.prompt, Path(self.winner_path)), TrainPair(self.prompt, Path(self.loser_path))
 
 
-def seeded_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator for one (seed, keys) tuple; CPU so the draws are the same on every device."""
-    import numpy as np
-    import torch
-
-    state = np.random.SeedSequence([seed % 2**63, *keys]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) % 2**63)
-
-
 def sha256_text(*parts: Any) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
 
@@ -89,6 +81,42 @@ def load_pixels(path: Path, resolution: int) -> torch.Tensor:
 
     with Image.open(path) as img:
         return _pixel_transform(resolution)(img.convert("RGB"))
+
+
+@dataclass
+class FrozenParts:
+    """The pipeline parts LoRA training never changes, plus the UNet (frozen itself, the adapter is added)."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any
+
+
+def load_frozen_parts(model_path: str, dtype: torch.dtype, device: torch.device) -> FrozenParts:
+    """Tokenizer, text encoder, VAE, UNet (frozen, in ``dtype``, on ``device``) and the DDPM noise scheduler
+    of a Stable Diffusion folder; raises ValueError for a prediction type the trainer has no target for."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from ccsr.devices import diffusers_dtype
+
+    path = model_path
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_dtype(dtype))
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **diffusers_dtype(dtype))
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"{path}: unsupported scheduler prediction_type {prediction_type!r}")
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(device)
+    text_encoder.eval()
+    vae.eval()
+    return FrozenParts(tokenizer, text_encoder, vae, unet, noise_scheduler)
 
 
 class FrozenEncoder:
@@ -265,27 +293,40 @@ class EncodingCache:
 # the class while the fidelity term pulls it toward the selected pairs.
 
 
-def prior_prompts(cfg: Config) -> list[str]:
-    """The prompt of each prior image: the templates cycled up to ``trainer.prior_images``."""
-    templates = cfg.trainer.prior_prompts
-    return [
-        templates[i % len(templates)].format(class_name=cfg.class_name)
-        for i in range(cfg.trainer.prior_images)
-    ]
+@dataclass(frozen=True)
+class PriorSettings:
+    """How the prior images are drawn, besides the base model and the seed: the class, one prompt per image
+    (the templates of ``trainer.prior_prompts`` cycled up to ``trainer.prior_images``), the generator's
+    sampling settings and the batch size of the drawing pipeline."""
+
+    class_name: str
+    prompts: list[str]
+    resolution: int
+    steps: int
+    guidance_scale: float
+    batch_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PriorSettings | None:
+        """The run's prior settings; None when the prior term is off (``trainer.prior_weight`` 0)."""
+        trainer = cfg.trainer
+        if trainer.prior_weight <= 0:
+            return None
+        if not cfg.class_name:
+            raise ValueError("trainer.prior_weight > 0 needs class_name (the prior images show that class)")
+        templates = trainer.prior_prompts
+        prompts = [
+            templates[i % len(templates)].format(class_name=cfg.class_name)
+            for i in range(trainer.prior_images)
+        ]
+        g = cfg.generator
+        return cls(cfg.class_name, prompts, trainer.resolution, g.steps, g.guidance_scale, g.batch_size)
 
 
-def prior_key(cfg: Config, model_path: str, dtype: torch.dtype) -> str:
+def prior_key(prior: PriorSettings, seed: int, model_path: str, dtype: torch.dtype) -> str:
     """Everything the prior images' pixels depend on; the cache in ``prior/`` is reused only under this key."""
-    g = cfg.generator
     return sha256_text(
-        "prior",
-        model_path,
-        cfg.seed,
-        cfg.trainer.resolution,
-        g.steps,
-        g.guidance_scale,
-        dtype,
-        *prior_prompts(cfg),
+        "prior", model_path, seed, prior.resolution, prior.steps, prior.guidance_scale, dtype, *prior.prompts
     )
 
 
@@ -313,12 +354,51 @@ def load_prior(prior_dir: Path, key: str) -> tuple[list[TrainPair], list[str]] |
     return pairs, hashes
 
 
+def prepare_prior(
+    prior: PriorSettings | None,
+    seed: int,
+    model_path: str,
+    prior_dir: Path,
+    parts: FrozenParts,
+    dtype: torch.dtype,
+    accelerator,
+) -> tuple[list[TrainPair], list[str]]:
+    """The prior images (and their hashes), before any LoRA is added: cached in ``prior_dir`` or drawn now
+    by the base model; none without the prior term. The main process draws and writes, the others wait,
+    then load its files."""
+    if prior is None:
+        return [], []
+    key = prior_key(prior, seed, model_path, dtype)
+    with accelerator.main_process_first():
+        loaded = load_prior(prior_dir, key)
+        if loaded is not None:
+            logger.info("reusing %d cached prior images from %s", len(loaded[0]), prior_dir)
+        elif accelerator.is_main_process:
+            modules = (parts.vae, parts.text_encoder, parts.tokenizer, parts.unet)
+            loaded = draw_prior(prior, seed, model_path, prior_dir, key, *modules, dtype)
+        else:
+            raise RuntimeError(
+                f"process {accelerator.process_index}: the main process left no prior images in {prior_dir}"
+            )
+    return loaded
+
+
 def draw_prior(
-    cfg: Config, model_path: str, prior_dir: Path, key: str, vae, text_encoder, tokenizer, unet, dtype
+    prior: PriorSettings,
+    seed: int,
+    model_path: str,
+    prior_dir: Path,
+    key: str,
+    vae,
+    text_encoder,
+    tokenizer,
+    unet,
+    dtype,
 ) -> tuple[list[TrainPair], list[str]]:
     """Draw the prior images with the base pipeline (called before the LoRA exists) and cache them.
 
-    Image ``i`` comes from its own generator ``(cfg.seed, 2, i)``, so it does not depend on the batch size.
+    Image ``i`` comes from its own generator ``(seed, PRIOR_IMAGE, i)``, so it does not depend on the batch
+    size.
     Each PNG is committed atomically; ``metadata.json`` (prompts, checksums, key) goes last, so a run killed
     mid-way leaves no metadata that a later run would trust.
     """
@@ -326,8 +406,7 @@ def draw_prior(
 
     from ccsr.devices import diffusers_dtype
 
-    prompts = prior_prompts(cfg)
-    g = cfg.generator
+    prompts = prior.prompts
     prior_dir.mkdir(parents=True, exist_ok=True)
     (prior_dir / PRIOR_METADATA).unlink(missing_ok=True)
     # The already-loaded frozen modules are reused; only the inference scheduler is read from disk.
@@ -344,29 +423,29 @@ def draw_prior(
     )
     pipe.set_progress_bar_config(disable=True)
     logger.info(
-        "drawing %d prior images of %r with the base model into %s", len(prompts), cfg.class_name, prior_dir
+        "drawing %d prior images of %r with the base model into %s", len(prompts), prior.class_name, prior_dir
     )
     entries = []
-    chunk = max(1, g.batch_size)
+    chunk = max(1, prior.batch_size)
     for start in range(0, len(prompts), chunk):
         ids = list(range(start, min(start + chunk, len(prompts))))
         images = pipe(
             [prompts[i] for i in ids],
-            height=cfg.trainer.resolution,
-            width=cfg.trainer.resolution,
-            num_inference_steps=g.steps,
-            guidance_scale=g.guidance_scale,
-            generator=[seeded_generator(cfg.seed, 2, i) for i in ids],
+            height=prior.resolution,
+            width=prior.resolution,
+            num_inference_steps=prior.steps,
+            guidance_scale=prior.guidance_scale,
+            generator=[seeded_generator(seed, PRIOR_IMAGE, i) for i in ids],
             output_type="pil",
         ).images
         for i, image in zip(ids, images, strict=True):
             name = f"{i:04d}.png"
             atomic_save_image(prior_dir / name, image)
-            entries.append({"file": name, "prompt": prompts[i], "seed_keys": [cfg.seed, 2, i]})
+            entries.append({"file": name, "prompt": prompts[i], "seed_keys": [seed, PRIOR_IMAGE, i]})
     del pipe
     for entry in entries:
         entry["sha256"] = sha256_file(prior_dir / entry["file"])
-    meta = {"key": key, "class_name": cfg.class_name, "model": model_path, "images": entries}
+    meta = {"key": key, "class_name": prior.class_name, "model": model_path, "images": entries}
     atomic_write_text(prior_dir / PRIOR_METADATA, json.dumps(meta, indent=1))
     pairs = [TrainPair(prompt=e["prompt"], image_path=prior_dir / e["file"]) for e in entries]
     return pairs, [e["sha256"] for e in entries]

@@ -4,17 +4,25 @@ The offline guard: a program run in a subprocess whose ``sitecustomize`` install
 (``sys.addaudithook``): every socket connect / name look-up is logged and refused, and the first import of
 each hub library logs whether the offline switches were already set. The parent environment's offline
 variables are removed, so only the program's own switches count.
+
+The trainer's helpers: an interrupt, a CPU config, the training log, a LoRA's tensors, a free port.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
+from ccsr.config import Config
 from ccsr.inputs import OFFLINE_VARS
+from ccsr.rundir import LORA_WEIGHTS_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +102,38 @@ def assert_offline(proc: subprocess.CompletedProcess, events: list) -> None:
     assert network == [], f"network access attempted: {network}"
     late = [e["detail"] for e in events if e["kind"] == "hub-import" and e["detail"]["offline_vars_missing"]]
     assert late == [], f"hub libraries imported before the offline switches were set: {late}"
+
+
+class Interrupt(Exception):
+    """Raised from an ``on_step`` callback to stop a training run where a crash would."""
+
+
+def make_cfg(model: str | Path, **trainer) -> Config:
+    """A CPU config training the model at ``model`` with the given trainer settings (set in place, as a
+    notebook would: the trainer checks them)."""
+    cfg = Config()
+    cfg.device = "cpu"
+    cfg.generator.model = str(model)
+    for key, value in trainer.items():
+        setattr(cfg.trainer, key, value)
+    return cfg
+
+
+def read_log(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def lora_tensors(lora_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(lora_dir / LORA_WEIGHTS_NAME))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def free_port() -> int:
+    # accelerate's default port 29500 would collide with any other launch running on the machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -404,25 +404,25 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 @pytest.fixture(scope="module")
 def good_lora(tmp_path_factory) -> Path:
-    """A LoRA folder for the tiny SD written by ccsr's own writer (the trainer's ``save_lora``) from a peft
+    """A LoRA folder for the tiny SD written by ccsr's own writer (``ccsr.lora.save``) from a peft
     adapter on the real tiny UNet, its up matrices drawn non-zero so that it changes the images."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
+    from ccsr import lora
     from ccsr.models import resolve_model
-    from ccsr.trainer import ADAPTER_NAME, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(resolve_model(TINY_SD), subfolder="unet")
     config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+        unet.add_adapter(config, adapter_name=lora.ADAPTER_NAME)
         with torch.no_grad():
             for name, param in unet.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0.0, 0.5)
-    return save_lora(unet, tmp_path_factory.mktemp("good-lora")).parent
+    return lora.save(unet, tmp_path_factory.mktemp("good-lora")).parent
 
 
 def lora_pair(layer: str, down: str, up: str, n_in: int = 32, n_out: int = 32, rank: int = 4) -> dict:

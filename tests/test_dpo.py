@@ -11,19 +11,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from ccsr.config import Config, ConfigError, TrainerConfig
 from ccsr.rundir import LORA_WEIGHTS_NAME
-from ccsr.trainer import PreferencePair, TrainPair, train_lora
-from ccsr.training_data import seeded_generator
+from ccsr.seeds import seeded_generator
+from ccsr.train import train_lora
+from ccsr.training_data import PreferencePair, TrainPair
+from tests import helpers
+from tests.helpers import Interrupt, free_port, lora_tensors, max_diff, read_log
 
 RESOLUTION = 32  # 4x4 latents
 N_PREFERENCES = 3
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="session")
@@ -50,9 +48,6 @@ def preferences(tmp_path_factory) -> list[PreferencePair]:
 
 
 def make_cfg(model: str, **trainer) -> Config:
-    cfg = Config()
-    cfg.device = "cpu"
-    cfg.generator.model = model
     defaults = {
         "objective": "dpo",
         "resolution": RESOLUTION,
@@ -61,22 +56,7 @@ def make_cfg(model: str, **trainer) -> Config:
         "learning_rate": 1e-3,
         "dpo_beta": 50.0,
     }
-    for key, value in {**defaults, **trainer}.items():
-        setattr(cfg.trainer, key, value)
-    return cfg
-
-
-def read_log(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def lora_tensors(lora_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(lora_dir / LORA_WEIGHTS_NAME))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+    return helpers.make_cfg(model, **{**defaults, **trainer})
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +95,7 @@ class RecordingEncoder:
 
 
 def make_stream(preferences, num_processes=1, process_index=0, encoder=None):
-    from ccsr.trainer import PreferenceStream
+    from ccsr.batches import PreferenceStream
 
     return PreferenceStream(
         "preference pairs",
@@ -254,23 +234,13 @@ def test_dpo_loss_by_hand_against_a_reference_lora(model, preferences, sft_lora,
 
 
 def test_only_the_trained_adapter_gets_gradients(model, preferences, sft_lora, tmp_path):
-    from ccsr.trainer import ADAPTER_NAME, REFERENCE_ADAPTER, LoRATrainer
+    from ccsr.lora import ADAPTER_NAME, REFERENCE_ADAPTER
+    from ccsr.train import build_trainer, make_job
 
     cfg = make_cfg(model, max_steps=2)
-    hashes = [("w", "l")] * len(preferences)  # only the fingerprint and the cache use them (cache off here)
     cfg.trainer.cache_latents = False
-    trainer = LoRATrainer(
-        cfg,
-        [],
-        tmp_path,
-        model_path=model,
-        image_hashes=[],
-        fingerprint="test",
-        preferences=preferences,
-        preference_hashes=hashes,
-        reference_lora=sft_lora,
-        reference_scale=0.5,
-    )
+    job = make_job(cfg, [], tmp_path, preferences=preferences, reference_lora=sft_lora, reference_scale=0.5)
+    trainer = build_trainer(cfg, job)
     trainer._build_streams(0)
     named = dict(trainer.unet.named_parameters())
     reference = {n: p.detach().clone() for n, p in named.items() if f".{REFERENCE_ADAPTER}." in n}
@@ -324,8 +294,10 @@ def test_dpo_cached_and_uncached_agree(model, preferences, dpo_reference, tmp_pa
 
 
 def test_finished_dpo_lora_is_reused_only_for_the_same_setup(model, preferences, dpo_reference):
+    from dataclasses import replace
+
     from ccsr import checkpoints
-    from ccsr.trainer import _dpo_setup
+    from ccsr.train import TRAINERS, make_job
 
     recorded = json.loads((dpo_reference / "train_result.json").read_text())
     cfg = make_cfg(model, checkpoint_every=2)
@@ -333,10 +305,11 @@ def test_finished_dpo_lora_is_reused_only_for_the_same_setup(model, preferences,
     assert again.seconds == recorded["seconds"]
 
     hashes = [("w0", "l0"), ("w1", "l1")]
-    prefs = preferences[:2]
+    job = make_job(cfg, [], dpo_reference, preferences=preferences[:2])
 
     def fp(cfg=cfg, hashes=hashes, reference=None, scale=1.0):
-        return checkpoints.fingerprint(cfg, model, [], [], None, _dpo_setup(prefs, hashes, reference, scale))
+        setup = replace(job, preference_hashes=hashes, reference_lora=reference, reference_scale=scale)
+        return checkpoints.fingerprint(cfg.trainer, cfg.seed, setup)
 
     base = fp()
     lora_file = dpo_reference / LORA_WEIGHTS_NAME
@@ -353,8 +326,16 @@ def test_finished_dpo_lora_is_reused_only_for_the_same_setup(model, preferences,
     sft = make_cfg(model, objective="sft")
     sft_beta = make_cfg(model, objective="sft", dpo_beta=1.0)
     pairs = [TrainPair("x", Path("x.png"))]
-    assert checkpoints.fingerprint(sft, model, pairs, ["h"], None) == checkpoints.fingerprint(
-        sft_beta, model, pairs, ["h"], None
+    sft_job = replace(
+        job,
+        trainer_class=TRAINERS["sft"],
+        pairs=pairs,
+        image_hashes=["h"],
+        preferences=[],
+        preference_hashes=[],
+    )
+    assert checkpoints.fingerprint(sft.trainer, sft.seed, sft_job) == checkpoints.fingerprint(
+        sft_beta.trainer, sft_beta.seed, sft_job
     )
 
 
@@ -404,19 +385,20 @@ def test_train_lora_input_errors(model, preferences, tmp_path):
 def test_loop_trains_on_the_preferences_against_the_champion(tmp_path, monkeypatch):
     """objective dpo: the preferences (paths under the run), no plain pairs, the champion at the generation
     scale as reference (training_preferences is stubbed: the test builds the preferences itself)."""
-    from ccsr import loop, trainer
+    from ccsr import train
     from ccsr.rundir import Preference, RunDir
 
     run = RunDir(tmp_path)
     cfg = make_cfg("ccsr-tiny/stable-diffusion")
     cfg.generator.generation_scale = 0.4
     records = [Preference("p0", "a cat", 1, 3, "iterations/002/candidates/p0-1.png", "c/p0-3.png", 9, 2)]
-    monkeypatch.setattr(loop, "training_preferences", lambda c, r, k: records, raising=False)
+    monkeypatch.setattr(train, "training_preferences", lambda c, r, k: records, raising=False)
     champion = tmp_path / "iterations" / "001" / "lora"
-    monkeypatch.setattr(loop.gate, "champion_lora", lambda r, k: champion if k == 2 else None)
+    monkeypatch.setattr(train.gate, "champion_lora", lambda r, k: champion if k == 2 else None)
     calls = []
-    monkeypatch.setattr(trainer, "train_lora", lambda *args, **kwargs: calls.append((args, kwargs)))
-    loop.train_iteration_lora(cfg, run, 2)
+    monkeypatch.setattr(train, "make_job", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(train, "run_job", lambda *args, **kwargs: None)
+    train.train_iteration_lora(cfg, run, 2)
     ((args, kwargs),) = calls
     assert args[1] == [] and args[2] == run.lora_dir(2)
     assert kwargs["preferences"] == [
@@ -444,7 +426,8 @@ LAUNCHED = """
 import json, sys
 from pathlib import Path
 from ccsr.config import load_config
-from ccsr.trainer import PreferencePair, train_lora
+from ccsr.train import train_lora
+from ccsr.training_data import PreferencePair
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 prefs = [PreferencePair(*p) for p in spec["preferences"]]
@@ -460,7 +443,6 @@ def test_two_processes_train_the_one_process_lora(model, preferences, sft_lora, 
     import sys
 
     from ccsr.config import save_config
-    from tests.test_trainer_multiprocess import free_port
 
     # 3 pairs, global batch 2: step 1 splits 1 + 1, step 2 (the epoch's last pair) 0 + 1.
     cfg = make_cfg(model, max_steps=3, checkpoint_every=2)

@@ -9,8 +9,9 @@ from PIL import Image
 from safetensors import safe_open
 
 from ccsr.config import Config
-from ccsr.export import export_kohya
-from ccsr.trainer import TrainPair, train_lora
+from ccsr.lora import export_kohya
+from ccsr.train import train_lora
+from ccsr.training_data import TrainPair
 
 
 @pytest.fixture(scope="module")
@@ -82,5 +83,5 @@ def test_kohya_round_trip_matches_diffusers_output(trained, tmp_path):
 
 
 def test_export_rejects_a_folder_without_weights(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA weights"):
+    with pytest.raises(ValueError, match="no pytorch_lora_weights.safetensors in this folder"):
         export_kohya(tmp_path, tmp_path / "out.safetensors")

@@ -11,18 +11,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from ccsr.config import Config
 from ccsr.rundir import LORA_WEIGHTS_NAME
-from ccsr.trainer import TrainPair, train_lora
-from ccsr.training_data import seeded_generator
+from ccsr.seeds import seeded_generator
+from ccsr.train import train_lora
+from ccsr.training_data import TrainPair
+from tests import helpers
+from tests.helpers import Interrupt, lora_tensors, max_diff, read_log
 
 RESOLUTION = 32  # the VAE downsamples 8x: 4x4 latents, enough for the UNet's one down block
-
-
-class Interrupt(Exception):
-    pass
 
 
 @pytest.fixture(scope="session")
@@ -56,26 +54,8 @@ def pairs(tmp_path_factory) -> list[TrainPair]:
 
 
 def make_cfg(model: Path, **trainer) -> Config:
-    cfg = Config()
-    cfg.device = "cpu"
-    cfg.generator.model = str(model)
     defaults = {"resolution": RESOLUTION, "batch_size": 4, "max_steps": 4, "learning_rate": 1e-3}
-    for key, value in {**defaults, **trainer}.items():
-        setattr(cfg.trainer, key, value)
-    return cfg
-
-
-def lora_tensors(lora_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(lora_dir / LORA_WEIGHTS_NAME))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def read_log(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    return helpers.make_cfg(model, **{**defaults, **trainer})
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -146,14 +126,14 @@ def test_resume_after_interruption_equals_uninterrupted(sd_models, pairs, refere
 
 def test_fp16_loss_scale_survives_a_checkpoint(sd_models, pairs, tmp_path):
     """accelerate's GradScaler (fp16 on a GPU) is checkpointed and restored; on the CPU one stands in for it."""
+    from ccsr.train import build_trainer, make_job
     from ccsr.trainer import LoRATrainer
 
     cfg = make_cfg(sd_models["epsilon"])
+    job = make_job(cfg, pairs, tmp_path)
 
     def trainer() -> LoRATrainer:
-        built = LoRATrainer(
-            cfg, pairs, tmp_path, model_path=str(sd_models["epsilon"]), image_hashes=[], fingerprint="setup"
-        )
+        built = build_trainer(cfg, job)
         assert built.accelerator.scaler is None  # float32 on the CPU
         built.accelerator.scaler = torch.amp.GradScaler("cpu")
         return built
@@ -275,7 +255,7 @@ def test_init_lora_is_loaded_and_continued(sd_models, pairs, reference_run, tmp_
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from ccsr.trainer import _load_lora_into_adapter
+    from ccsr import lora
 
     # Loading into a fresh adapter reproduces the file exactly.
     unet = UNet2DConditionModel.from_pretrained(sd_models["epsilon"], subfolder="unet")
@@ -287,7 +267,7 @@ def test_init_lora_is_loaded_and_continued(sd_models, pairs, reference_run, tmp_
             target_modules=["to_q", "to_k", "to_v", "to_out.0"],
         )
     )
-    _load_lora_into_adapter(unet, reference_run, rank=4)
+    lora.load_into(unet, reference_run, rank=4)
     loaded = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     original = {k.removeprefix("unet."): v for k, v in lora_tensors(reference_run).items()}
     assert max_diff(loaded, original) == 0.0
@@ -300,7 +280,7 @@ def test_init_lora_is_loaded_and_continued(sd_models, pairs, reference_run, tmp_
         train_lora(make_cfg(sd_models["epsilon"], rank=8), pairs, tmp_path / "bad", init_lora=reference_run)
 
 
-def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, reference_run, tmp_path):
+def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, pairs, reference_run, tmp_path):
     """Under fp16 the UNet is half precision and the adapter float32: an init LoRA's values reach the adapter
     exactly, not rounded to half and promoted back. (fp16 training needs a GPU and accelerate keeps one mixed
     precision per process, so the trainer's adapter step runs here on an fp16 UNet without an Accelerator.)"""
@@ -308,6 +288,7 @@ def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, referen
     from safetensors.torch import save_file
 
     from ccsr.devices import diffusers_dtype
+    from ccsr.train import make_job
     from ccsr.trainer import LoRATrainer
 
     fine = 1 + 2**-12
@@ -316,13 +297,14 @@ def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, referen
     init.mkdir()
     tensors = {k: torch.full_like(v, fine) for k, v in lora_tensors(reference_run).items()}
     save_file(tensors, init / LORA_WEIGHTS_NAME)
+    cfg = make_cfg(sd_models["epsilon"], mixed_precision="fp16")
     trainer = LoRATrainer.__new__(LoRATrainer)
-    trainer.cfg = make_cfg(sd_models["epsilon"], mixed_precision="fp16")
-    trainer.t, trainer.dpo = trainer.cfg.trainer, False
+    trainer.cfg, trainer.seed = cfg.trainer, cfg.seed
+    trainer.job = make_job(cfg, pairs, tmp_path / "out", init_lora=init)
     trainer.unet = UNet2DConditionModel.from_pretrained(
         sd_models["epsilon"], subfolder="unet", **diffusers_dtype(torch.float16)
     )
-    trainer._add_adapter(init)
+    trainer._add_adapter()
     assert len(trainer.params) == len(tensors)
     assert all(p.dtype == torch.float32 and bool((p == fine).all()) for p in trainer.params)
     assert next(p for n, p in trainer.unet.named_parameters() if "lora" not in n).dtype == torch.float16
@@ -354,7 +336,7 @@ def test_options_and_result_reuse(sd_models, pairs, tmp_path):
 
     with pytest.raises(ValueError, match="class_name"):
         train_lora(make_cfg(sd_models["epsilon"], prior_weight=0.5), pairs, tmp_path / "prior")
-    with pytest.raises(ValueError, match="prior_weight must be >= 0"):
+    with pytest.raises(ValueError, match="'trainer.prior_weight' must be >= 0"):
         train_lora(make_cfg(sd_models["epsilon"], prior_weight=-1.0), pairs, tmp_path / "prior")
     with pytest.raises(ValueError, match="not found"):
         train_lora(make_cfg(sd_models["epsilon"]), [TrainPair("x", tmp_path / "missing.png")], tmp_path / "m")
@@ -514,7 +496,7 @@ def test_min_snr_weight_is_finite_at_zero_terminal_snr():
 def test_a_damaged_training_image_is_named_before_any_model_is_loaded(tmp_path, damage):
     import re
 
-    from ccsr.inputs import InputError
+    from ccsr.inputs import UserError
 
     good = tmp_path / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(good)
@@ -529,7 +511,7 @@ def test_a_damaged_training_image_is_named_before_any_model_is_loaded(tmp_path, 
         }[damage]
     )
     cfg = make_cfg(tmp_path / "no-such-model")  # never loaded: the images are checked first
-    with pytest.raises(InputError, match=f"^{re.escape(str(bad))}: not a readable image"):
+    with pytest.raises(UserError, match=f"^{re.escape(str(bad))}: not a readable image"):
         train_lora(cfg, [TrainPair("a red object", good), TrainPair("a red object", bad)], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -540,17 +522,17 @@ def test_a_non_image_is_named_also_once_ultralytics_has_wrapped_pil(tmp_path):
     import ultralytics.utils.patches  # noqa: F401 - the import the detector makes
     from PIL import Image
 
-    from ccsr.inputs import InputError, check_image
+    from ccsr.inputs import UserError, check_image
 
     assert Image.open.__module__ == "ultralytics.utils.patches"
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"a text file named .png\n")
-    with pytest.raises(InputError, match="bad.png: not a readable image \\(cannot identify image file"):
+    with pytest.raises(UserError, match="bad.png: not a readable image \\(cannot identify image file"):
         check_image(bad)
 
 
 def test_a_damaged_init_lora_is_named_before_any_model_is_loaded(tmp_path):
-    from ccsr.inputs import InputError
+    from ccsr.inputs import UserError
 
     good = tmp_path / "good.png"
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(good)
@@ -558,9 +540,9 @@ def test_a_damaged_init_lora_is_named_before_any_model_is_loaded(tmp_path):
     init.mkdir()
     (init / LORA_WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     cfg = make_cfg(tmp_path / "no-such-model")
-    with pytest.raises(InputError, match="init/pytorch_lora_weights.safetensors: not a readable safetensors"):
+    with pytest.raises(UserError, match="init/pytorch_lora_weights.safetensors: not a readable safetensors"):
         train_lora(cfg, [TrainPair("a red object", good)], tmp_path / "out", init_lora=init)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="empty: no pytorch_lora_weights.safetensors in this folder"):
+    with pytest.raises(UserError, match="empty: no pytorch_lora_weights.safetensors in this folder"):
         train_lora(cfg, [TrainPair("a red object", good)], tmp_path / "out", init_lora=tmp_path / "empty")
     assert not (tmp_path / "out").exists()

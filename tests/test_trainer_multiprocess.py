@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +15,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ccsr.config import Config, save_config
+from ccsr.distributed import shard
 from ccsr.rundir import LORA_WEIGHTS_NAME
-from ccsr.trainer import _shard
+from tests.helpers import free_port
 
 # 5 pairs, global batch 4, 2 epochs: step 1 splits 2 + 2, step 2 (the epoch's last sample) splits 0 + 1, so
 # an empty share is exercised too.
 N_PAIRS = 5
 STEPS = 4
-
-
-def free_port() -> int:
-    # accelerate's default port 29500 would collide with any other launch running on the machine.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_run(root: Path, model: str) -> Path:
@@ -124,7 +117,7 @@ def log(run: Path) -> list[dict]:
 def test_shards_cover_the_global_batch_once():
     for size in range(0, 20):
         for processes in (1, 2, 3, 4):
-            shards = [_shard(size, processes, rank) for rank in range(processes)]
+            shards = [shard(size, processes, rank) for rank in range(processes)]
             assert [i for lo, hi in shards for i in range(lo, hi)] == list(range(size))
             assert max(hi - lo for lo, hi in shards) - min(hi - lo for lo, hi in shards) <= 1
 
@@ -197,7 +190,8 @@ def test_tensorboard_when_available(tmp_path):
     importable, and TensorBoard's own reader finds the loss of every step in the event file."""
     from accelerate.utils import is_tensorboard_available
 
-    from ccsr.trainer import TrainPair, train_lora
+    from ccsr.train import train_lora
+    from ccsr.training_data import TrainPair
 
     if not is_tensorboard_available():
         pytest.skip("tensorboard / tensorboardX not installed (optional)")

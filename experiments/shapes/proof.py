@@ -287,7 +287,7 @@ def ground_truth_pairs(run: RunDir, per_prompt: int, folder: Path) -> list:
 def train_ground_truth(s: Settings) -> tuple[Config, Path, dict]:
     """One LoRA on correct renders of the ccsr run's prompts, with that run's config and its total steps
     (the config's own budget when it trained nothing). Objective sft: correct renders have no losers."""
-    from ccsr.trainer import train_lora
+    from ccsr.train import train_lora
 
     run = RunDir(s.work_dir / "ccsr")
     saved = load_config(run.config_path)
