@@ -18,62 +18,24 @@ step (see ``ccsr.batches``). A new training state is one more entry in ``states`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccsr.lora import ADAPTER_NAME, weights_hash
+from ccsr.lora import ADAPTER_NAME
 from ccsr.rundir import atomic_path, atomic_save_tensors, atomic_write_text, sha256_file
-from ccsr.training_data import PIXEL_TRANSFORM
 
 if TYPE_CHECKING:
     import torch
 
-    from ccsr.config import TrainerConfig
-    from ccsr.train import TrainJob
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 GRAD_SCALER_STATE = "grad_scaler"  # the fp16 GradScaler's entry in ``states``
-# Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
-# still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
-FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")
-
-
-def fingerprint(trainer: TrainerConfig, seed: int, job: TrainJob) -> str:
-    """sha256 of everything the trained weights depend on: model, seed, trainer settings (less those the
-    objective leaves out), data, init LoRA, the objective's own inputs (``fingerprint_inputs``, e.g. DPO's
-    preference pairs and reference) and the prior images' settings. It decides whether a checkpoint or a
-    finished LoRA is reused (see ``ccsr.train``)."""
-    objective = job.trainer_class
-    left_out = (*FINGERPRINT_EXCLUDED, *objective.fingerprint_left_out())
-    payload = {
-        "model": job.model_path,
-        "seed": seed,
-        "trainer": {k: v for k, v in asdict(trainer).items() if k not in left_out},
-        "pairs": [[p.prompt, h, float(p.score)] for p, h in zip(job.pairs, job.image_hashes, strict=True)],
-        "init_lora": weights_hash(job.init_lora),
-        "pixels": PIXEL_TRANSFORM,
-    }
-    objective_inputs = objective.fingerprint_inputs(job)
-    if objective_inputs is not None:
-        # Under "dpo", the key it had when Diffusion-DPO was the only objective with inputs of its own: the
-        # fingerprints of LoRAs trained since stay the same.
-        payload["dpo"] = objective_inputs
-    if job.prior is not None:
-        # The prior images are a function of these (and of model, seed, resolution, already above).
-        payload["prior"] = {
-            "prompts": job.prior.prompts,
-            "steps": job.prior.steps,
-            "guidance_scale": job.prior.guidance_scale,
-        }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def checkpoint_step(path: Path) -> int | None:

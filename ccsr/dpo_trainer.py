@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from ccsr.config import TrainerConfig
-    from ccsr.train import TrainJob
-    from ccsr.training_data import EncodingCache, FrozenEncoder, PreferencePair, TrainPair
+    from ccsr.training_data import EncodingCache, FrozenEncoder, PreferencePair, TrainJob, TrainPair
 
 logger = logging.getLogger(__name__)
 

@@ -9,27 +9,28 @@ newest``), starts from the champion before k when ``trainer.init_from: previous`
 pairs is measured against the model iteration k drew its candidates with: the champion before k at its
 generation scale (``gate.generation_scale``), or the base model.
 
-The job's fingerprint identifies the setup (``ccsr.checkpoints.fingerprint``): a finished LoRA of the same
+The job's fingerprint identifies the setup (``fingerprint``): a finished LoRA of the same
 one is returned at once, so the loop's train stage, ``python -m ccsr.train_cli`` and a program calling
 :func:`train_lora` find each other's work.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from ccsr import checkpoints, gate, lora
-from ccsr.config import Config
+from ccsr import gate, lora
+from ccsr.config import Config, TrainerConfig
 from ccsr.dpo_trainer import DPOTrainer
 from ccsr.inputs import check_image
 from ccsr.models import resolve_model
 from ccsr.rundir import Pair, Preference, RunDir, read_records, sha256_file
 from ccsr.trainer import RESULT_FILE, LoRATrainer, TrainResult
-from ccsr.training_data import PRIOR_DIR, PreferencePair, PriorSettings, TrainPair
+from ccsr.training_data import PIXEL_TRANSFORM, PRIOR_DIR, PreferencePair, PriorSettings, TrainJob, TrainPair
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +41,39 @@ TRAINERS: dict[str, type[LoRATrainer]] = {"sft": LoRATrainer, "dpo": DPOTrainer}
 RECORDS = {"pairs": Pair, "preferences": Preference}
 
 
-@dataclass(frozen=True)
-class TrainJob:
-    """One LoRA training run, resolved and checked: what it trains on, from where, into where, its identity.
+# Trainer fields that do not change the trained weights: a checkpoint written under other values of these is
+# still a valid starting point. cache_latents only moves where the VAE runs (same math, see tests).
+FINGERPRINT_EXCLUDED = ("checkpoint_every", "checkpoints_kept", "cache_latents", "init_from", "train_on")
 
-    An objective on pairs has ``preferences`` empty, one on preference pairs ``pairs`` empty; the hashes are
-    the sha256 of each image file, in the same order. ``fingerprint`` is set last, from everything else.
-    """
 
-    trainer_class: type[LoRATrainer]
-    model_path: str  # the base model's folder (``generator.model`` resolved)
-    out_dir: Path
-    pairs: list[TrainPair]
-    image_hashes: list[str]
-    preferences: list[PreferencePair]
-    preference_hashes: list[tuple[str, str]]
-    init_lora: Path | None
-    reference_lora: Path | None
-    reference_scale: float
-    encode_cache_dir: Path | None
-    prior_dir: Path
-    prior: PriorSettings | None  # None: no prior term
-    fingerprint: str = ""
+def fingerprint(trainer: TrainerConfig, seed: int, job: TrainJob) -> str:
+    """sha256 of everything the trained weights depend on: model, seed, trainer settings (less those the
+    objective leaves out), data, init LoRA, the objective's own inputs (``fingerprint_inputs``, e.g. DPO's
+    preference pairs and reference) and the prior images' settings. It decides whether a checkpoint or a
+    finished LoRA is reused (see ``ccsr.train``)."""
+    objective = job.trainer_class
+    left_out = (*FINGERPRINT_EXCLUDED, *objective.fingerprint_left_out())
+    payload = {
+        "model": job.model_path,
+        "seed": seed,
+        "trainer": {k: v for k, v in asdict(trainer).items() if k not in left_out},
+        "pairs": [[p.prompt, h, float(p.score)] for p, h in zip(job.pairs, job.image_hashes, strict=True)],
+        "init_lora": lora.weights_hash(job.init_lora),
+        "pixels": PIXEL_TRANSFORM,
+    }
+    objective_inputs = objective.fingerprint_inputs(job)
+    if objective_inputs is not None:
+        # Under "dpo", the key it had when Diffusion-DPO was the only objective with inputs of its own: the
+        # fingerprints of LoRAs trained since stay the same.
+        payload["dpo"] = objective_inputs
+    if job.prior is not None:
+        # The prior images are a function of these (and of model, seed, resolution, already above).
+        payload["prior"] = {
+            "prompts": job.prior.prompts,
+            "steps": job.prior.steps,
+            "guidance_scale": job.prior.guidance_scale,
+        }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def trainer_class(cfg: Config) -> type[LoRATrainer]:
@@ -199,7 +211,7 @@ def make_job(
         prior_dir=Path(prior_dir) if prior_dir is not None else out_dir / PRIOR_DIR,
         prior=prior,
     )
-    return replace(job, fingerprint=checkpoints.fingerprint(cfg.trainer, cfg.seed, job))
+    return replace(job, fingerprint=fingerprint(cfg.trainer, cfg.seed, job))
 
 
 def finished_result(job: TrainJob) -> TrainResult | None:

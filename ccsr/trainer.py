@@ -6,7 +6,7 @@ top to bottom: :class:`LoRATrainer` sets up (accelerator, frozen pipeline parts,
 optimizer, lr scheduler), resumes from a checkpoint, encodes the data (once, when ``cache_latents`` is on,
 see :mod:`ccsr.training_data`), then runs training steps over micro-batch streams (:mod:`ccsr.batches`),
 checkpoints (:mod:`ccsr.checkpoints`) and writes a diffusers-format LoRA (:mod:`ccsr.lora`). What it trains
-is one :class:`ccsr.train.TrainJob`, resolved by the train stage, :mod:`ccsr.train`.
+is one :class:`ccsr.training_data.TrainJob`, resolved by the train stage, :mod:`ccsr.train`.
 
 The objective (``trainer.objective``): this class is ``sft``, the paper's, which is the fidelity term plus
 ``beta`` times the prior term (Lee et al. 2023, eq. 2), each a :meth:`LoRATrainer.denoising_loss`. Another
@@ -52,8 +52,7 @@ if TYPE_CHECKING:
     import torch
 
     from ccsr.config import TrainerConfig
-    from ccsr.train import TrainJob
-    from ccsr.training_data import PreferencePair
+    from ccsr.training_data import PreferencePair, TrainJob
 
 __all__ = ["RESULT_FILE", "LoRATrainer", "TrainResult", "min_snr_weight"]
 

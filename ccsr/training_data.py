@@ -449,3 +449,27 @@ def draw_prior(
     atomic_write_text(prior_dir / PRIOR_METADATA, json.dumps(meta, indent=1))
     pairs = [TrainPair(prompt=e["prompt"], image_path=prior_dir / e["file"]) for e in entries]
     return pairs, [e["sha256"] for e in entries]
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One LoRA training run, resolved and checked: what it trains on, from where, into where, its identity.
+
+    An objective on pairs has ``preferences`` empty, one on preference pairs ``pairs`` empty; the hashes are
+    the sha256 of each image file, in the same order. ``fingerprint`` is set last, from everything else.
+    """
+
+    trainer_class: type  # a ``ccsr.trainer.LoRATrainer`` subclass, from ``ccsr.train.TRAINERS``
+    model_path: str  # the base model's folder (``generator.model`` resolved)
+    out_dir: Path
+    pairs: list[TrainPair]
+    image_hashes: list[str]
+    preferences: list[PreferencePair]
+    preference_hashes: list[tuple[str, str]]
+    init_lora: Path | None
+    reference_lora: Path | None
+    reference_scale: float
+    encode_cache_dir: Path | None
+    prior_dir: Path
+    prior: PriorSettings | None  # None: no prior term
+    fingerprint: str = ""

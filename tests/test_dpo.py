@@ -296,7 +296,7 @@ def test_dpo_cached_and_uncached_agree(model, preferences, dpo_reference, tmp_pa
 def test_finished_dpo_lora_is_reused_only_for_the_same_setup(model, preferences, dpo_reference):
     from dataclasses import replace
 
-    from ccsr import checkpoints
+    from ccsr import train
     from ccsr.train import TRAINERS, make_job
 
     recorded = json.loads((dpo_reference / "train_result.json").read_text())
@@ -309,7 +309,7 @@ def test_finished_dpo_lora_is_reused_only_for_the_same_setup(model, preferences,
 
     def fp(cfg=cfg, hashes=hashes, reference=None, scale=1.0):
         setup = replace(job, preference_hashes=hashes, reference_lora=reference, reference_scale=scale)
-        return checkpoints.fingerprint(cfg.trainer, cfg.seed, setup)
+        return train.fingerprint(cfg.trainer, cfg.seed, setup)
 
     base = fp()
     lora_file = dpo_reference / LORA_WEIGHTS_NAME
@@ -334,7 +334,7 @@ def test_finished_dpo_lora_is_reused_only_for_the_same_setup(model, preferences,
         preferences=[],
         preference_hashes=[],
     )
-    assert checkpoints.fingerprint(sft.trainer, sft.seed, sft_job) == checkpoints.fingerprint(
+    assert train.fingerprint(sft.trainer, sft.seed, sft_job) == train.fingerprint(
         sft_beta.trainer, sft_beta.seed, sft_job
     )
 
