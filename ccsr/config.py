@@ -159,6 +159,9 @@ class JudgeConfig(_Section):
     model: str = "ccsr-tiny/llava-next"
     questions: str = "prompts/questions.yaml"
     mode: str = "logits"  # logits: the answer token's probability, one pass; generate: free text, parsed
+    # logits mode of the transformers judge: encode each image once and reuse its KV cache for all questions
+    # (ccsr.judge_prefix, ~8x faster); false runs one plain forward over every full question, same answers.
+    prefix_reuse: bool = True
     tie_break: str = "none"  # none (paper) | p_yes: images of the same eq. 1 score ranked by signed P(yes)
     min_score: int | None = (
         None  # a prompt yields a pair only if its best eq. 1 score reaches it (paper: None)

@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccsr import checkpoints
-from ccsr.devices import diffusers_dtype, torch_device
+from ccsr.compat import diffusers_dtype
+from ccsr.devices import torch_device
 from ccsr.inputs import check_image, check_lora
 from ccsr.models import resolve_model
 from ccsr.rundir import LORA_WEIGHTS_NAME, atomic_path, atomic_write_text, sha256_file

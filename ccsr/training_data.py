@@ -324,7 +324,7 @@ def draw_prior(
     """
     from diffusers import StableDiffusionPipeline
 
-    from ccsr.devices import diffusers_dtype
+    from ccsr.compat import diffusers_dtype
 
     prompts = prior_prompts(cfg)
     g = cfg.generator
