@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUFFIX_STRATEGIES = judge_prefix.SUFFIX_STRATEGIES
-
 # Used when the processor ships no chat template: the LLaVA-1.6-Mistral conversation format.
 LLAVA_MISTRAL_PROMPT = "[INST] <image>\n{question} [/INST]"
 
@@ -77,9 +75,10 @@ class TransformersJudge:
         from ccsr.devices import torch_device, torch_dtype
         from ccsr.models import resolve_model
 
-        if suffix_strategy not in (None, *SUFFIX_STRATEGIES):
+        if suffix_strategy not in (None, *judge_prefix.SUFFIX_STRATEGIES):
             raise ValueError(
-                f"suffix_strategy must be one of {SUFFIX_STRATEGIES} or None, not {suffix_strategy!r}"
+                f"suffix_strategy must be one of {judge_prefix.SUFFIX_STRATEGIES} or None, "
+                f"not {suffix_strategy!r}"
             )
         if image_batch_size < 1:
             raise ValueError(f"image_batch_size must be at least 1, not {image_batch_size}")
