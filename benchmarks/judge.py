@@ -32,13 +32,13 @@ def _images(n: int, seed: int = 7):
     return images
 
 
-def _per_question_generate(judge, image, questions):
+def _per_question_generate(judge, image, request):
     """(a) One short greedy ``generate`` call per question, as the paper's scripts do."""
-    from ccsr.judge import JudgeAnswer
     from ccsr.questions import parse_answer
+    from ccsr.roles import JudgeAnswer
 
     answers = []
-    for question in questions:
+    for question in request.questions:
         prompt = judge.build_prompt(question)
         inputs = judge.processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
         out = judge.model.generate(
@@ -49,18 +49,19 @@ def _per_question_generate(judge, image, questions):
     return JudgeAnswer(answers=answers, p_yes=[None] * len(answers))
 
 
-def _batched_full(judge, image, questions):
-    """(b) One batched forward over the 10 full sequences (image encoded and attended 10 times)."""
-    ids, image_inputs = judge._encode(image, questions)
+def _batched_full(judge, image, request):
+    """(b) One batched forward over the 10 full sequences (image encoded and attended 10 times): the judge's
+    plain path, what ``judge.prefix_reuse: false`` runs."""
+    ids, image_inputs = judge._encode(image, request.questions)
     return judge._decide(judge._full_forward(ids, image_inputs))
 
 
-def _prefix_reuse(judge, image, questions):
-    """(c) The judge's own path: the image prefix once, the 10 question suffixes over its KV cache."""
-    return judge.answer([image], [questions])[0]
+def _prefix_reuse(judge, image, request):
+    """(c) The judge's default path: the image prefix once, the 10 question suffixes over its KV cache."""
+    return judge.answer([image], [request])[0]
 
 
-def _timed(paths: dict, images, questions) -> dict[str, tuple[float, list]]:
+def _timed(paths: dict, images, request) -> dict[str, tuple[float, list]]:
     """Images per second and answers of each path. The paths take turns image by image, so that a change of the
     (shared, noisy) machine's load during the run falls on all of them alike: the ratios are what carry over."""
     import torch
@@ -69,22 +70,22 @@ def _timed(paths: dict, images, questions) -> dict[str, tuple[float, list]]:
     results: dict[str, list] = {name: [] for name in paths}
     with torch.inference_mode():
         for fn in paths.values():
-            fn(images[0], questions)  # warm-up: the first call is several times slower
+            fn(images[0], request)  # warm-up: the first call is several times slower
         for image in images:
             for name, fn in paths.items():
                 start = time.perf_counter()
-                results[name].append(fn(image, questions))
+                results[name].append(fn(image, request))
                 elapsed[name] += time.perf_counter() - start
     return {name: (len(images) / elapsed[name], results[name]) for name in paths}
 
 
-def _timed_batch(judge, images, questions) -> tuple[float, list]:
+def _timed_batch(judge, images, request) -> tuple[float, list]:
     """Prefix reuse over all images in one ``answer`` call (``judge.image_batch_size`` images per vision-tower
     call)."""
     k = judge.image_batch_size
-    judge.answer(images[:k], [questions] * k)  # warm-up
+    judge.answer(images[:k], [request] * k)  # warm-up
     start = time.perf_counter()
-    results = judge.answer(images, [questions] * len(images))
+    results = judge.answer(images, [request] * len(images))
     elapsed = time.perf_counter() - start
     return len(images) / elapsed, results
 
@@ -95,9 +96,11 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
     from ccsr.config import Config, resolve_data_path
     from ccsr.judge import TransformersJudge
     from ccsr.questions import QuestionSet
+    from ccsr.roles import JudgeRequest
     from ccsr.tiny.llava import build_llava_next
 
-    questions = QuestionSet.load(resolve_data_path("prompts/questions.yaml")).render(CLASS_NAME, PROMPT)
+    questions = QuestionSet.load(resolve_data_path("prompts/questions.yaml"))
+    request = JudgeRequest.rendered(questions, CLASS_NAME, PROMPT)
     images = [im.convert("RGB") for im in _images(n_images)]
     with tempfile.TemporaryDirectory(prefix="ccsr-bench-judge-") as tmp:
         build_llava_next(Path(tmp), seed=0, geometry="v1.6")
@@ -105,13 +108,13 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
         cfg.judge.model = tmp
         judge = TransformersJudge(cfg)
         try:
-            n_tokens = judge._encode(images[0], questions[:1])[0][0].count(judge.image_token_id)
+            n_tokens = judge._encode(images[0], request.questions[:1])[0][0].count(judge.image_token_id)
             paths = {
                 "generate": lambda im, qs: _per_question_generate(judge, im, qs),
                 "batched": lambda im, qs: _batched_full(judge, im, qs),
                 "fast": lambda im, qs: _prefix_reuse(judge, im, qs),
             }
-            timed = _timed(paths, images, questions)
+            timed = _timed(paths, images, request)
             (rate_generate, generated), (rate_batched, batched), (rate_fast, fast) = timed.values()
         finally:
             judge.close()
@@ -119,7 +122,7 @@ def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (
         for k in image_batch_sizes:
             grouped = TransformersJudge(cfg, image_batch_size=k)
             try:
-                image_batched[k] = _timed_batch(grouped, images, questions)
+                image_batched[k] = _timed_batch(grouped, images, request)
             finally:
                 grouped.close()
     identical = all(

@@ -16,14 +16,14 @@ def text_embeddings(clip_path: str | Path, names: list[str], device=None):
     import torch
     from transformers import CLIPModel, CLIPTokenizer
 
+    from ccsr.compat import pooled_output
+
     tokenizer = CLIPTokenizer.from_pretrained(str(clip_path))
     model = CLIPModel.from_pretrained(str(clip_path)).to(device or "cpu").eval()
     tokens = tokenizer(names, padding=True, truncation=True, return_tensors="pt").to(device or "cpu")
     with torch.no_grad():
         out = model.get_text_features(**tokens)
-    # transformers 5 returns an output object with the projected embedding in pooler_output; 4.x a tensor.
-    feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-    return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
+    return torch.nn.functional.normalize(pooled_output(out).float(), dim=-1).cpu()
 
 
 def set_class_embedding(model, feats, name: str) -> None:

@@ -156,6 +156,9 @@ class JudgeConfig(_Section):
     model: str = "ccsr-tiny/llava-next"
     questions: str = "prompts/questions.yaml"
     mode: str = "logits"  # logits: the answer token's probability, one pass; generate: free text, parsed
+    # logits mode of the transformers judge: encode each image once and reuse its KV cache for all questions
+    # (ccsr.judge_prefix, ~8x faster); false runs one plain forward over every full question, same answers.
+    prefix_reuse: bool = True
     batch_size: int = 4
     max_new_tokens: int = 16
     trust_remote_code: bool = False

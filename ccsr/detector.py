@@ -54,7 +54,8 @@ def find_model_file(path: str | Path) -> Path:
 
 
 class YoloWorldDetector:
-    """ultralytics YOLO-World with class embeddings set offline; one class at a time, images in batches."""
+    """ultralytics YOLO-World (a ``roles.Detector``) with class embeddings set offline; one class at a time,
+    images in batches."""
 
     model_keys = ("detector.model", "detector.text_model")
 

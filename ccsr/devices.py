@@ -33,15 +33,6 @@ def torch_dtype(cfg: Config) -> torch.dtype:
     return dtype
 
 
-def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The dtype keyword of diffusers' ``from_pretrained`` for the installed version: ``dtype`` from 0.40 on,
-    which deprecates ``torch_dtype`` (a FutureWarning on every load), ``torch_dtype`` before it."""
-    import diffusers
-    from packaging.version import Version
-
-    return {"dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype": dtype}
-
-
 @contextmanager
 def keep_cpu_threads():
     """Restore torch's CPU thread count after code that changes it.

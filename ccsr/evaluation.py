@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ccsr.backends import load_backend
+from ccsr.compat import pooled_output
 from ccsr.config import resolve_data_path
 from ccsr.console import bar
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, shard_files
+from ccsr.roles import JudgeRequest
 from ccsr.rundir import (
     EvalRecord,
     PromptRecord,
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ccsr.config import Config
+    from ccsr.roles import Detector, Judge
 
 
 class CLIPScorer:
@@ -50,19 +53,14 @@ class CLIPScorer:
         self.processor = CLIPProcessor.from_pretrained(path)
         self._torch = torch
 
-    @staticmethod
-    def _embedding(out):
-        # transformers 5 returns an output object whose pooler_output is the projected embedding.
-        return out if hasattr(out, "norm") else out.pooler_output
-
     def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         torch = self._torch
         inputs = self.processor(
             text=prompts, images=images, return_tensors="pt", padding=True, truncation=True, max_length=77
         ).to(self.device)
         with torch.inference_mode():
-            img = self._embedding(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
-            txt = self._embedding(
+            img = pooled_output(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+            txt = pooled_output(
                 self.model.get_text_features(
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
                 )
@@ -270,12 +268,12 @@ def _judge_scores(cfg: Config, units: list[list[EvalRecord]], images: list[list]
     from ccsr.questions import QuestionSet
 
     questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
-    judge = load_backend("judge", cfg)
+    judge: Judge = load_backend("judge", cfg)
     out = []
     for unit, imgs in zip(units, images, strict=True):
-        rendered = [questions.render(cfg.class_name, r.prompt) for r in unit]
+        requests = [JudgeRequest.rendered(questions, cfg.class_name, r.prompt) for r in unit]
         results = in_batches(
-            lambda c: judge.answer(imgs[c], rendered[c]),  # noqa: B023 (called at once)
+            lambda c: judge.answer(imgs[c], requests[c]),  # noqa: B023 (called at once)
             len(unit),
             cfg.judge.batch_size,
             "judge",
@@ -292,7 +290,7 @@ def judge_and_detect(cfg: Config, units: list[list[EvalRecord]], images: list[li
         for r, score in zip(unit, scores, strict=True):
             r.judge_score = score
     free_memory()
-    detector = load_backend("detector", cfg)
+    detector: Detector = load_backend("detector", cfg)
     for unit, imgs in zip(units, images, strict=True):
         confidences = in_batches(
             lambda c: detector.confidence(imgs[c], cfg.class_name),  # noqa: B023 (called at once)

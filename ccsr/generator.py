@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 class DiffusersGenerator:
-    """A diffusers ``StableDiffusionPipeline`` loaded once; LoRAs are loaded once each, scales switched freely."""
+    """A diffusers ``StableDiffusionPipeline`` (a ``roles.Generator``) loaded once; LoRAs are loaded once each,
+    scales switched freely."""
 
     model_keys = ("generator.model",)
 
@@ -28,7 +29,8 @@ class DiffusersGenerator:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        from ccsr.devices import diffusers_dtype, torch_device, torch_dtype
+        from ccsr.compat import diffusers_dtype
+        from ccsr.devices import torch_device, torch_dtype
         from ccsr.models import resolve_model
 
         self.cfg = cfg

@@ -1,4 +1,4 @@
-"""The judge on vLLM (GPU boxes; ``pip install ccsr[vllm]``). Same ``answer()`` contract as ``TransformersJudge``.
+"""The judge on vLLM (GPU boxes; ``pip install ccsr[vllm]``): a ``roles.Judge``, as ``TransformersJudge`` is.
 
 Each question is one request of one generated token with the top-20 log-probabilities. vLLM's automatic
 prefix caching shares the KV blocks of the image prefix between the ten questions of an image (the image is
@@ -11,12 +11,14 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from ccsr.judge import JudgeAnswer, answer_token_ids, llava_prompt
+from ccsr.judge import answer_token_ids, llava_prompt
+from ccsr.roles import JudgeAnswer
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from ccsr.config import Config
+    from ccsr.roles import JudgeRequest
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +26,11 @@ TOP_LOGPROBS = 20  # yes and no spellings are near the top whenever the model an
 
 
 class VLLMJudge:
+    """LLaVA-Next on a vLLM engine (a ``roles.Judge``): one request per question, its first token's
+    log-probabilities read as ``TransformersJudge`` reads its logits."""
+
+    model_keys = ("judge.model",)
+
     def __init__(self, cfg: Config):
         try:
             from vllm import LLM, SamplingParams
@@ -56,23 +63,24 @@ class VLLMJudge:
     def build_prompt(self, question: str) -> str:
         return llava_prompt(self.processor, question)
 
-    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+    def answer(self, images: list[Image.Image], requests: list[JudgeRequest]) -> list[JudgeAnswer]:
+        """``requests[i]`` is about ``images[i]``; each of its rendered questions is one vLLM request."""
         from ccsr.questions import parse_answer
 
-        if len(images) != len(questions):
-            raise ValueError(f"got {len(images)} images but {len(questions)} question lists")
-        requests = [
+        if len(images) != len(requests):
+            raise ValueError(f"got {len(images)} images but {len(requests)} judge requests")
+        prompts = [
             {"prompt": self.build_prompt(q), "multi_modal_data": {"image": image.convert("RGB")}}
-            for image, qs in zip(images, questions, strict=True)
-            for q in qs
+            for image, request in zip(images, requests, strict=True)
+            for q in request.questions
         ]
         # One call for everything: vLLM schedules and batches, and keeps the output order of the inputs.
-        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         results, k = [], 0
-        for qs in questions:
+        for request in requests:
             answers: list[str] = []
             p_yes: list[float | None] = []
-            for _ in qs:
+            for _ in request.questions:
                 completion = outputs[k].outputs[0]
                 k += 1
                 if self.mode == "logits":

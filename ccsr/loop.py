@@ -25,6 +25,7 @@ from ccsr.config import Config, resolve_data_path
 from ccsr.console import CONSOLE, bar, duration
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, read_committed
+from ccsr.roles import Judge, JudgeRequest
 from ccsr.rundir import (
     STAGES,
     Candidate,
@@ -419,17 +420,17 @@ class Loop:
         done = {(j.prompt_id, j.index) for j in read_committed(files["judgments"], Judgment)}
         todo = [c for c in read_records(files["candidates"], Candidate) if (c.prompt_id, c.index) not in done]
         mine = self.ranks.shard_path(files["judgments"])
-        judge = None
+        judge: Judge | None = None
 
         def answer(unit: tuple[str, list[Candidate]]) -> None:
             nonlocal judge
             pid, group = unit
             images = [_open_image(self.run, c.path) for c in group]
-            rendered = [questions.render(self.cfg.class_name, prompts[pid])] * len(images)
+            requests = [JudgeRequest.rendered(questions, self.cfg.class_name, prompts[pid])] * len(images)
             with self._model_call("judge"):
                 judge = judge or load_backend("judge", self.cfg)
                 results = in_batches(
-                    lambda c: judge.answer(images[c], rendered[c]),
+                    lambda c: judge.answer(images[c], requests[c]),
                     len(images),
                     self.cfg.judge.batch_size,
                     "judge",

@@ -10,13 +10,14 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ccsr.config import resolve_data_path
 from ccsr.rundir import derive_seed
 
 if TYPE_CHECKING:
     from ccsr.config import Config
+    from ccsr.roles import Prompter
 
 logger = logging.getLogger(__name__)
 
@@ -220,12 +221,6 @@ def limit_words(prompt: str, max_words: int) -> str:
 MAX_SAMPLES_PER_CALL = 4
 
 
-class ChatBackend(Protocol):
-    def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
-        """``num`` (at most MAX_SAMPLES_PER_CALL) sampled completions of one chat, drawn with the seeds
-        ``seed .. seed + num - 1``: sample i with ``seed + i``, or all from one generator seeded ``seed``."""
-
-
 @dataclass
 class PromptBatch:
     prompts: list[str]
@@ -260,7 +255,7 @@ def stream_seed(cfg: Config, stream: int) -> int:
 
 
 def collect_prompts(
-    backend: ChatBackend, cfg: Config, class_name: str, n: int, avoid: list[str], seed: int
+    backend: Prompter, cfg: Config, class_name: str, n: int, avoid: list[str], seed: int
 ) -> PromptBatch:
     """Ask until ``n`` new prompts are collected or ``max_attempts`` calls are spent.
 
@@ -305,7 +300,7 @@ def collect_prompts(
 
 
 class TransformersPrompter:
-    """Any causal LM folder or hub id with a chat template, through transformers."""
+    """Any causal LM folder or hub id with a chat template, through transformers (a ``roles.Prompter``)."""
 
     model_keys = ("prompter.model",)
 

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 
 class VLLMPrompter:
+    """A vLLM engine (a ``roles.Prompter``): one chat request of ``num`` samples per call."""
+
     model_keys = ("prompter.model",)
 
     def __init__(self, cfg: Config):

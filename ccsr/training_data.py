@@ -100,7 +100,7 @@ def load_frozen_parts(model_path: str, dtype: torch.dtype, device: torch.device)
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from ccsr.devices import diffusers_dtype
+    from ccsr.compat import diffusers_dtype
 
     path = model_path
     tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
@@ -404,7 +404,7 @@ def draw_prior(
     """
     from diffusers import StableDiffusionPipeline
 
-    from ccsr.devices import diffusers_dtype
+    from ccsr.compat import diffusers_dtype
 
     prompts = prior.prompts
     prior_dir.mkdir(parents=True, exist_ok=True)

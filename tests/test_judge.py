@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from ccsr.config import Config, resolve_data_path
-from ccsr.judge import JudgeAnswer, TransformersJudge, answer_token_ids, packed_suffix_layout
+from ccsr.judge import TransformersJudge, answer_token_ids
+from ccsr.judge_prefix import packed_suffix_layout
 from ccsr.questions import QuestionSet
+from ccsr.roles import JudgeAnswer, JudgeRequest
 
 N_IMAGES = 20
 
@@ -58,14 +60,19 @@ def images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="session")
-def rendered(question_set) -> list[list[str]]:
+def requests(question_set) -> list[JudgeRequest]:
     prompts = [f"A photo of a giraffe number {i} {{class_name}} in the savanna" for i in range(N_IMAGES)]
-    return [question_set.render("giraffe", p) for p in prompts]
+    return [JudgeRequest.rendered(question_set, "giraffe", p) for p in prompts]
 
 
 @pytest.fixture(scope="session")
-def fast_answers(judge, images, rendered) -> list[JudgeAnswer]:
-    return judge.answer(images, rendered)
+def rendered(requests) -> list[list[str]]:
+    return [r.questions for r in requests]
+
+
+@pytest.fixture(scope="session")
+def fast_answers(judge, images, requests) -> list[JudgeAnswer]:
+    return judge.answer(images, requests)
 
 
 def _p_yes(judge, logits: torch.Tensor) -> torch.Tensor:
@@ -157,14 +164,15 @@ def _agree(answers: list[JudgeAnswer], reference: list[JudgeAnswer]) -> None:
         assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
 
 
-def test_the_kv_cache_goes_under_the_installed_name(judge, images, rendered):
+def test_the_kv_cache_goes_under_the_installed_name(judge, images, requests):
     """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name warns, and goes in
-    5.40): the fast path uses whichever the installed model takes, so it warns about neither."""
+    5.40): the fast path uses the installed version's name (``compat.kv_cache_name``), so it warns about
+    neither."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        judge.answer(images[:1], rendered[:1])
+        judge.answer(images[:1], requests[:1])
     stale = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
     assert not stale, stale
 
@@ -207,11 +215,11 @@ def test_constructor_refuses_unknown_strategy(llava_cache):
         TransformersJudge(_config(llava_cache), image_batch_size=0)
 
 
-def test_batched_suffix_strategy_agrees(llava_cache, images, rendered, fast_answers):
+def test_batched_suffix_strategy_agrees(llava_cache, images, requests, fast_answers):
     # One row per question over the repeated prefix cache (for attention kernels that take no arbitrary mask).
     judge = TransformersJudge(_config(llava_cache), suffix_strategy="batched")
     try:
-        _agree(judge.answer(images[:5], rendered[:5]), fast_answers[:5])
+        _agree(judge.answer(images[:5], requests[:5]), fast_answers[:5])
     finally:
         judge.close()
 
@@ -226,30 +234,51 @@ def test_full_forward_agrees(judge, images, rendered, fast_answers):
     _agree(full, fast_answers[:3])
 
 
-def test_eager_attention_agrees(llava_cache, images, rendered, fast_answers):
+def test_plain_path_agrees(llava_cache, images, requests, fast_answers):
+    # judge.prefix_reuse: false answers every image with the full forward: the same answers and P(yes).
+    judge = TransformersJudge(_config(llava_cache, prefix_reuse=False))
+    try:
+        _agree(judge.answer(images[:6], requests[:6]), fast_answers[:6])
+    finally:
+        judge.close()
+
+
+def test_image_token_count_is_the_processors(judge, images, rendered):
+    # The judge expands the image token itself; its ids must be the processor's own for every image size.
+    for image, questions in zip(images, rendered, strict=True):
+        ids, _ = judge._encode(image.convert("RGB"), questions[:1])
+        prompt = judge.build_prompt(questions[0])
+        reference = judge.processor(
+            images=image.convert("RGB"), text=prompt, add_special_tokens=judge._add_special_tokens(prompt)
+        )
+        assert ids[0] == list(reference["input_ids"][0])
+    assert judge._use_processor_encoding is False  # the judge's own encoding was in use throughout
+
+
+def test_eager_attention_agrees(llava_cache, images, requests, fast_answers):
     # The prefix forward and the packed mask are causal under eager attention too, not only under SDPA.
     judge = TransformersJudge(_config(llava_cache))
     try:
         judge.model.set_attn_implementation("eager")
         assert judge.model.config.text_config._attn_implementation == "eager"
-        _agree(judge.answer(images[:4], rendered[:4]), fast_answers[:4])
+        _agree(judge.answer(images[:4], requests[:4]), fast_answers[:4])
     finally:
         judge.close()
 
 
-def test_image_batching_agrees(llava_cache, images, rendered, fast_answers):
+def test_image_batching_agrees(llava_cache, images, requests, fast_answers):
     # Several images' crops in one vision-tower call (sizes differ, so crop counts differ) give the same answers.
     judge = TransformersJudge(_config(llava_cache), image_batch_size=4)
     try:
-        _agree(judge.answer(images[:6], rendered[:6]), fast_answers[:6])
+        _agree(judge.answer(images[:6], requests[:6]), fast_answers[:6])
     finally:
         judge.close()
 
 
-def test_generate_mode(llava_cache, images, rendered, fast_answers):
+def test_generate_mode(llava_cache, images, requests, fast_answers):
     judge = TransformersJudge(_config(llava_cache, mode="generate"))
     try:
-        out = judge.answer(images[:4], rendered[:4])
+        out = judge.answer(images[:4], requests[:4])
     finally:
         judge.close()
     for free, fast in zip(out, fast_answers[:4], strict=False):
@@ -257,9 +286,9 @@ def test_generate_mode(llava_cache, images, rendered, fast_answers):
         assert free.answers == fast.answers  # the tiny model says "Yes</s>" / "No</s>"
 
 
-def test_answer_checks_lengths(judge, images, rendered):
-    with pytest.raises(ValueError, match="2 images but 1 question lists"):
-        judge.answer(images[:2], rendered[:1])
+def test_answer_checks_lengths(judge, images, requests):
+    with pytest.raises(ValueError, match="2 images but 1 judge requests"):
+        judge.answer(images[:2], requests[:1])
 
 
 def test_close_drops_the_model_and_may_be_called_again(llava_cache):
@@ -306,12 +335,12 @@ def test_vllm_close_shuts_the_engine_down_once(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm (GPU extra)")
-def test_vllm_judge_matches_transformers(llava_cache, images, rendered, fast_answers):
+def test_vllm_judge_matches_transformers(llava_cache, images, requests, fast_answers):
     from ccsr.judge_vllm import VLLMJudge
 
     judge = VLLMJudge(_config(llava_cache, backend="vllm"))
     try:
-        out = judge.answer(images[:4], rendered[:4])
+        out = judge.answer(images[:4], requests[:4])
     finally:
         judge.close()
     for a, b in zip(out, fast_answers[:4], strict=False):

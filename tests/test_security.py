@@ -115,7 +115,7 @@ def findings(rel: str, text: str) -> list[tuple[str, int, str]]:
             trc = keyword(node, "trust_remote_code")
             if trc is not None and not dotted(trc).endswith(".trust_remote_code"):
                 out.append(("trust-remote-code-not-from-config", node.lineno, src))
-            # **kwargs could smuggle trust_remote_code; ``devices.diffusers_dtype`` holds only the dtype key.
+            # **kwargs could smuggle trust_remote_code; ``compat.diffusers_dtype`` holds only the dtype key.
             if any(k.arg is None and not is_dtype_kwargs(k.value) for k in node.keywords):
                 out.append(("from-pretrained-opaque-kwargs", node.lineno, src))
     # Names used as code anywhere (not in strings or comments), e.g. getattr(pickle, ...).

@@ -11,6 +11,7 @@ from PIL import Image
 from ccsr.config import load_config, resolve_data_path
 from ccsr.prompter import collect_prompts
 from ccsr.questions import QuestionSet
+from ccsr.roles import JudgeRequest
 from experiments.shapes import world
 from experiments.shapes.backends import GrammarPrompter, MeasuringDetector, MeasuringJudge, RandomJudge
 
@@ -64,8 +65,8 @@ def test_judge_scores_perfect_renders_maximal(shape):
     best = questions.score(["yes" if q.polarity == "positive" else "no" for q in questions.questions])
     judge = MeasuringJudge(cfg)
     scenes = list(_renders(shape, 12, seed=1))
-    rendered = [questions.render(shape, s.caption) for s, _ in scenes]
-    answers = judge.answer([img for _, img in scenes], rendered)
+    requests = [JudgeRequest.rendered(questions, shape, s.caption) for s, _ in scenes]
+    answers = judge.answer([img for _, img in scenes], requests)
     for (scene, _), a in zip(scenes, answers, strict=True):
         assert questions.score(a.answers) == best == 10, (scene.caption, a.answers)
 
@@ -85,12 +86,13 @@ def test_judge_catches_wrong_count_colour_and_background():
     }
     wrong_answer = {"count": "Q4", "colour": "Q5", "background": "Q8"}
     for what, prompt in prompts.items():
-        (a,) = judge.answer([image], [questions.render("square", prompt)])
+        (a,) = judge.answer([image], [JudgeRequest.rendered(questions, "square", prompt)])
         assert a.answers[ids.index(wrong_answer[what])] == "no", what
         assert a.answers[ids.index("Q10")] == "no"
         assert questions.score(a.answers) < 10
     # Asked about another class: Q3 is 'no', Q4-Q7 become 'nan' by the dependency rule; Q6 sees other shapes.
-    (a,) = judge.answer([image], [questions.render("circle", "two red circles on a white background")])
+    request = JudgeRequest.rendered(questions, "circle", "two red circles on a white background")
+    (a,) = judge.answer([image], [request])
     resolved = questions.apply_dependencies(a.answers)
     assert resolved[ids.index("Q3")] == "no" and resolved[ids.index("Q4")] == "nan"
 
@@ -123,9 +125,9 @@ def test_grammar_prompter_and_random_judge():
     assert two[1] == grammar.sample([], num=1, seed=8)[0] and two[0] != two[1]
     questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
     _, image = next(_renders("circle", 1))
-    rendered = [questions.render("circle", batch.prompts[0])]
-    first = RandomJudge(cfg).answer([image], rendered)[0].answers
-    assert first == RandomJudge(cfg).answer([image], rendered)[0].answers
+    requests = [JudgeRequest.rendered(questions, "circle", batch.prompts[0])]
+    first = RandomJudge(cfg).answer([image], requests)[0].answers
+    assert first == RandomJudge(cfg).answer([image], requests)[0].answers
     with pytest.raises(ValueError, match="shapes world draws"):
         GrammarPrompter(_cfg("giraffe"))
 

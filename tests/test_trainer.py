@@ -287,7 +287,7 @@ def test_init_lora_is_loaded_in_float32_under_mixed_precision(sd_models, pairs, 
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from ccsr.devices import diffusers_dtype
+    from ccsr.compat import diffusers_dtype
     from ccsr.train import make_job
     from ccsr.trainer import LoRATrainer
 

@@ -1,23 +1,24 @@
 """Role backends of the shapes world: a grammar prompter, a measuring judge, a measuring detector.
 
-They implement the same interfaces as the LLM, VLM and YOLO-World backends and a config names them by import
-path (``judge.backend: experiments.shapes.backends:MeasuringJudge``, see ``configs/shapes.yaml``), so the loop,
-its run directory, the trainer, the evaluation and the gate run unchanged on this world.
+They implement the same ``ccsr.roles`` protocols as the LLM, VLM and YOLO-World backends and a config names
+them by import path (``judge.backend: experiments.shapes.backends:MeasuringJudge``, see
+``configs/shapes.yaml``), so the loop, its run directory, the trainer, the evaluation and the gate run
+unchanged on this world.
 
 The judge answers the world's version of the ten questions (``prompts/questions_shapes.yaml``) by measuring
-the image; polarities, the Q3 dependency and eq. (1) scoring stay the loop's (``ccsr.questions.QuestionSet``).
+the image against the class and the prompt of its ``JudgeRequest``; polarities, the Q3 dependency and eq. (1)
+scoring stay the loop's (``ccsr.questions.QuestionSet``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 from typing import TYPE_CHECKING
 
 from ccsr.config import resolve_data_path
-from ccsr.judge import JudgeAnswer
 from ccsr.questions import QuestionSet
+from ccsr.roles import JudgeAnswer, JudgeRequest
 from experiments.shapes import world
 
 if TYPE_CHECKING:
@@ -115,47 +116,30 @@ CHECKS = {
 }
 
 
-def _template_regex(text: str) -> re.Pattern:
-    """A question template as a regex: each placeholder captures its value (a repeat must be equal)."""
-    out, seen = [], set()
-    for part in re.split(r"(\{class_name\}|\{prompt\})", text):
-        if part in ("{class_name}", "{prompt}"):
-            name = part[1:-1]
-            out.append(f"(?P={name})" if name in seen else f"(?P<{name}>.+?)")
-            seen.add(name)
-        else:
-            out.append(re.escape(part))
-    return re.compile("^" + "".join(out) + "$", re.S)
+def _question_set(cfg: Config) -> QuestionSet:
+    """The run's question set, which must be the shapes world's ten (one check per question id)."""
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    unknown = [q.id for q in questions.questions if q.id not in CHECKS]
+    if unknown:
+        raise ValueError(
+            f"{questions.source}: the shapes judge answers question ids {', '.join(CHECKS)}; "
+            f"unknown: {', '.join(unknown)}"
+        )
+    return questions
 
 
-class _QuestionReader:
-    """Recovers the class and the prompt from rendered question texts, by matching the question templates."""
-
-    def __init__(self, cfg: Config):
-        self.questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
-        unknown = [q.id for q in self.questions.questions if q.id not in CHECKS]
-        if unknown:
-            raise ValueError(
-                f"{self.questions.source}: the shapes judge answers question ids {', '.join(CHECKS)}; "
-                f"unknown: {', '.join(unknown)}"
-            )
-        suffix = f" {self.questions.instruction}" if self.questions.instruction else ""
-        self.patterns = [_template_regex(q.text + suffix) for q in self.questions.questions]
-
-    def read(self, rendered: list[str]) -> tuple[str | None, str | None]:
-        if len(rendered) != len(self.questions):
-            raise ValueError(
-                f"got {len(rendered)} questions, the shapes question set has {len(self.questions)}"
-            )
-        class_name = prompt = None
-        for pattern, text in zip(self.patterns, rendered, strict=True):
-            match = pattern.match(text)
-            if match is None:
-                raise ValueError(f"question does not match {self.questions.source}: {text!r}")
-            groups = match.groupdict()
-            class_name = class_name or groups.get("class_name")
-            prompt = prompt or groups.get("prompt")
-        return class_name, prompt
+def _check_request(questions: QuestionSet, request: JudgeRequest) -> None:
+    """A request must carry this question set, rendered for its own class and prompt: the answers are given
+    by question id, in the set's order."""
+    if len(request.questions) != len(questions):
+        raise ValueError(
+            f"got {len(request.questions)} questions, the shapes question set has {len(questions)}"
+        )
+    if request.questions != questions.render(request.class_name, request.prompt):
+        raise ValueError(
+            f"the questions are not {questions.source} rendered for class {request.class_name!r} "
+            f"and prompt {request.prompt!r}"
+        )
 
 
 class MeasuringJudge:
@@ -165,17 +149,18 @@ class MeasuringJudge:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.reader = _QuestionReader(cfg)
+        self.questions = _question_set(cfg)
 
-    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+    def answer(self, images: list[Image.Image], requests: list[JudgeRequest]) -> list[JudgeAnswer]:
+        """The class and the prompt come from each request; the image is measured."""
         out = []
-        for image, rendered in zip(images, questions, strict=True):
-            class_name, prompt = self.reader.read(rendered)
-            shape = (class_name or "").strip().lower()
-            spec = world.parse_caption(prompt or "")
+        for image, request in zip(images, requests, strict=True):
+            _check_request(self.questions, request)
+            shape = request.class_name.strip().lower()
+            spec = world.parse_caption(request.prompt)
             m = world.measure(image)
             answers = []
-            for q in self.reader.questions.questions:
+            for q in self.questions.questions:
                 answers.append("yes" if CHECKS[q.id](spec, m, shape) else "no")
             # Hard decisions: P(yes) is 1 or 0 (the measurement is not a probability model).
             out.append(JudgeAnswer(answers=answers, p_yes=[float(a == "yes") for a in answers]))
@@ -193,14 +178,14 @@ class RandomJudge:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.reader = _QuestionReader(cfg)
+        self.questions = _question_set(cfg)
 
-    def answer(self, images: list[Image.Image], questions: list[list[str]]) -> list[JudgeAnswer]:
+    def answer(self, images: list[Image.Image], requests: list[JudgeRequest]) -> list[JudgeAnswer]:
         out = []
-        for image, rendered in zip(images, questions, strict=True):
-            self.reader.read(rendered)
+        for image, request in zip(images, requests, strict=True):
+            _check_request(self.questions, request)
             rng = random.Random(world.image_seed(image, self.cfg.seed))
-            answers = [rng.choice(("yes", "no")) for _ in rendered]
+            answers = [rng.choice(("yes", "no")) for _ in request.questions]
             out.append(JudgeAnswer(answers=answers, p_yes=[0.5] * len(answers)))
         return out
 

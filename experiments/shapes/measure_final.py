@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ccsr.config import resolve_data_path
+from ccsr.roles import JudgeRequest
 from experiments.shapes import world
 from experiments.shapes.calibrate import any_shape_colour
 
@@ -124,9 +125,9 @@ class Picker:
         from ccsr.rundir import Detection, Judgment
         from ccsr.selection import best_tied, choose_image
 
-        rendered = self.questions.render(self.cfg.class_name, prompt)
+        request = JudgeRequest.rendered(self.questions, self.cfg.class_name, prompt)
         judgments = []
-        for index, answer in enumerate(self.judge.answer(images, [rendered] * len(images))):
+        for index, answer in enumerate(self.judge.answer(images, [request] * len(images))):
             answers = self.questions.apply_dependencies(answer.answers)
             judgments.append(Judgment("p", index, answers, self.questions.score(answers), answer.p_yes))
         tied = best_tied(judgments, self.cfg.filter.tie_break, self.questions)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from ccsr.config import REPO_ROOT, Config, load_config, resolve_data_path
+from ccsr.roles import JudgeRequest
 from ccsr.rundir import Candidate, EvalRecord, Pair, PromptRecord, RunDir, read_json, read_records
 from experiments.shapes import measure_final, world
 from experiments.shapes.base_model import cached_base_model
@@ -332,7 +333,8 @@ class Scorer:
         if spec is None:
             raise ValueError(f"{path}: prompt {prompt!r} is not a caption of the shapes grammar")
         acc = world.accuracy(spec, world.measure(image))
-        answer = self.judge.answer([image], [self.questions.render(self.class_name, prompt)])[0]
+        request = JudgeRequest.rendered(self.questions, self.class_name, prompt)
+        answer = self.judge.answer([image], [request])[0]
         return {
             "count": acc.count,
             "colour": acc.colour,
