@@ -24,8 +24,8 @@ def _modules() -> dict[str, Path]:
 
 def _imports(body: list[ast.stmt], module_level: bool) -> set[str]:
     """The absolute module names imported in ``body``: with ``module_level``, the statements run on import
-    (``if TYPE_CHECKING:`` blocks included, as a type checker reads them); otherwise every import, function
-    bodies too."""
+    (not ``if TYPE_CHECKING:`` blocks: a helper module may name its owner's type); otherwise every import,
+    function bodies and type-only imports too."""
     found: set[str] = set()
     for node in body if module_level else [n for stmt in body for n in ast.walk(stmt)]:
         if isinstance(node, ast.Import):
@@ -33,6 +33,8 @@ def _imports(body: list[ast.stmt], module_level: bool) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found.update(f"{node.module}.{alias.name}" for alias in node.names)  # ``from ccsr import x``
+        elif module_level and isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            continue
         elif module_level and isinstance(node, (ast.If, ast.Try)):
             blocks = [node.body, node.orelse, *(h.body for h in getattr(node, "handlers", []))]
             found.update(*(_imports(block, module_level) for block in blocks))
