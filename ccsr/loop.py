@@ -8,13 +8,13 @@ detections) is committed before the next starts, so a restart continues where th
 Under a launcher every process runs this loop: the candidates, judge and filter stages share their units out
 over the ranks (``Loop._sharded``), and the main process alone writes the run's records, events and heartbeat.
 The rules live elsewhere: the optimal image in ``ccsr.selection``, the improvement gate in ``ccsr.gate``, the
-evaluation in ``ccsr.evaluation``, the run directory's files and records in ``ccsr.rundir``.
+evaluation in ``ccsr.evaluation``, the checks on resume in ``ccsr.repair``, the run directory's files and
+records in ``ccsr.rundir``.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ccsr import gate
+from ccsr import gate, repair
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
 from ccsr.console import CONSOLE, bar, duration, stage_line
@@ -31,7 +31,6 @@ from ccsr.distributed import Ranks, merge_shards, positions, read_committed
 from ccsr.evaluation import evaluate, open_image
 from ccsr.questions import load_question_set
 from ccsr.rundir import (
-    STAGES,
     Candidate,
     Detection,
     Judgment,
@@ -44,7 +43,6 @@ from ccsr.rundir import (
     atomic_save_image,
     atomic_write_json,
     derive_seed,
-    read_json,
     read_records,
     sha256_file,
     write_dataset,
@@ -301,70 +299,10 @@ class Loop:
         except Exception:  # noqa: BLE001 - a broken view is logged, the work is already committed
             logger.warning("report not refreshed", exc_info=True)
 
-    # --- checks on resume -----------------------------------------------------------------------
     def verify(self, k: int) -> None:
-        """On resume (the main process, before any stage runs): find damaged or missing work of iteration k and
-        make the loop redo just that.
-
-        Candidate images are checked against their recorded checksums and redrawn from their seeds (the
-        same pixels, so later records stay valid), also while the candidates stage is still under way (a
-        damaged image is never handed to the judge); a LoRA that fails its checksum is retrained; a finished
-        stage whose records are incomplete (a damaged line was dropped) is reopened, and its stage
-        function redoes only the missing units.
-        """
-        done = self.run.stages_done(k)
-        files = self.run.files(k)
-        candidates = read_committed(files["candidates"], Candidate)  # the ranks' shards too
-        bad = {
-            c.prompt_id for c in candidates if c.sha256 and sha256_file(self.run.root / c.path) != c.sha256
-        }
-        if bad:
-            logger.warning("iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad))
-            self._event("repair", iteration=k, what="candidates", prompts=sorted(bad))
-            self._redraw(k, bad)
-        lora_sha = done.get("train", {}).get("lora_sha256")
-        if lora_sha and sha256_file(self.run.lora_file(k)) != lora_sha:
-            logger.warning("iteration %d: LoRA fails its checksum; retraining", k)
-            self._event("repair", iteration=k, what="lora")
-            shutil.rmtree(self.run.lora_dir(k), ignore_errors=True)
-            self.run.unmark(k, ("train", "eval"))
-        if "eval" in done and not done["eval"].get("skipped") and self.run.eval_path(k).exists():
-            if read_json(self.run.eval_path(k)) is None:
-                self.run.unmark(k, ("eval",))
-        expected = {
-            "candidates": len(read_records(files["prompts"], PromptRecord))
-            * self.cfg.generator.num_candidates,
-            "judge": len(candidates),
-        }
-        counts = {"candidates": len(candidates), "judge": len(read_records(files["judgments"], Judgment))}
-        for i, stage in enumerate(STAGES):
-            if stage in expected and stage in done and counts[stage] < expected[stage]:
-                logger.warning("iteration %d: %s records are incomplete; redoing the missing ones", k, stage)
-                self._event("repair", iteration=k, what=stage)
-                self.run.unmark(k, STAGES[i:])
-                break
-
-    def _redraw(self, k: int, prompt_ids: set[str]) -> None:
-        files = self.run.files(k)
-        prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-        # The file is rewritten whole, with the ranks' shards in it: the next merge counts each record once.
-        records = read_committed(files["candidates"], Candidate)
-        grouped = by_prompt(records)
-        generator = self.load("generator")
-        for pid in sorted(prompt_ids):
-            group = sorted(grouped[pid], key=lambda c: c.index)
-            lora = self.run.root / group[0].lora if group[0].lora else None
-            images = generator.images(
-                [prompts[pid]] * len(group), [c.seed for c in group], lora, group[0].scale
-            )
-            for c, image in zip(group, images, strict=True):
-                atomic_save_image(self.run.root / c.path, image)
-                if sha256_file(self.run.root / c.path) != c.sha256:
-                    logger.warning("%s: redrawn image differs from the recorded one", c.path)
-                    c.sha256 = sha256_file(self.run.root / c.path)
-        write_records(files["candidates"], records)
-        generator.close()
-        free_memory()
+        """On resume (main process, before any stage): iteration k's damaged or missing work made to be redone
+        (``ccsr.repair``)."""
+        repair.verify(self.cfg, self.run, k, self.load)
 
     # --- stage 1: prompts ----------------------------------------------------------------------
     def _validation_prompts(self, prompter) -> list[PromptRecord]:
