@@ -119,6 +119,8 @@ def train_iteration_lora(cfg: Config, run: RunDir, k: int, on_step=None):
 
 @dataclass
 class Loop:
+    """The iterations of one run directory; under a launcher every process runs its own ``Loop``."""
+
     cfg: Config
     run: RunDir
     should_stop: Callable[[], bool] = lambda: False
@@ -142,6 +144,7 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------------
     def run_iterations(self, iterations: int) -> None:
+        """Iterations 1..``iterations``, each from where the run directory says it stopped."""
         if self.ranks.is_main:
             self.run.clean_temp()
             for k in self.run.iterations():
@@ -159,6 +162,7 @@ class Loop:
                 empty_streak = 0
 
     def run_iteration(self, k: int) -> None:
+        """The stages of iteration k not yet done, in order; each is done once the main process marks it."""
         self.run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
         began = time.perf_counter()
         for stage, work in self.stages():
