@@ -241,22 +241,30 @@ class Loop:
         kind: str,
         cls: type[R],
         todo: Callable[[list[R]], dict[str, Any]],
-        work: Callable[[Any, str, Any], list[R]],
+        work: Callable[[Callable[[], Any], str, Any], list[R]],
     ) -> list[R] | None:
         """A data-parallel stage of iteration k whose unit is one prompt: ``work(model, prompt_id, unit)``
         returns the unit's records of ``kind`` (``run.files(k)[kind]``, records ``cls``), and they are
         committed to this rank's shard before the next unit starts.
 
         ``todo(committed)`` gives the units still to do, prompt id -> unit in the run's order, from the
-        records committed so far by any rank and any earlier process; this rank does every ``world``-th. The
-        model of ``role`` is loaded at this rank's first unit (a rank without units loads none) and closed
-        at the end. A stop asked for on any rank ends every rank's share at its next unit, then all stop
-        together (``StopRequested``). Returns, on the main process, every rank's records merged into the
-        stage's file in the one-process order (prompt, then index); None on the other ranks.
+        records committed so far by any rank and any earlier process; this rank does every ``world``-th.
+        ``model()`` is the backend of ``role``, loaded at its first call and closed at the end (a rank
+        without units loads none). ``work`` calls it inside its own ``_model_call``, so that the loading and
+        the first unit's inference share one thread-count guard (ultralytics changes torch's thread count on
+        import, and CPU results depend on it). A stop asked for on any rank ends every rank's share at its
+        next unit, then all stop together (``StopRequested``). Returns, on the main process, every rank's
+        records merged into the stage's file in the one-process order (prompt, then index); None elsewhere.
         """
         path = self.run.files(k)[kind]
         share = self.ranks.mine(list(todo(read_committed(path, cls)).items()))
-        model = None
+        loaded = None
+
+        def model() -> Any:
+            nonlocal loaded
+            loaded = loaded or self.load(role)
+            return loaded
+
         stopped = False
         try:
             desc = f"iteration {k} · {stage}"
@@ -265,15 +273,12 @@ class Loop:
                 if self.should_stop():
                     stopped = True
                     break
-                if model is None:
-                    with self._model_call(stage):
-                        model = self.load(role)
                 append_records(self.ranks.shard_path(path), work(model, prompt_id, unit))
             if self.ranks.any(stopped):
                 raise StopRequested
         finally:
-            if model is not None:
-                model.close()
+            if loaded is not None:
+                loaded.close()
         if not self.ranks.is_main:
             return None
         order = positions(p.id for p in read_records(self.run.files(k)["prompts"], PromptRecord))
@@ -370,10 +375,10 @@ class Loop:
             done = {c.prompt_id for c in drawn}
             return {p.id: p for p in prompts if p.id not in done}
 
-        def draw(generator, pid: str, p: PromptRecord) -> list[Candidate]:
+        def draw(generator: Callable[[], Any], pid: str, p: PromptRecord) -> list[Candidate]:
             seeds = [derive_seed(self.cfg.seed, "candidate", k, pid, j) for j in range(n)]
             with self._model_call("candidates"):
-                images = generator.images([p.prompt] * n, seeds, lora=lora, scale=scale)
+                images = generator().images([p.prompt] * n, seeds, lora=lora, scale=scale)
             records = []
             for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
                 path = self.run.candidates_dir(k) / f"{pid}-{j:02d}.png"
@@ -402,12 +407,12 @@ class Loop:
             candidates = read_records(files["candidates"], Candidate)
             return by_prompt(c for c in candidates if (c.prompt_id, c.index) not in done)
 
-        def answer(judge, pid: str, group: list[Candidate]) -> list[Judgment]:
+        def answer(judge: Callable[[], Any], pid: str, group: list[Candidate]) -> list[Judgment]:
             images = [open_image(self.run, c.path) for c in group]
             rendered = [questions.render(self.cfg.class_name, prompts[pid])] * len(images)
             with self._model_call("judge"):
                 results = in_batches(
-                    lambda c: judge.answer(images[c], rendered[c]),
+                    lambda c: judge().answer(images[c], rendered[c]),
                     len(images),
                     self.cfg.judge.batch_size,
                     "judge",
@@ -447,7 +452,7 @@ class Loop:
             done = {d.prompt_id for d in detected}
             return {pid: judgments[pid] for pid in prompt_ids if pid in judgments and pid not in done}
 
-        def detect(detector, pid: str, judged: list[Judgment]) -> list[Detection]:
+        def detect(detector: Callable[[], Any], pid: str, judged: list[Judgment]) -> list[Detection]:
             # The paper's rule needs the best-tied images only; top-k ranks every candidate.
             if self.cfg.judge.top_k > 1:
                 tied = judged
@@ -456,7 +461,7 @@ class Loop:
             images = [open_image(self.run, paths[(pid, j.index)]) for j in tied]
             with self._model_call("filter"):
                 conf = in_batches(
-                    lambda c: detector.confidence(images[c], self.cfg.class_name),
+                    lambda c: detector().confidence(images[c], self.cfg.class_name),
                     len(images),
                     self.cfg.detector.batch_size,
                     "detector",
