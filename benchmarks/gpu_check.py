@@ -27,7 +27,7 @@ Writes ``<out>/results.json``::
      "paper_iteration_minutes_estimate": float, "check_counts": {...}, "build_seconds": float}
 
 Stage seconds are the loop's own (``stages.json`` of the run directory); ``load_seconds`` is the part spent in
-the backends' constructors (model loading), timed by wrapping ``load_backend``; ``peak_gpu_mb`` is
+the backends' constructors (model loading), timed in ``Loop.load``; ``peak_gpu_mb`` is
 ``torch.cuda.max_memory_allocated`` with the peak reset before each stage. The items of a stage: prompts
 written, candidate images drawn, images judged, candidates filtered (judged images the filter chose among),
 LoRA optimizer steps, evaluation images drawn (prompts x seeds x scales).
@@ -42,7 +42,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,8 +93,6 @@ PAPER_ROLES = {
     "detector.text_model": "clip-vit-b-32",
     "evaluator.model": "clip-vit-l-14",
 }
-# The backends each stage loads through ``load_backend``; the modules that call it, patched while timing.
-_LOADING_MODULES = ("ccsr.loop", "ccsr.evaluation")
 
 
 def default_cache_dir() -> Path:
@@ -193,32 +191,14 @@ class MeasuredLoop(Loop):
 
         return run
 
-    @contextmanager
-    def timed_loading(self):
-        """Time every ``load_backend`` call of the loop and the evaluation, charged to the current stage."""
-        import importlib
-
-        modules = [importlib.import_module(m) for m in _LOADING_MODULES]
-        originals = [m.load_backend for m in modules]
-
-        def wrap(load):
-            def timed(role, cfg):
-                start = time.perf_counter()
-                try:
-                    return load(role, cfg)
-                finally:
-                    if self._stage is not None:
-                        self.load_seconds[self._stage] += time.perf_counter() - start
-
-            return timed
-
-        for m, load in zip(modules, originals, strict=True):
-            m.load_backend = wrap(load)
+    def load(self, role: str):
+        """Every backend the loop and its evaluation build, timed and charged to the current stage."""
+        start = time.perf_counter()
         try:
-            yield
+            return super().load(role)
         finally:
-            for m, load in zip(modules, originals, strict=True):
-                m.load_backend = load
+            if self._stage is not None:
+                self.load_seconds[self._stage] += time.perf_counter() - start
 
 
 def stage_items(run: RunDir, k: int = 1) -> dict[str, int]:
@@ -315,7 +295,7 @@ def run_check(geometry: str, out: Path, cache_dir: Path | None = None) -> dict:
     # The tiny models' ops are too small for a second thread; on a busy 2-core box two threads made this run
     # 15x slower (measured: 164 s against 11 s), so the CPU check runs on one (``ccsr.devices.torch_threads``).
     threads = torch_threads(1) if geometry == "tiny" else nullcontext()
-    with threads, loop.timed_loading():
+    with threads:
         loop.run_iterations(1)
     done = run.stages_done(1)
     items = stage_items(run)

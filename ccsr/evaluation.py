@@ -4,21 +4,25 @@ Paper section 4: CLIP score curves from LoRA scale 0 (the base model) to 1, and 
 per (prompt, seed) where a difference under 0.01 is a tie. CLIP score alone is a weak judge of alignment, so
 the loop's own judge (eq. 1 score) and detector (detection rate) also score the evaluation images
 (``evaluator.judge_and_detect``).
+
+The generator, judge and detector are built by a ``load(role)`` hook: the loop passes its own ``Loop.load``, so
+that everything the loop loads goes through one method; a caller without a loop gets ``load_backend``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ccsr.backends import load_backend
 from ccsr.compat import pooled_output
-from ccsr.config import resolve_data_path
 from ccsr.console import bar
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, shard_files
+from ccsr.questions import load_question_set
 from ccsr.roles import JudgeRequest
 from ccsr.rundir import (
     EvalRecord,
@@ -35,6 +39,9 @@ if TYPE_CHECKING:
 
     from ccsr.config import Config
     from ccsr.roles import Detector, Judge
+
+# Builds the backend of a role ("generator", "judge", "detector").
+Loader = Callable[[str], Any]
 
 
 class CLIPScorer:
@@ -166,12 +173,15 @@ def evaluate(
     eval_dir: Path,
     on_scale: Callable[[float], None] | None = None,
     ranks: Ranks | None = None,
+    load: Loader | None = None,
 ) -> dict | None:
     """Iteration k's LoRA on the run's held-out prompts x ``cfg.evaluator.seeds`` at each of ``scales`` (scale
     0, the base model, is always added: win/tie/loss needs it).
 
     Writes the images and ``records.jsonl`` (``EvalRecord``) under ``eval_dir`` and returns the summary (no
     gate decision). ``on_scale`` is called before each scale is drawn (the loop's heartbeat and stop check).
+    ``load`` builds the generator, judge and detector (default: ``load_backend`` with ``cfg``); the CLIP
+    scorer is the evaluation's own.
 
     The work is cut into units of ``evaluator.unit_size`` (held-out prompt, seed) jobs at one scale, and every
     model sees one unit at a time, so a unit's figures do not depend on the others. Under a launcher each rank
@@ -179,6 +189,7 @@ def evaluate(
     return None.
     """
     ranks = ranks or Ranks()
+    load = load or partial(load_backend, cfg=cfg)
     lora = run.lora_dir(k)
     ec = cfg.evaluator
     scales = sorted({0.0, *map(float, scales)})
@@ -190,8 +201,8 @@ def evaluate(
     size = max(1, cfg.evaluator.unit_size or cfg.generator.batch_size)
     chunks = ranks.mine([jobs[i : i + size] for i in range(0, len(jobs), size)])
     with keep_cpu_threads():
-        units = _draw(cfg, run, k, scales, chunks, eval_dir, on_scale)
-        images = [[_open(run, r.path) for r in unit] for unit in units]
+        units = _draw(cfg, run, k, scales, chunks, eval_dir, on_scale, load)
+        images = [[open_image(run, r.path) for r in unit] for unit in units]
         scorer = CLIPScorer(cfg)
         for unit, imgs in zip(units, images, strict=True):
             scores = in_batches(
@@ -205,7 +216,7 @@ def evaluate(
         scorer.close()
         free_memory()  # the CLIP scorer's memory back before the judge (vLLM checks free memory)
         if ec.judge_and_detect:
-            judge_and_detect(cfg, units, images)
+            judge_and_detect(cfg, units, images, load)
     write_records(ranks.shard_path(records_path), [r for unit in units for r in unit])
     ranks.barrier()  # every rank's records are written
     if not ranks.is_main:
@@ -231,13 +242,20 @@ def _jobs(cfg: Config, run: RunDir) -> list[tuple[PromptRecord, int]]:
 
 
 def _draw(
-    cfg: Config, run: RunDir, k: int, scales: list[float], chunks: list[list], eval_dir: Path, on_scale
+    cfg: Config,
+    run: RunDir,
+    k: int,
+    scales: list[float],
+    chunks: list[list],
+    eval_dir: Path,
+    on_scale,
+    load: Loader,
 ) -> list[list[EvalRecord]]:
     """The evaluation images of ``chunks`` at every scale, one unit per (scale, chunk); the generator loaded
     once and the LoRA once, scales switched. ``on_scale`` is called on every rank, whatever its share."""
     lora = run.lora_dir(k)
     units = []
-    generator = load_backend("generator", cfg)
+    generator = load("generator")
     for scale in bar(scales, desc=f"iteration {k} · eval", unit="scale"):
         if on_scale is not None:
             on_scale(scale)
@@ -257,18 +275,19 @@ def _draw(
     return units
 
 
-def _open(run: RunDir, rel_path: str):
+def open_image(run: RunDir, rel_path: str) -> Image.Image:
+    """A run's image (``rel_path`` as its records hold it: relative to the run directory), as RGB."""
     from PIL import Image
 
     return Image.open(run.root / rel_path).convert("RGB")
 
 
-def _judge_scores(cfg: Config, units: list[list[EvalRecord]], images: list[list]) -> list[list[int]]:
+def _judge_scores(
+    cfg: Config, units: list[list[EvalRecord]], images: list[list], load: Loader
+) -> list[list[int]]:
     """The loop's judge on the evaluation images, unit by unit, ``judge.batch_size`` at a time; freed after."""
-    from ccsr.questions import QuestionSet
-
-    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
-    judge: Judge = load_backend("judge", cfg)
+    questions = load_question_set(cfg.judge.questions)
+    judge: Judge = load("judge")
     out = []
     for unit, imgs in zip(units, images, strict=True):
         requests = [JudgeRequest.rendered(questions, cfg.class_name, r.prompt) for r in unit]
@@ -283,14 +302,17 @@ def _judge_scores(cfg: Config, units: list[list[EvalRecord]], images: list[list]
     return out
 
 
-def judge_and_detect(cfg: Config, units: list[list[EvalRecord]], images: list[list]) -> None:
+def judge_and_detect(
+    cfg: Config, units: list[list[EvalRecord]], images: list[list], load: Loader | None = None
+) -> None:
     """The loop's judge (eq. 1 score) and detector (confidence, detected at the threshold) on eval images,
-    unit by unit (``evaluate``)."""
-    for unit, scores in zip(units, _judge_scores(cfg, units, images), strict=True):
+    unit by unit (``evaluate``); ``load`` as there."""
+    load = load or partial(load_backend, cfg=cfg)
+    for unit, scores in zip(units, _judge_scores(cfg, units, images, load), strict=True):
         for r, score in zip(unit, scores, strict=True):
             r.judge_score = score
     free_memory()
-    detector: Detector = load_backend("detector", cfg)
+    detector: Detector = load("detector")
     for unit, imgs in zip(units, images, strict=True):
         confidences = in_batches(
             lambda c: detector.confidence(imgs[c], cfg.class_name),  # noqa: B023 (called at once)

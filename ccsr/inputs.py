@@ -240,7 +240,7 @@ def check_models(cfg: Config) -> None:
 
 def check_data_files(cfg: Config) -> None:
     """The prompter's data files and the question set must exist and the question set must validate."""
-    from ccsr.questions import QuestionSet
+    from ccsr.questions import load_question_set
 
     for key in ("prompter.system_prompt", "prompter.examples", "prompter.validation_file"):
         value = _value(cfg, key)
@@ -257,7 +257,7 @@ def check_data_files(cfg: Config) -> None:
                 f"prompter.validation_file: {validation} holds no prompt; give one prompt per line"
             )
     try:
-        QuestionSet.load(resolve_data_path(cfg.judge.questions))
+        load_question_set(cfg.judge.questions)
     except ValueError as exc:  # QuestionSet names the file, the question and the problem
         raise UserError(f"judge.questions: {exc}") from None
 

@@ -5,39 +5,42 @@ One iteration k (paper section 3):
 
 Every stage and, inside a stage, every unit (one prompt's candidates, one prompt's judgments, one prompt's
 detections) is committed before the next starts, so a restart continues where the previous process stopped.
+Under a launcher every process runs this loop: the candidates, judge and filter stages share their units out
+over the ranks (``Loop._sharded``), and the main process alone writes the run's records, events and heartbeat.
 The rules live elsewhere: the optimal image in ``ccsr.selection``, the improvement gate in ``ccsr.gate``, the
-evaluation in ``ccsr.evaluation``, the run directory's files and records in ``ccsr.rundir``.
+evaluation in ``ccsr.evaluation``, the checks on resume in ``ccsr.repair``, the run directory's files and
+records in ``ccsr.rundir``.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, TypeVar
 
-from ccsr import gate, train
+from ccsr import gate, repair, train
 from ccsr.backends import load_backend
 from ccsr.config import Config, resolve_data_path
-from ccsr.console import CONSOLE, bar, duration
+from ccsr.console import CONSOLE, bar, duration, stage_line
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, read_committed
-from ccsr.roles import Judge, JudgeRequest
+from ccsr.evaluation import evaluate, open_image
+from ccsr.questions import load_question_set
+from ccsr.roles import JudgeRequest
 from ccsr.rundir import (
-    STAGES,
     Candidate,
     Detection,
     Judgment,
     PromptRecord,
+    Record,
     RunDir,
     append_records,
     atomic_save_image,
     atomic_write_json,
     derive_seed,
-    read_json,
     read_records,
     sha256_file,
     write_dataset,
@@ -49,72 +52,17 @@ from ccsr.train import training_pairs
 
 logger = logging.getLogger(__name__)
 
+R = TypeVar("R", bound=Record)
+
 
 class StopRequested(Exception):
     """Raised at a unit boundary when a stop was asked for (signal or stop file)."""
 
 
-def stage_line(stage: str, info: dict, seconds: float, root: Path) -> str:
-    """The terminal's line for a finished stage (``info``: what the stage recorded): its figures and time."""
-    took = duration(seconds)
-    if stage == "prompts":
-        dropped = [f"{n} {why.replace('_', '-')}" for why, n in info.get("dropped", {}).items() if n]
-        calls = info.get("attempts", 0)
-        text = f"prompts: {info['count']} written in {took} ({calls} LLM call{'' if calls == 1 else 's'}"
-        return text + (f"; dropped {', '.join(dropped)})" if dropped else ")")
-    if stage == "candidates":
-        lora = Path(info["lora"]) if info.get("lora") else None
-        if lora is not None and lora.is_relative_to(root):
-            lora = lora.relative_to(root)
-        model = f"LoRA {lora}" if lora else "the base model"
-        return f"candidates: {info['count']} images in {took} (with {model})"
-    if stage == "judge":
-        text = f"judge: {info['count']} images scored in {took}"
-        if info.get("mean_score") is not None:
-            text += f", mean score {info['mean_score']:.2f}"
-        return text + (f", {info['nan_answers']} answers unreadable" if info.get("nan_answers") else "")
-    if stage == "filter":
-        prompts = info.get("prompts", 0)
-        kept = prompts - info.get("prompts_without_pair", 0)
-        text = f"filter: {kept} of {prompts} prompts kept, {info['count']} pairs"
-        if info.get("preferences"):
-            text += f", {info['preferences']} preference pairs"
-        return f"{text} in {took}"
-    if stage == "train":
-        if info.get("skipped"):
-            return f"train: skipped, {info.get('reason')}"
-        data = (
-            f"{info['preferences']} preference pairs" if "preferences" in info else f"{info['pairs']} pairs"
-        )
-        return f"train: {info['steps']} steps on {data}, loss {info['final_loss']:.4f} in {took}"
-    if stage == "eval":
-        if info.get("skipped"):
-            return f"eval: skipped, {info.get('reason')}; gate: rejected"
-        clip = ""
-        if info.get("clip_score") is not None and info.get("base_clip_score") is not None:
-            clip = f", CLIP {info['clip_score']:.2f} (base {info['base_clip_score']:.2f})"
-        verdict = info["gate"]
-        return (
-            f"eval: best scale {info['best_scale']:g}, win-rate {info['win_rate']:.2f}{clip} in {took}; "
-            f"gate: {'accepted' if verdict['accepted'] else 'rejected'} ({verdict['reason']})"
-        )
-    return f"{stage}: done in {took}"
-
-
-def _open_image(run: RunDir, rel_path: str):
-    from PIL import Image
-
-    return Image.open(run.root / rel_path).convert("RGB")
-
-
-def _questions(cfg: Config):
-    from ccsr.questions import QuestionSet
-
-    return QuestionSet.load(resolve_data_path(cfg.judge.questions))
-
-
 @dataclass
 class Loop:
+    """The iterations of one run directory; under a launcher every process runs its own ``Loop``."""
+
     cfg: Config
     run: RunDir
     should_stop: Callable[[], bool] = lambda: False
@@ -138,6 +86,7 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------------
     def run_iterations(self, iterations: int) -> None:
+        """Iterations 1..``iterations``, each from where the run directory says it stopped."""
         if self.ranks.is_main:
             self.run.clean_temp()
             for k in self.run.iterations():
@@ -155,6 +104,7 @@ class Loop:
                 empty_streak = 0
 
     def run_iteration(self, k: int) -> None:
+        """The stages of iteration k not yet done, in order; each is done once the main process marks it."""
         self.run.iteration_dir(k).mkdir(parents=True, exist_ok=True)
         began = time.perf_counter()
         for stage, work in self.stages():
@@ -171,15 +121,20 @@ class Loop:
             free_memory()
             self.stage_seconds[stage] = seconds
             if self.ranks.is_main:
-                self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
-                self.run.event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
-                logger.info(
-                    "iteration %d · %s", k, stage_line(stage, info, seconds, self.run.root), extra=CONSOLE
-                )
+                self._stage_done(k, stage, info, seconds)
             self.ranks.barrier()  # every rank sees the stage done before anyone reads its records
-        if not self.ranks.is_main:
-            return
-        self.run.event("iteration_end", iteration=k)
+        if self.ranks.is_main:
+            self._iteration_done(k, began)
+
+    def _stage_done(self, k: int, stage: str, info: dict, seconds: float) -> None:
+        """Main process: the stage's entry in ``stages.json`` (what makes it done), its event, its line."""
+        self.run.mark_done(k, stage, seconds=round(seconds, 3), **info)
+        self._event("stage_end", iteration=k, stage=stage, seconds=round(seconds, 3), **info)
+        logger.info("iteration %d · %s", k, stage_line(stage, info, seconds, self.run.root), extra=CONSOLE)
+
+    def _iteration_done(self, k: int, began: float) -> None:
+        """Main process: the iteration's event, the refreshed report and the champion's line."""
+        self._event("iteration_end", iteration=k)
         self.refresh_report()
         lora, scale = gate.current_champion(self.run)
         champion = f"{lora.relative_to(self.run.root)} at scale {scale:g}" if lora else "the base model"
@@ -187,6 +142,7 @@ class Loop:
         logger.info("iteration %d complete in %s; champion: %s", k, took, champion, extra=CONSOLE)
 
     def _event(self, kind: str, **fields) -> None:
+        """The one way the loop writes ``events.jsonl``: the main process's events only."""
         if self.ranks.is_main:
             self.run.event(kind, **fields)
 
@@ -214,21 +170,66 @@ class Loop:
         if self.ranks.any(self.should_stop()):
             raise StopRequested
 
-    def _each_unit(self, k: int, stage: str, units: list, unit_id: Callable, work: Callable) -> None:
-        """``work`` on this rank's share of ``units``, each committed by ``work`` before the next starts. A stop
-        asked for on any rank ends every rank's share at its next unit, then all stop together."""
+    def load(self, role: str) -> Any:
+        """The backend of ``role`` as the config names it (``<role>.backend``). Every model of the loop and of
+        its evaluation is built here, so a subclass can time the loading (``gpu_check.MeasuredLoop``)."""
+        return load_backend(role, self.cfg)
+
+    def _sharded(
+        self,
+        k: int,
+        stage: str,
+        role: str,
+        kind: str,
+        cls: type[R],
+        todo: Callable[[list[R]], dict[str, Any]],
+        work: Callable[[Callable[[], Any], str, Any], list[R]],
+    ) -> list[R] | None:
+        """A data-parallel stage of iteration k whose unit is one prompt: ``work(model, prompt_id, unit)``
+        returns the unit's records of ``kind`` (``run.files(k)[kind]``, records ``cls``), and they are
+        committed to this rank's shard before the next unit starts.
+
+        ``todo(committed)`` gives the units still to do, prompt id -> unit in the run's order, from the
+        records committed so far by any rank and any earlier process; this rank does every ``world``-th.
+        ``model()`` is the backend of ``role``, loaded at its first call and closed at the end (a rank
+        without units loads none). ``work`` calls it inside its own ``_model_call``, so that the loading and
+        the first unit's inference share one thread-count guard (ultralytics changes torch's thread count on
+        import, and CPU results depend on it). A stop asked for on any rank ends every rank's share at its
+        next unit, then all stop together (``StopRequested``). Returns, on the main process, every rank's
+        records merged into the stage's file in the one-process order (prompt, then index); None elsewhere.
+        """
+        path = self.run.files(k)[kind]
+        share = self.ranks.mine(list(todo(read_committed(path, cls)).items()))
+        loaded = None
+
+        def model() -> Any:
+            nonlocal loaded
+            loaded = loaded or self.load(role)
+            return loaded
+
         stopped = False
-        share = self.ranks.mine(units)
-        for unit in bar(
-            share, desc=f"iteration {k} · {stage}", unit="prompt", disable=not self.ranks.is_main
-        ):
-            self._beat(k, stage, unit_id(unit))
-            if self.should_stop():
-                stopped = True
-                break
-            work(unit)
-        if self.ranks.any(stopped):
-            raise StopRequested
+        try:
+            desc = f"iteration {k} · {stage}"
+            for prompt_id, unit in bar(share, desc=desc, unit="prompt", disable=not self.ranks.is_main):
+                self._beat(k, stage, prompt_id)
+                if self.should_stop():
+                    stopped = True
+                    break
+                append_records(self.ranks.shard_path(path), work(model, prompt_id, unit))
+            if self.ranks.any(stopped):
+                raise StopRequested
+        finally:
+            if loaded is not None:
+                loaded.close()
+        if not self.ranks.is_main:
+            return None
+        order = positions(p.id for p in read_records(self.run.files(k)["prompts"], PromptRecord))
+        return merge_shards(
+            path,
+            cls,
+            key=lambda r: (r.prompt_id, r.index),
+            order=lambda r: (order.get(r.prompt_id, len(order)), r.prompt_id, r.index),
+        )
 
     @contextmanager
     def _model_call(self, stage: str):
@@ -249,70 +250,10 @@ class Loop:
         except Exception:  # noqa: BLE001 - a broken view is logged, the work is already committed
             logger.warning("report not refreshed", exc_info=True)
 
-    # --- checks on resume -----------------------------------------------------------------------
     def verify(self, k: int) -> None:
-        """Find damaged or missing work of iteration k and make the loop redo just that.
-
-        Candidate images are checked against their recorded checksums and redrawn from their seeds (the
-        same pixels, so later records stay valid), also while the candidates stage is still under way (a
-        damaged image is never handed to the judge); a LoRA that fails its checksum is retrained; a finished
-        stage whose records are incomplete (a damaged line was dropped) is reopened, and its stage
-        function redoes only the missing units.
-        """
-        done = self.run.stages_done(k)
-        files = self.run.files(k)
-        candidates = read_committed(files["candidates"], Candidate)  # the ranks' shards too
-        bad = {
-            c.prompt_id for c in candidates if c.sha256 and sha256_file(self.run.root / c.path) != c.sha256
-        }
-        if bad:
-            logger.warning("iteration %d: %d prompts have damaged candidate images; redrawing", k, len(bad))
-            self.run.event("repair", iteration=k, what="candidates", prompts=sorted(bad))
-            self._redraw(k, bad)
-        lora_sha = done.get("train", {}).get("lora_sha256")
-        if lora_sha and sha256_file(self.run.lora_file(k)) != lora_sha:
-            logger.warning("iteration %d: LoRA fails its checksum; retraining", k)
-            self.run.event("repair", iteration=k, what="lora")
-            shutil.rmtree(self.run.lora_dir(k), ignore_errors=True)
-            self.run.unmark(k, ("train", "eval"))
-        if "eval" in done and not done["eval"].get("skipped") and self.run.eval_path(k).exists():
-            if read_json(self.run.eval_path(k)) is None:
-                self.run.unmark(k, ("eval",))
-        expected = {
-            "candidates": len(read_records(files["prompts"], PromptRecord))
-            * self.cfg.generator.num_candidates,
-            "judge": len(candidates),
-        }
-        counts = {"candidates": len(candidates), "judge": len(read_records(files["judgments"], Judgment))}
-        for i, stage in enumerate(STAGES):
-            if stage in expected and stage in done and counts[stage] < expected[stage]:
-                logger.warning("iteration %d: %s records are incomplete; redoing the missing ones", k, stage)
-                self.run.event("repair", iteration=k, what=stage)
-                self.run.unmark(k, STAGES[i:])
-                break
-
-    def _redraw(self, k: int, prompt_ids: set[str]) -> None:
-        files = self.run.files(k)
-        prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-        records = read_committed(
-            files["candidates"], Candidate
-        )  # rewritten whole: the merge counts each once
-        grouped = by_prompt(records)
-        generator = load_backend("generator", self.cfg)
-        for pid in sorted(prompt_ids):
-            group = sorted(grouped[pid], key=lambda c: c.index)
-            lora = self.run.root / group[0].lora if group[0].lora else None
-            images = generator.images(
-                [prompts[pid]] * len(group), [c.seed for c in group], lora, group[0].scale
-            )
-            for c, image in zip(group, images, strict=True):
-                atomic_save_image(self.run.root / c.path, image)
-                if sha256_file(self.run.root / c.path) != c.sha256:
-                    logger.warning("%s: redrawn image differs from the recorded one", c.path)
-                    c.sha256 = sha256_file(self.run.root / c.path)
-        write_records(files["candidates"], records)
-        generator.close()
-        free_memory()
+        """On resume (main process, before any stage): iteration k's damaged or missing work made to be redone
+        (``ccsr.repair``)."""
+        repair.verify(self.cfg, self.run, k, self.load)
 
     # --- stage 1: prompts ----------------------------------------------------------------------
     def _validation_prompts(self, prompter) -> list[PromptRecord]:
@@ -343,7 +284,7 @@ class Loop:
             return {}
 
         with self._model_call("prompts"):
-            prompter = load_backend("prompter", self.cfg)
+            prompter = self.load("prompter")
         validation = self._validation_prompts(prompter)
         earlier = [
             p.prompt for j in range(1, k) for p in read_records(self.run.files(j)["prompts"], PromptRecord)
@@ -364,91 +305,69 @@ class Loop:
         return {"count": len(records), "dropped": batch.dropped, "attempts": batch.attempts, "diversity": div}
 
     # --- stage 2: candidates -------------------------------------------------------------------
-    def _merge(self, k: int, kind: str, cls) -> list:
-        """Main process: the ranks' shards of iteration k's ``kind`` records merged in prompt, index order."""
-        order = positions(p.id for p in read_records(self.run.files(k)["prompts"], PromptRecord))
-        return merge_shards(
-            self.run.files(k)[kind],
-            cls,
-            key=lambda r: (r.prompt_id, r.index),
-            order=lambda r: (order.get(r.prompt_id, len(order)), r.prompt_id, r.index),
-        )
-
     def stage_candidates(self, k: int) -> dict:
         """``num_candidates`` images per prompt with the champion before k; one prompt's images: one unit."""
-        files = self.run.files(k)
-        done = {c.prompt_id for c in read_committed(files["candidates"], Candidate)}
-        todo = [p for p in read_records(files["prompts"], PromptRecord) if p.id not in done]
+        prompts = read_records(self.run.files(k)["prompts"], PromptRecord)
         lora = gate.champion_lora(self.run, k)
         lora_rel = str(lora.relative_to(self.run.root)) if lora else None
         scale = gate.generation_scale(self.run, k, self.cfg.generator.generation_scale)
         n = self.cfg.generator.num_candidates
-        mine = self.ranks.shard_path(files["candidates"])
-        generator = None
 
-        def draw(p: PromptRecord) -> None:
-            nonlocal generator
+        def undrawn(drawn: list[Candidate]) -> dict[str, PromptRecord]:
+            done = {c.prompt_id for c in drawn}
+            return {p.id: p for p in prompts if p.id not in done}
+
+        def draw(generator: Callable[[], Any], pid: str, p: PromptRecord) -> list[Candidate]:
+            seeds = [derive_seed(self.cfg.seed, "candidate", k, pid, j) for j in range(n)]
             with self._model_call("candidates"):
-                generator = generator or load_backend("generator", self.cfg)
-                seeds = [derive_seed(self.cfg.seed, "candidate", k, p.id, j) for j in range(n)]
-                images = generator.images([p.prompt] * n, seeds, lora=lora, scale=scale)
+                images = generator().images([p.prompt] * n, seeds, lora=lora, scale=scale)
             records = []
             for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
-                path = self.run.candidates_dir(k) / f"{p.id}-{j:02d}.png"
+                path = self.run.candidates_dir(k) / f"{pid}-{j:02d}.png"
                 atomic_save_image(path, image)
                 rel = str(path.relative_to(self.run.root))
                 records.append(
-                    Candidate(p.id, j, seed, rel, sha256_file(path), lora_rel, scale if lora else 0.0)
+                    Candidate(pid, j, seed, rel, sha256_file(path), lora_rel, scale if lora else 0.0)
                 )
-            append_records(mine, records)
+            return records
 
-        try:
-            self._each_unit(k, "candidates", todo, lambda p: p.id, draw)
-        finally:
-            if generator is not None:
-                generator.close()
-        if not self.ranks.is_main:
+        drawn = self._sharded(k, "candidates", "generator", "candidates", Candidate, undrawn, draw)
+        if drawn is None:  # not the main process: its shard is merged there
             return {}
-        return {"count": len(self._merge(k, "candidates", Candidate)), "lora": str(lora) if lora else None}
+        return {"count": len(drawn), "lora": str(lora) if lora else None}
 
     # --- stage 3: judge ------------------------------------------------------------------------
     def stage_judge(self, k: int) -> dict:
         """The judge's answers (dependency rule applied) and eq. 1 score per image; one prompt: one unit."""
-        questions = _questions(self.cfg)
+        questions = load_question_set(self.cfg.judge.questions)
         files = self.run.files(k)
         prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-        done = {(j.prompt_id, j.index) for j in read_committed(files["judgments"], Judgment)}
-        todo = [c for c in read_records(files["candidates"], Candidate) if (c.prompt_id, c.index) not in done]
-        mine = self.ranks.shard_path(files["judgments"])
-        judge: Judge | None = None
 
-        def answer(unit: tuple[str, list[Candidate]]) -> None:
-            nonlocal judge
-            pid, group = unit
-            images = [_open_image(self.run, c.path) for c in group]
+        def unjudged(judged: list[Judgment]) -> dict[str, list[Candidate]]:
+            # Image by image: a unit cut short by a crash leaves only its missing images to judge.
+            done = {(j.prompt_id, j.index) for j in judged}
+            candidates = read_records(files["candidates"], Candidate)
+            return by_prompt(c for c in candidates if (c.prompt_id, c.index) not in done)
+
+        def answer(judge: Callable[[], Any], pid: str, group: list[Candidate]) -> list[Judgment]:
+            images = [open_image(self.run, c.path) for c in group]
             requests = [JudgeRequest.rendered(questions, self.cfg.class_name, prompts[pid])] * len(images)
             with self._model_call("judge"):
-                judge = judge or load_backend("judge", self.cfg)
                 results = in_batches(
-                    lambda c: judge.answer(images[c], requests[c]),
+                    lambda c: judge().answer(images[c], requests[c]),
                     len(images),
                     self.cfg.judge.batch_size,
                     "judge",
                 )
-            records = []
-            for c, res in zip(group, results, strict=True):
-                answers = questions.apply_dependencies(res.answers)
-                records.append(Judgment(pid, c.index, answers, questions.score(answers), res.p_yes))
-            append_records(mine, records)
+            answers = [questions.apply_dependencies(res.answers) for res in results]
+            return [
+                Judgment(pid, c.index, a, questions.score(a), res.p_yes)
+                for c, a, res in zip(group, answers, results, strict=True)
+            ]
 
-        try:
-            self._each_unit(k, "judge", list(by_prompt(todo).items()), lambda u: u[0], answer)
-        finally:
-            if judge is not None:
-                judge.close()
-        if not self.ranks.is_main:
+        judged = self._sharded(k, "judge", "judge", "judgments", Judgment, unjudged, answer)
+        if judged is None:  # not the main process: its shard is merged there
             return {}
-        judged = self._merge(k, "judgments", Judgment)
         return {
             "count": len(judged),
             "nan_answers": sum(a == "nan" for j in judged for a in j.answers),
@@ -457,14 +376,51 @@ class Loop:
 
     # --- stage 4: filter -----------------------------------------------------------------------
     def stage_filter(self, k: int) -> dict:
-        """Detector on each prompt's best-tied images (one prompt: one unit), then the pairs (paper sec. 3)."""
-        files = self.run.files(k)
-        self._detect(k)
-        if not self.ranks.is_main:
+        """The detector on the images each prompt chooses among, then the pairs (paper sec. 3)."""
+        if self._detect(k) is None:  # not the main process: its shard is merged there
             return {}
-        self._merge(k, "detections", Detection)
-        prompts = read_records(files["prompts"], PromptRecord)
+        return self._select_pairs(k)
+
+    def _detect(self, k: int) -> list[Detection] | None:
+        """The detector's confidence in the class on each prompt's best-tied images (every judged image with
+        ``top_k`` > 1); one prompt: one unit (``_sharded``)."""
+        files = self.run.files(k)
+        prompt_ids = [p.id for p in read_records(files["prompts"], PromptRecord)]
+        paths = {(c.prompt_id, c.index): c.path for c in read_records(files["candidates"], Candidate)}
+        judgments = by_prompt(read_records(files["judgments"], Judgment))
+        questions = load_question_set(self.cfg.judge.questions)
+
+        def undetected(detected: list[Detection]) -> dict[str, list[Judgment]]:
+            done = {d.prompt_id for d in detected}
+            return {pid: judgments[pid] for pid in prompt_ids if pid in judgments and pid not in done}
+
+        def detect(detector: Callable[[], Any], pid: str, judged: list[Judgment]) -> list[Detection]:
+            # The paper's rule needs the best-tied images only; top-k ranks every candidate.
+            if self.cfg.filter.top_k > 1:
+                tied = judged
+            else:
+                tied = best_tied(judged, self.cfg.filter.tie_break, questions)
+            images = [open_image(self.run, paths[(pid, j.index)]) for j in tied]
+            with self._model_call("filter"):
+                conf = in_batches(
+                    lambda c: detector().confidence(images[c], self.cfg.class_name),
+                    len(images),
+                    self.cfg.detector.batch_size,
+                    "detector",
+                )
+            return [
+                Detection(pid, j.index, j.score, round(float(c), 6)) for j, c in zip(tied, conf, strict=True)
+            ]
+
+        return self._sharded(k, "filter", "detector", "detections", Detection, undetected, detect)
+
+    def _select_pairs(self, k: int) -> dict:
+        """Main process: iteration k's training pairs (``ccsr.selection``: the optimal image of each prompt,
+        or its top k) and preference pairs, written as records and as the two image-folder datasets
+        (``dataset/`` of the pairs of every iteration trained on, ``preference_dataset/``)."""
+        files = self.run.files(k)
         cfg = self.cfg
+        prompts = read_records(files["prompts"], PromptRecord)
         candidates = read_records(files["candidates"], Candidate)
         judgments = read_records(files["judgments"], Judgment)
         selection = select_pairs(
@@ -476,7 +432,7 @@ class Loop:
             k=cfg.filter.top_k,
             judgments=judgments,
             tie_break=cfg.filter.tie_break,
-            questions=_questions(cfg),
+            questions=load_question_set(cfg.judge.questions),
         )
         preferences = preference_pairs(selection.pairs, candidates, judgments)
         write_records(files["pairs"], selection.pairs)
@@ -497,44 +453,6 @@ class Loop:
             result["prompts_below_min_score"] = selection.count(BELOW_MIN_SCORE)
         return result
 
-    def _detect(self, k: int) -> None:
-        files = self.run.files(k)
-        prompt_ids = [p.id for p in read_records(files["prompts"], PromptRecord)]
-        paths = {(c.prompt_id, c.index): c.path for c in read_records(files["candidates"], Candidate)}
-        judgments = by_prompt(read_records(files["judgments"], Judgment))
-        done = {d.prompt_id for d in read_committed(files["detections"], Detection)}
-        todo = [pid for pid in prompt_ids if pid in judgments and pid not in done]
-        questions = _questions(self.cfg)
-        mine = self.ranks.shard_path(files["detections"])
-        detector = None
-
-        def detect(pid: str) -> None:
-            nonlocal detector
-            # The paper's rule needs the best-tied images only; top-k ranks every candidate.
-            if self.cfg.filter.top_k > 1:
-                tied = judgments[pid]
-            else:
-                tied = best_tied(judgments[pid], self.cfg.filter.tie_break, questions)
-            images = [_open_image(self.run, paths[(pid, j.index)]) for j in tied]
-            with self._model_call("filter"):
-                detector = detector or load_backend("detector", self.cfg)
-                conf = in_batches(
-                    lambda c: detector.confidence(images[c], self.cfg.class_name),
-                    len(images),
-                    self.cfg.detector.batch_size,
-                    "detector",
-                )
-            records = [
-                Detection(pid, j.index, j.score, round(float(c), 6)) for j, c in zip(tied, conf, strict=True)
-            ]
-            append_records(mine, records)
-
-        try:
-            self._each_unit(k, "filter", todo, lambda pid: pid, detect)
-        finally:
-            if detector is not None:
-                detector.close()
-
     # --- stage 5: train ------------------------------------------------------------------------
     def stage_train(self, k: int) -> dict:
         """Iteration k's LoRA (``ccsr.train``), unless the iteration brought nothing to train on."""
@@ -551,17 +469,10 @@ class Loop:
     # --- stage 6: eval -------------------------------------------------------------------------
     def stage_eval(self, k: int) -> dict:
         """Iteration k's LoRA on the held-out prompts, then the improvement gate (``ccsr.gate``)."""
-        from ccsr.evaluation import evaluate
-
-        main = self.ranks.is_main
         if not self.run.lora_file(k).is_file():
-            if main:
-                gate.gate_iteration(self.cfg.gate, self.run, k, None)
-            return {"skipped": True, "reason": "no LoRA this iteration"}
+            return self._eval_skipped(k, "no LoRA this iteration")
         if not read_records(self.run.validation_path, PromptRecord):
-            if main:
-                gate.gate_iteration(self.cfg.gate, self.run, k, None, reason="no validation prompts")
-            return {"skipped": True, "reason": "no validation prompts"}
+            return self._eval_skipped(k, "no validation prompts")
 
         def on_scale(scale: float) -> None:
             self._beat(k, "eval", f"scale {scale:g}")
@@ -569,7 +480,14 @@ class Loop:
 
         with self._model_call("eval"):
             summary = evaluate(
-                self.cfg, self.run, k, self.cfg.evaluator.scales, self.run.eval_dir(k), on_scale, self.ranks
+                self.cfg,
+                self.run,
+                k,
+                self.cfg.evaluator.scales,
+                self.run.eval_dir(k),
+                on_scale,
+                self.ranks,
+                load=self.load,
             )
         if summary is None:  # not the main process: its share is merged there
             return {}
@@ -591,3 +509,9 @@ class Loop:
             "base_clip_score": clip.get("0"),
             "gate": summary["gate"],
         }
+
+    def _eval_skipped(self, k: int, reason: str) -> dict:
+        """Nothing to evaluate: the gate records iteration k as rejected (main process), the stage as skipped."""
+        if self.ranks.is_main:
+            gate.gate_iteration(self.cfg.gate, self.run, k, None, reason=reason)
+        return {"skipped": True, "reason": reason}

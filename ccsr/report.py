@@ -194,11 +194,10 @@ class ImageLinker:
 
 def _load_questions(questions_file: str) -> list[tuple[str, str]]:
     """(id, text) of the run's question set; empty (ids Q1.. without text) if the file can't be read any more."""
-    from ccsr.config import resolve_data_path
-    from ccsr.questions import QuestionSet
+    from ccsr.questions import load_question_set
 
     try:
-        qs = QuestionSet.load(resolve_data_path(questions_file))
+        qs = load_question_set(questions_file)
     except Exception:  # the report must render even if the question file moved or changed format
         logger.warning("report: question texts unavailable; showing ids only", exc_info=True)
         return []
