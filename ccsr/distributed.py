@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ccsr.rundir import Record, read_records, write_records
+from ccsr.records import Record, read_records, write_records
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Record)

@@ -23,16 +23,10 @@ from ccsr.console import bar
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, shard_files
 from ccsr.questions import load_question_set
+from ccsr.records import EvalRecord, PromptRecord, read_records, write_records
 from ccsr.roles import JudgeRequest
-from ccsr.rundir import (
-    EvalRecord,
-    PromptRecord,
-    RunDir,
-    atomic_save_image,
-    derive_seed,
-    read_records,
-    write_records,
-)
+from ccsr.rundir import RunDir, atomic_save_image
+from ccsr.seeds import derive_seed
 
 if TYPE_CHECKING:
     from PIL import Image

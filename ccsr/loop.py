@@ -29,24 +29,21 @@ from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, read_committed
 from ccsr.evaluation import evaluate, open_image
 from ccsr.questions import load_question_set
-from ccsr.roles import JudgeRequest
-from ccsr.rundir import (
+from ccsr.records import (
     Candidate,
     Detection,
     Judgment,
     PromptRecord,
     Record,
-    RunDir,
     append_records,
-    atomic_save_image,
-    atomic_write_json,
-    derive_seed,
     read_records,
-    sha256_file,
     write_dataset,
     write_preference_dataset,
     write_records,
 )
+from ccsr.roles import JudgeRequest
+from ccsr.rundir import RunDir, atomic_save_image, atomic_write_json, sha256_file
+from ccsr.seeds import derive_seed
 from ccsr.selection import BELOW_MIN_SCORE, best_tied, by_prompt, preference_pairs, select_pairs
 from ccsr.train import training_pairs
 

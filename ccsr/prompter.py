@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ccsr.config import resolve_data_path
-from ccsr.rundir import derive_seed
+from ccsr.seeds import derive_seed
 
 if TYPE_CHECKING:
     from ccsr.config import Config

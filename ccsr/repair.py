@@ -21,18 +21,8 @@ from typing import Any
 from ccsr.config import Config
 from ccsr.devices import free_memory
 from ccsr.distributed import read_committed
-from ccsr.rundir import (
-    STAGES,
-    Candidate,
-    Judgment,
-    PromptRecord,
-    RunDir,
-    atomic_save_image,
-    read_json,
-    read_records,
-    sha256_file,
-    write_records,
-)
+from ccsr.records import Candidate, Judgment, PromptRecord, read_records, write_records
+from ccsr.rundir import STAGES, RunDir, atomic_save_image, read_json, sha256_file
 from ccsr.selection import by_prompt
 
 logger = logging.getLogger(__name__)

@@ -22,20 +22,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from ccsr.plots import as_number, plot_across_iterations, plot_eval_by_scale
-from ccsr.rundir import (
-    STAGES,
-    Candidate,
-    Detection,
-    EvalRecord,
-    Judgment,
-    Pair,
-    PromptRecord,
-    RunDir,
-    RunDirError,
-    atomic_write_text,
-    read_json,
-    read_records,
-)
+from ccsr.records import Candidate, Detection, EvalRecord, Judgment, Pair, PromptRecord, read_records
+from ccsr.rundir import STAGES, RunDir, RunDirError, atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from ccsr.config import Config

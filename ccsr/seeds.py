@@ -1,6 +1,10 @@
 """Seeded random streams: every random number a run draws follows from ``cfg.seed`` and a key that names
 what it is for, so a resumed or re-sharded run draws exactly what the uninterrupted one-process run drew.
 
+The loop's draws take a seed from ``derive_seed(seed, purpose, ...)`` (a candidate image:
+``("candidate", k, prompt_id, j)``; an evaluation image: ``("eval", ...)``); the trainer's come from
+``seeded_generator`` with the stream keys below.
+
 A generator is seeded by ``(seed, stream, *position)``: the stream keys below, then where in the stream the
 draw is (an epoch; an optimizer step and micro-batch; an image index). The numbers are part of the
 reproducibility contract (changing one changes every LoRA trained since): new streams get new numbers.
@@ -8,7 +12,8 @@ reproducibility contract (changing one changes every LoRA trained since): new st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hashlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -35,3 +40,9 @@ def seeded_generator(seed: int, *keys: int) -> torch.Generator:
 
     state = np.random.SeedSequence([seed % 2**63, *keys]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) % 2**63)
+
+
+def derive_seed(base: int, *parts: Any) -> int:
+    """A stable 31-bit seed for one purpose, so every random draw of a run follows from ``cfg.seed``."""
+    text = ":".join(str(p) for p in (base, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") & 0x7FFFFFFF

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from ccsr.rundir import Candidate, Detection, Judgment, Pair, Preference, PromptRecord
+from ccsr.records import Candidate, Detection, Judgment, Pair, Preference, PromptRecord
 
 if TYPE_CHECKING:
     from ccsr.questions import QuestionSet

@@ -15,20 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ccsr.distributed import read_committed
-from ccsr.rundir import (
-    DAMAGED,
-    STAGES,
-    Candidate,
-    Detection,
-    Judgment,
-    Pair,
-    PromptRecord,
-    RunDir,
-    RunDirError,
-    is_locked,
-    read_json,
-    read_records,
-)
+from ccsr.records import Candidate, Detection, Judgment, Pair, PromptRecord, read_records
+from ccsr.rundir import DAMAGED, STAGES, RunDir, RunDirError, is_locked, read_json
 
 logger = logging.getLogger(__name__)
 

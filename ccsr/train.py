@@ -28,7 +28,8 @@ from ccsr.config import Config, TrainerConfig
 from ccsr.dpo_trainer import DPOTrainer
 from ccsr.inputs import check_image
 from ccsr.models import resolve_model
-from ccsr.rundir import Pair, Preference, RunDir, read_records, sha256_file
+from ccsr.records import Pair, Preference, read_records
+from ccsr.rundir import RunDir, sha256_file
 from ccsr.trainer import RESULT_FILE, LoRATrainer, TrainResult
 from ccsr.training_data import PIXEL_TRANSFORM, PRIOR_DIR, PreferencePair, PriorSettings, TrainJob, TrainPair
 

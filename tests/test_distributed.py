@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from ccsr.distributed import Ranks, merge_shards, read_committed, shard_files
-from ccsr.rundir import Candidate, append_records, read_jsonl, read_records
+from ccsr.records import Candidate, append_records, read_records
+from ccsr.rundir import read_jsonl
 
 SMALL = [
     "prompter.n_prompts=3",

@@ -386,7 +386,8 @@ def test_loop_trains_on_the_preferences_against_the_champion(tmp_path, monkeypat
     """objective dpo: the preferences (paths under the run), no plain pairs, the champion at the generation
     scale as reference (training_preferences is stubbed: the test builds the preferences itself)."""
     from ccsr import train
-    from ccsr.rundir import Preference, RunDir
+    from ccsr.records import Preference
+    from ccsr.rundir import RunDir
 
     run = RunDir(tmp_path)
     cfg = make_cfg("ccsr-tiny/stable-diffusion")

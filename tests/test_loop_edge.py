@@ -80,7 +80,7 @@ def test_eval_scores_the_same_in_any_batch_size(repo_root):
     from ccsr.devices import in_batches
     from ccsr.evaluation import CLIPScorer, judge_and_detect
     from ccsr.generator import DiffusersGenerator
-    from ccsr.rundir import EvalRecord
+    from ccsr.records import EvalRecord
 
     sets = ["generator.steps=2", "generator.resolution=64", "detector.image_size=64"]
     prompts = ["a giraffe", "a giraffe at dusk", "two giraffes", "a giraffe calf", "a tall giraffe"]
@@ -133,7 +133,7 @@ def test_a_damaged_candidate_image_is_redrawn_on_resume_while_its_stage_is_under
     """A candidate PNG replaced by a non-image after its prompt's unit was committed, the stage not finished:
     the resume check finds it by its checksum and redraws it from its seed, so the judge never opens it."""
     from ccsr.loop import StopRequested
-    from ccsr.rundir import Candidate, PromptRecord, read_records, write_records
+    from ccsr.records import Candidate, PromptRecord, read_records, write_records
 
     sets = ["generator.steps=2", "generator.num_candidates=2"]
     cfg = load_config(repo_root / "configs" / "tiny.yaml", sets, class_name="giraffe")

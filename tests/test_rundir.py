@@ -78,7 +78,8 @@ def test_training_and_preference_datasets_load_with_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
     from PIL import Image
 
-    from ccsr.rundir import Pair, Preference, RunDir, write_dataset, write_preference_dataset
+    from ccsr.records import Pair, Preference, write_dataset, write_preference_dataset
+    from ccsr.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     cand = run.candidates_dir(1)

@@ -250,7 +250,7 @@ def test_run_dir_refuses_paths_that_escape(tmp_path):
 def evil_candidates(tmp_path_factory, repo_root):
     """The real candidates stage (tiny SD) on prompts whose text tries to steer paths and templates."""
     from ccsr.loop import Loop, training_pairs
-    from ccsr.rundir import write_dataset
+    from ccsr.records import write_dataset
 
     cfg = load_config(
         repo_root / "configs" / "tiny.yaml",

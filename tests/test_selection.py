@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from ccsr.questions import Question, QuestionSet
-from ccsr.rundir import Candidate, Detection, Judgment, Pair, PromptRecord
+from ccsr.records import Candidate, Detection, Judgment, Pair, PromptRecord
 from ccsr.selection import (
     BELOW_MIN_SCORE,
     NO_DETECTION,

@@ -15,7 +15,8 @@ import pytest
 from ccsr import gate
 from ccsr.cli import EXIT_BAD_INPUT, main
 from ccsr.config import load_config, save_config
-from ccsr.rundir import Candidate, Judgment, PromptRecord, RunDir, append_records, atomic_write_json
+from ccsr.records import Candidate, Judgment, PromptRecord, append_records
+from ccsr.rundir import RunDir, atomic_write_json
 
 REPO = Path(__file__).resolve().parent.parent
 

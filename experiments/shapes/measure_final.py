@@ -122,7 +122,7 @@ class Picker:
 
     def __call__(self, prompt: str, images: list[Image.Image]) -> int | None:
         """The index of the picked image, or None when no best-tied image passes the detector."""
-        from ccsr.rundir import Detection, Judgment
+        from ccsr.records import Detection, Judgment
         from ccsr.selection import best_tied, choose_image
 
         request = JudgeRequest.rendered(self.questions, self.cfg.class_name, prompt)

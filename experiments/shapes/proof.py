@@ -42,8 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from ccsr.config import REPO_ROOT, Config, load_config, resolve_data_path
+from ccsr.records import Candidate, EvalRecord, Pair, PromptRecord, read_records
 from ccsr.roles import JudgeRequest
-from ccsr.rundir import Candidate, EvalRecord, Pair, PromptRecord, RunDir, read_json, read_records
+from ccsr.rundir import RunDir, read_json
 from experiments.shapes import measure_final, world
 from experiments.shapes.base_model import cached_base_model
 
