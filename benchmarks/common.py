@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ccsr.config import Config, save_config
+from ccsr.config import Config
+from ccsr.config_files import save_config
 from ccsr.loop import Loop
 from ccsr.rundir import RunDir
 

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import fresh_loop
-from ccsr.config import Config, load_config, shipped_file
+from ccsr.config import Config
+from ccsr.config_files import load_config, shipped_file
 from ccsr.devices import free_memory, torch_threads
 from ccsr.loop import Loop
 from ccsr.rundir import STAGES, RunDir, atomic_write_json

@@ -93,7 +93,8 @@ def _timed_batch(judge, images, request) -> tuple[float, list]:
 def bench_judge(n_images: int = N_IMAGES, image_batch_sizes: tuple[int, ...] = (3,)) -> dict:
     """Images per second of (a) per-question generate, (b) batched full sequences, (c) prefix reuse one image
     at a time, and (d) prefix reuse with the vision tower batched over ``image_batch_sizes`` images."""
-    from ccsr.config import Config, resolve_data_path
+    from ccsr.config import Config
+    from ccsr.config_files import resolve_data_path
     from ccsr.judge import TransformersJudge
     from ccsr.questions import QuestionSet
     from ccsr.roles import JudgeRequest

@@ -21,7 +21,7 @@ RESULTS = Path("runs/bench/results.json")
 def bench_iteration() -> dict:
     """Wall time of each stage of one tiny iteration, and the share spent outside model calls."""
     from benchmarks.common import fresh_loop
-    from ccsr.config import REPO_ROOT, load_config
+    from ccsr.config_files import REPO_ROOT, load_config
     from ccsr.models import build_embedded
 
     cfg = load_config(REPO_ROOT / "configs" / "tiny.yaml", class_name="giraffe")

@@ -24,7 +24,8 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import NoReturn
 
-from ccsr.config import Config, ConfigError, load_config, save_config
+from ccsr.config import Config, ConfigError
+from ccsr.config_files import load_config, save_config
 from ccsr.distributed import Ranks
 from ccsr.inputs import UserError, check_config, check_models, set_offline
 from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ccsr.backends import backend_class, loaded_model_keys
-from ccsr.config import model_keys, resolve_data_path
+from ccsr.config import model_keys
+from ccsr.config_files import resolve_data_path
 from ccsr.detector import find_model_file
 from ccsr.models import check_embedded, is_embedded
 from ccsr.roles import BACKENDS, MODEL_KEYS

@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 
 from ccsr import gate, repair, train
 from ccsr.backends import load_backend
-from ccsr.config import Config, resolve_data_path
+from ccsr.config import Config
+from ccsr.config_files import resolve_data_path
 from ccsr.console import CONSOLE, bar, duration, stage_line
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, merge_shards, positions, read_committed

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ccsr.config import resolve_data_path
+from ccsr.config_files import resolve_data_path
 from ccsr.seeds import derive_seed
 
 if TYPE_CHECKING:

@@ -253,8 +253,8 @@ def parse_answer(text: str) -> str:
 
 def load_question_set(questions_file: str | Path) -> QuestionSet:
     """The question set a config names (``judge.questions``), found as every data file a config names is
-    (``ccsr.config.resolve_data_path``: as given, else the copy shipped with ccsr). Raises ``ValueError`` as
+    (``ccsr.config_files.resolve_data_path``: as given, else the copy shipped with ccsr). Raises ``ValueError`` as
     ``QuestionSet.load`` does."""
-    from ccsr.config import resolve_data_path  # here, not above: the rules of this module need no config
+    from ccsr.config_files import resolve_data_path
 
     return QuestionSet.load(resolve_data_path(questions_file))

@@ -400,7 +400,7 @@ def _environment():
 def _open_run(run_dir: str | Path) -> tuple[RunDir, Config]:
     """The run directory and its config; RunDirError when it is not a run dir, ConfigError when the config
     does not load (both are one line through the CLI)."""
-    from ccsr.config import load_config
+    from ccsr.config_files import load_config
 
     run = RunDir(run_dir)
     if not run.root.is_dir():

@@ -121,7 +121,8 @@ def _champion(run: RunDir) -> dict[str, Any]:
 def run_status(root: str | Path) -> dict[str, Any]:
     """What ``root`` holds, read from its records only. Raises RunDirError when it is not a run directory, or
     when its config or a record cannot be read by this version (damaged, or another version's)."""
-    from ccsr.config import ConfigError, load_config
+    from ccsr.config import ConfigError
+    from ccsr.config_files import load_config
 
     run = RunDir(root)
     if not run.config_path.is_file():

@@ -24,7 +24,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from ccsr import train
-from ccsr.config import ConfigError, load_config
+from ccsr.config import ConfigError
+from ccsr.config_files import load_config
 from ccsr.distributed import Ranks
 from ccsr.inputs import UserError
 from ccsr.rundir import RunDir, RunDirError, run_lock

@@ -585,7 +585,7 @@ def fake_run(root: Path, lora: Path, *sets: str) -> Path:
     """A run directory as far as ``ccsr eval`` looks before it draws: its config and iteration 1's LoRA."""
     import shutil
 
-    from ccsr.config import load_config, save_config
+    from ccsr.config_files import load_config, save_config
 
     save_config(load_config(TINY, list(sets), class_name="giraffe"), root / "config.yaml")
     shutil.copytree(lora, RunDir(root).lora_dir(1))

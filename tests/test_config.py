@@ -1,6 +1,7 @@
 import pytest
 
-from ccsr.config import Config, ConfigError, load_config, parse_override
+from ccsr.config import Config, ConfigError
+from ccsr.config_files import load_config, parse_override
 
 
 def test_tiny_and_paper_configs_load(repo_root):
@@ -96,7 +97,7 @@ def test_override_syntax():
 
 
 def test_defaults_roundtrip(tmp_path):
-    from ccsr.config import save_config
+    from ccsr.config_files import save_config
 
     cfg = Config(class_name="zebra crossing")
     save_config(cfg, tmp_path / "c.yaml")
@@ -196,11 +197,11 @@ def test_the_filter_rules_load_from_their_old_keys_with_one_warning(repo_root, t
     had a section: a file or an override naming them still loads, with one warning naming old and new."""
     import logging
 
-    from ccsr.config import MOVED_KEYS
+    from ccsr.config_files import MOVED_KEYS
 
     old = tmp_path / "old.yaml"
     old.write_text("judge:\n  top_k: 3\n  min_score: 8\n  tie_break: p_yes\ndetector:\n  threshold: 0.5\n")
-    monkeypatch.setattr("ccsr.config._warned", set())  # warnings this process gave before do not count
+    monkeypatch.setattr("ccsr.config_files._warned", set())  # warnings this process gave before do not count
     with caplog.at_level(logging.WARNING):
         cfg = load_config(old)
         load_config(old)  # read again (a resumed run reads its config.yaml more than once): no second line
@@ -229,7 +230,7 @@ def test_a_config_saved_before_the_filter_section_reads_as_the_same_config(repo_
     (its filter rules under judge and detector) loads as the config it was saved from."""
     import yaml
 
-    from ccsr.config import save_config
+    from ccsr.config_files import save_config
 
     cfg = load_config(repo_root / "configs" / "shapes.yaml")  # top_k and min_score differ from the defaults
     saved = cfg.to_dict()

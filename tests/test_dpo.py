@@ -426,7 +426,7 @@ def test_stage_train_without_preferences_is_skipped_with_a_reason(tmp_path):
 LAUNCHED = """
 import json, sys
 from pathlib import Path
-from ccsr.config import load_config
+from ccsr.config_files import load_config
 from ccsr.train import train_lora
 from ccsr.training_data import PreferencePair
 
@@ -443,7 +443,7 @@ def test_two_processes_train_the_one_process_lora(model, preferences, sft_lora, 
     import subprocess
     import sys
 
-    from ccsr.config import save_config
+    from ccsr.config_files import save_config
 
     # 3 pairs, global batch 2: step 1 splits 1 + 1, step 2 (the epoch's last pair) 0 + 1.
     cfg = make_cfg(model, max_steps=3, checkpoint_every=2)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmarks.gpu_check import PAPER_CONFIG, estimate_minutes, paper_counts
-from ccsr.config import load_config
+from ccsr.config_files import load_config
 from ccsr.rundir import STAGES
 from tests.helpers import assert_offline, run_guarded
 

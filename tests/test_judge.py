@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ccsr.config import Config, resolve_data_path
+from ccsr.config import Config
+from ccsr.config_files import resolve_data_path
 from ccsr.judge import TransformersJudge, answer_token_ids
 from ccsr.judge_prefix import packed_suffix_layout
 from ccsr.questions import QuestionSet

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ccsr import backends
-from ccsr.config import load_config, save_config
+from ccsr.config_files import load_config, save_config
 from ccsr.loop import Loop
 from ccsr.rundir import RunDir, read_json, read_jsonl
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from ccsr import train
-from ccsr.config import Config, ConfigError, TrainerConfig, save_config
+from ccsr.config import Config, ConfigError, TrainerConfig
+from ccsr.config_files import save_config
 from ccsr.trainer import LoRATrainer
 from ccsr.training_data import TrainPair
 from tests import helpers

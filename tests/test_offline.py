@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from ccsr.config import load_config
+from ccsr.config_files import load_config
 from ccsr.inputs import OFFLINE_VARS, all_models_local, set_offline
 from tests.helpers import REPO, SITECUSTOMIZE, assert_offline, run_guarded
 
@@ -60,7 +60,7 @@ def test_deciding_the_offline_switches_imports_no_hub_library(repo_root):
     code = (
         "import sys\n"
         "from ccsr.inputs import all_models_local, set_offline\n"
-        "from ccsr.config import load_config\n"
+        "from ccsr.config_files import load_config\n"
         "for name in ('tiny',):\n"
         "    cfg = load_config(f'configs/{name}.yaml', ['offline=false'])\n"
         "    assert all_models_local(cfg), name\n"

@@ -27,7 +27,7 @@ evaluator: {model: ccsr-tiny/clip}
 
 PROBE = """\
 import importlib.resources, ccsr
-from ccsr.config import resolve_data_path
+from ccsr.config_files import resolve_data_path
 print(ccsr.__file__)
 print(resolve_data_path("prompts/questions.yaml"))
 print(importlib.resources.files("ccsr").joinpath("templates/report.html.j2").is_file())

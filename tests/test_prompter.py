@@ -2,7 +2,7 @@
 
 import pytest
 
-from ccsr.config import load_config
+from ccsr.config_files import load_config
 
 
 @pytest.fixture(scope="module")

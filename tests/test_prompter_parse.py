@@ -241,7 +241,7 @@ class FakeChat:
 
 
 def test_collect_drops_near_duplicates_and_retries(repo_root):
-    from ccsr.config import load_config
+    from ccsr.config_files import load_config
     from ccsr.prompter import collect_prompts
 
     cfg = load_config(repo_root / "configs" / "tiny.yaml", ["prompter.max_attempts=3"])
@@ -261,7 +261,7 @@ def test_collect_drops_near_duplicates_and_retries(repo_root):
 
 
 def test_collect_gives_up_after_budget(repo_root):
-    from ccsr.config import load_config
+    from ccsr.config_files import load_config
     from ccsr.prompter import collect_prompts
 
     cfg = load_config(repo_root / "configs" / "tiny.yaml", ["prompter.max_attempts=2"])
@@ -272,7 +272,7 @@ def test_collect_gives_up_after_budget(repo_root):
 
 
 def test_prompt_with_braces_is_kept_literally(repo_root):
-    from ccsr.config import load_config
+    from ccsr.config_files import load_config
     from ccsr.prompter import build_messages
 
     cfg = load_config(repo_root / "configs" / "tiny.yaml")
@@ -302,7 +302,7 @@ class SeedRecorder:
 def test_no_two_samples_of_a_run_share_a_seed(tmp_path, repo_root, monkeypatch):
     """Validation and every iteration, each call asking for the most samples: every sample seed distinct."""
     from ccsr import backends
-    from ccsr.config import load_config, save_config
+    from ccsr.config_files import load_config, save_config
     from ccsr.loop import Loop
     from ccsr.prompter import MAX_SAMPLES_PER_CALL
     from ccsr.rundir import RunDir

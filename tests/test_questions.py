@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ccsr.config import resolve_data_path
+from ccsr.config_files import resolve_data_path
 from ccsr.questions import QuestionSet, parse_answer, signed_p_yes
 
 QUESTIONS = resolve_data_path("prompts/questions.yaml")

@@ -59,7 +59,8 @@ def test_clean_temp_removes_only_temp_names(tmp_path):
 
 
 def test_status_reads_a_run_without_building_models(tmp_path, monkeypatch):
-    from ccsr.config import Config, save_config
+    from ccsr.config import Config
+    from ccsr.config_files import save_config
     from ccsr.status import run_status
 
     cache = tmp_path / "empty-cache"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ccsr.config import Config, load_config
+from ccsr.config import Config
+from ccsr.config_files import load_config
 from ccsr.prompter import build_messages
 from ccsr.questions import QuestionSet
 from ccsr.rundir import RunDir, RunDirError, read_jsonl, write_jsonl

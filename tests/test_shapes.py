@@ -8,7 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from ccsr.config import load_config, resolve_data_path
+from ccsr.config_files import load_config, resolve_data_path
 from ccsr.prompter import collect_prompts
 from ccsr.questions import QuestionSet
 from ccsr.roles import JudgeRequest

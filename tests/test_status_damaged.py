@@ -14,7 +14,7 @@ import pytest
 
 from ccsr import gate
 from ccsr.cli import EXIT_BAD_INPUT, main
-from ccsr.config import load_config, save_config
+from ccsr.config_files import load_config, save_config
 from ccsr.records import Candidate, Judgment, PromptRecord, append_records
 from ccsr.rundir import RunDir, atomic_write_json
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from ccsr.config import Config, save_config
+from ccsr.config import Config
+from ccsr.config_files import save_config
 from ccsr.distributed import shard
 from ccsr.rundir import LORA_WEIGHTS_NAME
 from tests.helpers import free_port

@@ -54,7 +54,7 @@ def _calibration_images(seed: int, size_range: tuple[int, int], n: int):
 
 
 def _calibration_questions() -> list[str]:
-    from ccsr.config import shipped_file
+    from ccsr.config_files import shipped_file
     from ccsr.questions import QuestionSet
 
     # The shipped question set, never one of the current folder: the embedded model must not depend on it.

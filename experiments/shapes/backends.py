@@ -16,7 +16,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
-from ccsr.config import resolve_data_path
+from ccsr.config_files import resolve_data_path
 from ccsr.questions import QuestionSet
 from ccsr.roles import JudgeAnswer, JudgeRequest
 from experiments.shapes import world

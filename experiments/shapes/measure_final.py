@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ccsr.config import resolve_data_path
+from ccsr.config_files import resolve_data_path
 from ccsr.roles import JudgeRequest
 from experiments.shapes import world
 from experiments.shapes.calibrate import any_shape_colour

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ccsr.config import REPO_ROOT, Config, load_config, resolve_data_path
+from ccsr.config import Config
+from ccsr.config_files import REPO_ROOT, load_config, resolve_data_path
 from ccsr.records import Candidate, EvalRecord, Pair, PromptRecord, read_records
 from ccsr.roles import JudgeRequest
 from ccsr.rundir import RunDir, read_json
