@@ -203,7 +203,8 @@ def cmd_run(args, daemon: bool = False) -> int:
         else:  # the other ranks: warnings only, and no second writer of the run's log file
             _setup_logging(**(_log_options(args) | {"level": logging.WARNING}))
         from ccsr.console import CONSOLE
-        from ccsr.loop import Loop, StopRequested
+        from ccsr.distributed import StopRequested
+        from ccsr.loop import Loop
 
         stop = {"flag": False}
         stop_file = run.stop_path

@@ -18,12 +18,16 @@ import os
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ccsr.records import Record, read_records, write_records
+from ccsr.records import Record, append_records, read_records, write_records
 
 T = TypeVar("T")
 R = TypeVar("R", bound=Record)
+
+
+class StopRequested(Exception):
+    """Raised at a unit boundary when a stop was asked for (signal or stop file), on every rank together."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,61 @@ def positions(items: Iterable[Hashable]) -> dict[Hashable, int]:
 
 # --------------------------------------------------------------------------------------------------------------
 # data-parallel LoRA training: each process takes a share of every global batch (see ccsr.trainer)
+
+
+def run_sharded(
+    ranks: Ranks,
+    path: Path,
+    cls: type[R],
+    todo: Callable[[list[R]], dict[str, Any]],
+    work: Callable[[Callable[[], Any], str, Any], list[R]],
+    load: Callable[[], Any],
+    prompt_order: list[str],
+    before_unit: Callable[[str], bool],
+    desc: str,
+) -> list[R] | None:
+    """The protocol of every data-parallel stage whose unit is one prompt; returns, on the main process,
+    every rank's records merged into ``path`` in the one-process order (prompt, then index), None elsewhere.
+
+    ``todo(committed)`` gives the units still to do (prompt id -> unit, in the run's order) from the records
+    committed so far by any rank and any earlier process; this rank does every ``world``-th. ``work(model,
+    prompt_id, unit)`` returns the unit's records, appended to this rank's shard before the next unit starts.
+    ``model()`` is ``load()``'s backend, built at its first call (inside ``work``'s own timing, so loading and
+    the first unit share one thread-count guard) and closed at the end; a rank without units loads none.
+    ``before_unit(prompt_id)`` is true when a stop was asked for: every rank's share then ends at its next
+    unit and all raise ``StopRequested`` together.
+    """
+    from ccsr.console import bar
+
+    share = ranks.mine(list(todo(read_committed(path, cls)).items()))
+    loaded = None
+
+    def model() -> Any:
+        nonlocal loaded
+        loaded = loaded or load()
+        return loaded
+
+    stopped = False
+    try:
+        for prompt_id, unit in bar(share, desc=desc, unit="prompt", disable=not ranks.is_main):
+            if before_unit(prompt_id):
+                stopped = True
+                break
+            append_records(ranks.shard_path(path), work(model, prompt_id, unit))
+        if ranks.any(stopped):
+            raise StopRequested
+    finally:
+        if loaded is not None:
+            loaded.close()
+    if not ranks.is_main:
+        return None
+    order = positions(prompt_order)
+    return merge_shards(
+        path,
+        cls,
+        key=lambda r: (r.prompt_id, r.index),
+        order=lambda r: (order.get(r.prompt_id, len(order)), r.prompt_id, r.index),
+    )
 
 
 def shard(size: int, num_processes: int, process_index: int) -> tuple[int, int]:

@@ -19,15 +19,16 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from ccsr import gate, repair, train
 from ccsr.backends import load_backend
 from ccsr.config import Config
 from ccsr.config_files import resolve_data_path
-from ccsr.console import CONSOLE, bar, duration, stage_line
+from ccsr.console import CONSOLE, duration, stage_line
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
-from ccsr.distributed import Ranks, merge_shards, positions, read_committed
+from ccsr.distributed import Ranks, StopRequested, run_sharded
 from ccsr.evaluation import evaluate, open_image
 from ccsr.questions import load_question_set
 from ccsr.records import (
@@ -36,7 +37,6 @@ from ccsr.records import (
     Judgment,
     PromptRecord,
     Record,
-    append_records,
     read_records,
     write_dataset,
     write_preference_dataset,
@@ -51,10 +51,6 @@ from ccsr.train import training_pairs
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Record)
-
-
-class StopRequested(Exception):
-    """Raised at a unit boundary when a stop was asked for (signal or stop file)."""
 
 
 @dataclass
@@ -173,61 +169,19 @@ class Loop:
         its evaluation is built here, so a subclass can time the loading (``gpu_check.MeasuredLoop``)."""
         return load_backend(role, self.cfg)
 
-    def _sharded(
-        self,
-        k: int,
-        stage: str,
-        role: str,
-        kind: str,
-        cls: type[R],
-        todo: Callable[[list[R]], dict[str, Any]],
-        work: Callable[[Callable[[], Any], str, Any], list[R]],
-    ) -> list[R] | None:
-        """A data-parallel stage of iteration k whose unit is one prompt: ``work(model, prompt_id, unit)``
-        returns the unit's records of ``kind`` (``run.files(k)[kind]``, records ``cls``), and they are
-        committed to this rank's shard before the next unit starts.
+    def _sharded(self, k: int, stage: str, role: str, kind: str, cls: type[R], todo, work) -> list[R] | None:
+        """Stage ``stage`` of iteration k through the data-parallel protocol (``distributed.run_sharded``):
+        its units' records of ``kind`` (``run.files(k)[kind]``, records ``cls``), the model of ``role``."""
 
-        ``todo(committed)`` gives the units still to do, prompt id -> unit in the run's order, from the
-        records committed so far by any rank and any earlier process; this rank does every ``world``-th.
-        ``model()`` is the backend of ``role``, loaded at its first call and closed at the end (a rank
-        without units loads none). ``work`` calls it inside its own ``_model_call``, so that the loading and
-        the first unit's inference share one thread-count guard (ultralytics changes torch's thread count on
-        import, and CPU results depend on it). A stop asked for on any rank ends every rank's share at its
-        next unit, then all stop together (``StopRequested``). Returns, on the main process, every rank's
-        records merged into the stage's file in the one-process order (prompt, then index); None elsewhere.
-        """
+        def before_unit(prompt_id: str) -> bool:
+            self._beat(k, stage, prompt_id)
+            return self.should_stop()
+
+        prompt_order = [p.id for p in read_records(self.run.files(k)["prompts"], PromptRecord)]
         path = self.run.files(k)[kind]
-        share = self.ranks.mine(list(todo(read_committed(path, cls)).items()))
-        loaded = None
-
-        def model() -> Any:
-            nonlocal loaded
-            loaded = loaded or self.load(role)
-            return loaded
-
-        stopped = False
-        try:
-            desc = f"iteration {k} · {stage}"
-            for prompt_id, unit in bar(share, desc=desc, unit="prompt", disable=not self.ranks.is_main):
-                self._beat(k, stage, prompt_id)
-                if self.should_stop():
-                    stopped = True
-                    break
-                append_records(self.ranks.shard_path(path), work(model, prompt_id, unit))
-            if self.ranks.any(stopped):
-                raise StopRequested
-        finally:
-            if loaded is not None:
-                loaded.close()
-        if not self.ranks.is_main:
-            return None
-        order = positions(p.id for p in read_records(self.run.files(k)["prompts"], PromptRecord))
-        return merge_shards(
-            path,
-            cls,
-            key=lambda r: (r.prompt_id, r.index),
-            order=lambda r: (order.get(r.prompt_id, len(order)), r.prompt_id, r.index),
-        )
+        load = partial(self.load, role)
+        desc = f"iteration {k} · {stage}"
+        return run_sharded(self.ranks, path, cls, todo, work, load, prompt_order, before_unit, desc)
 
     @contextmanager
     def _model_call(self, stage: str):
@@ -438,9 +392,6 @@ class Loop:
         write_dataset(self.run, k, training_pairs(cfg, self.run, k))
         write_preference_dataset(self.run, k, preferences)
         with_pair = len({p.prompt_id for p in selection.pairs})
-        logger.info(
-            "iteration %d: %d of %d prompts yield %d pairs", k, with_pair, len(prompts), len(selection.pairs)
-        )
         result = {
             "count": len(selection.pairs),
             "prompts": len(prompts),
@@ -476,37 +427,16 @@ class Loop:
             self._beat(k, "eval", f"scale {scale:g}")
             self._stop_if_requested()
 
+        scales, out = self.cfg.evaluator.scales, self.run.eval_dir(k)
         with self._model_call("eval"):
-            summary = evaluate(
-                self.cfg,
-                self.run,
-                k,
-                self.cfg.evaluator.scales,
-                self.run.eval_dir(k),
-                on_scale,
-                self.ranks,
-                load=self.load,
-            )
+            summary = evaluate(self.cfg, self.run, k, scales, out, on_scale, self.ranks, load=self.load)
         if summary is None:  # not the main process: its share is merged there
             return {}
         summary["gate"] = gate.gate_iteration(self.cfg.gate, self.run, k, summary)
         atomic_write_json(self.run.eval_path(k), summary)
-        logger.info(
-            "iteration %d eval: win-rate %.2f at scale %g, CLIP by scale %s; gate: %s",
-            k,
-            summary["win_rate"],
-            summary["best_scale"],
-            summary["clip_score_by_scale"],
-            summary["gate"]["reason"],
-        )
-        clip = summary["clip_score_by_scale"]
-        return {
-            "win_rate": summary["win_rate"],
-            "best_scale": summary["best_scale"],
-            "clip_score": clip.get(f"{summary['best_scale']:g}"),
-            "base_clip_score": clip.get("0"),
-            "gate": summary["gate"],
-        }
+        clip, best = summary["clip_score_by_scale"], summary["best_scale"]
+        figures = {"win_rate": summary["win_rate"], "best_scale": best, "clip_score": clip.get(f"{best:g}")}
+        return figures | {"base_clip_score": clip.get("0"), "gate": summary["gate"]}
 
     def _eval_skipped(self, k: int, reason: str) -> dict:
         """Nothing to evaluate: the gate records iteration k as rejected (main process), the stage as skipped."""

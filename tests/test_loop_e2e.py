@@ -203,7 +203,8 @@ def test_rerun_of_a_finished_run_redoes_nothing(two_iterations):
 def test_stop_between_stages_then_resume(tmp_path, repo_root, monkeypatch, two_iterations):
     """Stop after the judge stage; resuming redoes no finished stage and ends like an uninterrupted run."""
     from ccsr.config_files import load_config, save_config
-    from ccsr.loop import Loop, StopRequested
+    from ccsr.distributed import StopRequested
+    from ccsr.loop import Loop
     from ccsr.rundir import RunDir
 
     monkeypatch.chdir(repo_root)

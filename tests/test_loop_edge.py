@@ -132,7 +132,7 @@ def test_generator_halves_its_batch_on_out_of_memory(repo_root, monkeypatch):
 def test_a_damaged_candidate_image_is_redrawn_on_resume_while_its_stage_is_under_way(tmp_path, repo_root):
     """A candidate PNG replaced by a non-image after its prompt's unit was committed, the stage not finished:
     the resume check finds it by its checksum and redraws it from its seed, so the judge never opens it."""
-    from ccsr.loop import StopRequested
+    from ccsr.distributed import StopRequested
     from ccsr.records import Candidate, PromptRecord, read_records, write_records
 
     sets = ["generator.steps=2", "generator.num_candidates=2"]
