@@ -260,6 +260,7 @@ def _draw(
             unit = []
             for (v, s), seed, image in zip(chunk, seeds, images, strict=True):
                 path = eval_dir / f"scale-{scale:g}" / f"{v.id}-s{s}.png"
+                run.inside(path)  # a prompt id is data: it names a file inside the run only
                 atomic_save_image(path, image)
                 unit.append(EvalRecord(v.id, v.prompt, s, seed, scale, str(path.relative_to(run.root))))
             units.append(unit)
@@ -273,7 +274,7 @@ def open_image(run: RunDir, rel_path: str) -> Image.Image:
     """A run's image (``rel_path`` as its records hold it: relative to the run directory), as RGB."""
     from PIL import Image
 
-    return Image.open(run.root / rel_path).convert("RGB")
+    return Image.open(run.inside(run.root / rel_path)).convert("RGB")
 
 
 def _judge_scores(

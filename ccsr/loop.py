@@ -276,6 +276,7 @@ class Loop:
             records = []
             for j, (seed, image) in enumerate(zip(seeds, images, strict=True)):
                 path = self.run.candidates_dir(k) / f"{pid}-{j:02d}.png"
+                self.run.inside(path)  # a prompt id is data: it names a file inside the run only
                 atomic_save_image(path, image)
                 rel = str(path.relative_to(self.run.root))
                 records.append(
@@ -408,7 +409,7 @@ class Loop:
         reason = train.nothing_to_train(self.cfg, self.run, k)
         if reason is not None:
             logger.warning("iteration %d: %s, training skipped", k, reason)
-            self.run.event("train_skipped", iteration=k, reason=reason)
+            self._event("train_skipped", iteration=k, reason=reason)
             return {"skipped": True, "reason": reason}
         with self._model_call("train"):
             job = train.iteration_job(self.cfg, self.run, k)

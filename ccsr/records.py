@@ -173,6 +173,8 @@ def _write_image_folder(final: Path, rows: list[tuple[dict, dict[str, tuple[str,
     meta = []
     for row, images in rows:
         for name, src in images.values():
+            if Path(name).name != name or name.startswith("."):  # names come from prompt ids: data
+                raise RunDirError(f"refusing to write {name!r} into {final}: not a plain file name")
             try:
                 os.link(src, tmp / name)
             except OSError:
@@ -190,7 +192,10 @@ def write_dataset(run: RunDir, k: int, pairs: Iterable[Pair]) -> Path:
     training scripts and datasets' imagefolder); image names come from prompt ids and candidate indices,
     never prompt text."""
     rows = [
-        ({"text": p.prompt}, {"file_name": (f"{p.prompt_id}-{p.index:02d}.png", run.root / p.path)})
+        (
+            {"text": p.prompt},
+            {"file_name": (f"{p.prompt_id}-{p.index:02d}.png", run.inside(run.root / p.path))},
+        )
         for p in pairs
     ]
     return _write_image_folder(run.files(k)["dataset"], rows)
@@ -205,8 +210,8 @@ def write_preference_dataset(run: RunDir, k: int, preferences: Iterable[Preferen
     for p in preferences:
         stem = f"{p.prompt_id}-{p.winner_index:02d}-vs-{p.loser_index:02d}"
         images = {
-            "jpg_0_file_name": (f"{stem}-winner.png", run.root / p.winner_path),
-            "jpg_1_file_name": (f"{stem}-loser.png", run.root / p.loser_path),
+            "jpg_0_file_name": (f"{stem}-winner.png", run.inside(run.root / p.winner_path)),
+            "jpg_1_file_name": (f"{stem}-loser.png", run.inside(run.root / p.loser_path)),
         }
         meta = {"caption": p.prompt, "label_0": 1, "score_0": p.winner_score, "score_1": p.loser_score}
         rows.append((meta, images))

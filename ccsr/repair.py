@@ -74,7 +74,7 @@ def redraw(run: RunDir, k: int, prompt_ids: set[str], load: Callable[[str], Any]
         lora = run.root / group[0].lora if group[0].lora else None
         images = generator.images([prompts[pid]] * len(group), [c.seed for c in group], lora, group[0].scale)
         for c, image in zip(group, images, strict=True):
-            atomic_save_image(run.root / c.path, image)
+            atomic_save_image(run.inside(run.root / c.path), image)
             if sha256_file(run.root / c.path) != c.sha256:
                 logger.warning("%s: redrawn image differs from the recorded one", c.path)
                 c.sha256 = sha256_file(run.root / c.path)

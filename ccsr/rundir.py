@@ -424,7 +424,9 @@ class RunDir:
             ) from None
 
     def inside(self, path: Path) -> Path:
-        """Refuse any path that would escape the run directory (names come from data, never trust them)."""
+        """``path``, resolved, if it lies inside the run directory; else RunDirError. Every writer and reader
+        that builds a path from a run's records (prompt ids, record paths) goes through it: a run directory is
+        data, and nothing in it may make ccsr touch a file outside it."""
         resolved = Path(path).resolve()
         if not resolved.is_relative_to(self.root.resolve()):
             raise RunDirError(f"refusing to write outside the run directory: {path}")
