@@ -70,14 +70,12 @@ def torch_threads(n: int = 1):
 
 
 def free_memory() -> None:
-    """Called between stages: the roles don't fit on one GPU together, so each stage frees its model."""
-    import gc
+    """Called between stages: the roles don't fit on one GPU together, so each stage frees its model.
+    diffusers' ``training_utils.free_memory`` (gc, then the cache of whichever accelerator is there), imported
+    here so that importing this module stays cheap."""
+    from diffusers.training_utils import free_memory as free_accelerator_memory
 
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_accelerator_memory()
 
 
 def shutdown_vllm(llm) -> None:

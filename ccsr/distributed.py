@@ -32,7 +32,12 @@ class StopRequested(Exception):
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place among the launcher's processes (``WORLD_SIZE``, ``RANK``)."""
+    """This process's place among the launcher's processes (``WORLD_SIZE``, ``RANK``).
+
+    Read from the environment rather than from accelerate's ``PartialState``, which creates the process group
+    when built: the loop needs its rank before that (ultralytics must be imported first, and the main process
+    builds the embedded models before the others load them); ``start`` then builds the ``PartialState`` that
+    the trainer's ``Accelerator`` shares."""
 
     world: int = 1
     rank: int = 0
