@@ -29,10 +29,6 @@ ALLOWED = {
         "tiny/yolo.py",
         "ultralytics-model-file",
     ): "loads the YOLO-World file this builder has just written itself",
-    (
-        "tiny/paper.py",
-        "ultralytics-model-file",
-    ): "builds YOLO-World v2 from ultralytics' own architecture yaml: no weights file is read or unpickled",
 }
 
 # Modules whose loaders run arbitrary code from the data they read.
