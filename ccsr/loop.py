@@ -8,8 +8,8 @@ detections) is committed before the next starts, so a restart continues where th
 Under a launcher every process runs this loop: the candidates, judge and filter stages share their units out
 over the ranks (``Loop._sharded``), and the main process alone writes the run's records, events and heartbeat.
 The rules live elsewhere: the optimal image in ``ccsr.selection``, the improvement gate in ``ccsr.gate``, the
-evaluation in ``ccsr.evaluation``, the checks on resume in ``ccsr.repair``, the run directory's files and
-records in ``ccsr.rundir``.
+evaluation in ``ccsr.evaluation``, the checks on resume in ``ccsr.repair``, the run directory's paths in
+``ccsr.rundir`` and its records in ``ccsr.records``.
 """
 
 from __future__ import annotations
