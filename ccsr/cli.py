@@ -177,6 +177,7 @@ def cmd_run(args, daemon: bool = False) -> int:
     ranks = _start_ranks(cfg)
     run = RunDir(_run_dir(args, cfg))
     with ExitStack() as held:
+        held.callback(ranks.close)  # last out: after the lock and everything else is released
         # The main process holds the run's lock and writes its config; the other ranks then read it.
         error = None
         if ranks.is_main:

@@ -65,6 +65,16 @@ class Ranks:
 
             PartialState(cpu=cpu)
 
+    @staticmethod
+    def close() -> None:
+        """Leave the process group at the end of a launched command. A process that exits with its gloo group
+        still up can abort in the group's threads at interpreter exit ("terminate called without an active
+        exception"), failing a launch whose work was all done."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any: a stop asked for on one rank, a failed setup.
         Every rank must call it the same number of times (it is also a barrier)."""

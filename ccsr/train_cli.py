@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ccsr.train_cli: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        Ranks.close()
     logger.info("iteration %d: LoRA in %s (%d steps)", args.iteration, result.lora_dir, result.steps)
     return 0
 

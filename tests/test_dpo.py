@@ -427,6 +427,7 @@ LAUNCHED = """
 import json, sys
 from pathlib import Path
 from ccsr.config_files import load_config
+from ccsr.distributed import Ranks
 from ccsr.train import train_lora
 from ccsr.training_data import PreferencePair
 
@@ -435,6 +436,7 @@ prefs = [PreferencePair(*p) for p in spec["preferences"]]
 cfg = load_config(Path(spec["config"]))
 train_lora(cfg, [], Path(spec["out"]), encode_cache_dir=Path(spec["cache"]), preferences=prefs,
            reference_lora=Path(spec["reference"]), reference_scale=0.5)
+Ranks.close()
 """
 
 
