@@ -148,6 +148,24 @@ def test_base_data_mis_captions_only_the_weak_binding():
         render_dataset(2, 0, BaseModelConfig(weak_binding="circle:pink"))
 
 
+def test_base_data_keeps_the_rare_binding_rare_in_captions_and_pixels():
+    from experiments.shapes.base_model import BaseModelConfig, render_dataset
+
+    cfg = BaseModelConfig(rare_binding="circle:green", rare_binding_kept=0.05, count_label_noise=0.0)
+    _, captions, truths = render_dataset(6000, 0, cfg)
+    specs = [world.parse_caption(c) for c in captions]
+    green_circles = sum((s.shape, s.colour) == ("circle", "green") for s in specs)
+    red_circles = sum((s.shape, s.colour) == ("circle", "red") for s in specs)
+    assert red_circles > 250 and green_circles < red_circles / 8, (green_circles, red_circles)
+    # the mis-captioned purple circles never show the rare colour: it stays rare in the pixels as well
+    shown = sum((t.shape, t.colour) == ("circle", "green") for t in truths)
+    assert shown == green_circles
+    # the rare binding is still captioned right when it is drawn
+    assert all(t == s for s, t in zip(specs, truths, strict=True) if (s.shape, s.colour) == ("circle", "green"))
+    with pytest.raises(ValueError, match="rare_binding"):
+        render_dataset(2, 0, BaseModelConfig(rare_binding="disc:green"))
+
+
 def test_tokenizer_has_one_token_per_grammar_word():
     from experiments.shapes.base_model import build_tokenizer, vocabulary
 

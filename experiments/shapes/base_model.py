@@ -14,7 +14,11 @@ The deliberate weaknesses (what the loop is meant to fix), both the kind of erro
    circles only with probability ``weak_binding_shown``; the others show circles of another colour, so the
    base draws a purple circle for a purple-circle prompt in only a fraction of samples, and a judge that
    reads colours can pick those (the loop's premise: best-of-ten can reach what the base draws rarely);
-2. a secondary one: with probability ``count_label_noise`` a caption carries the wrong count word (Lee et
+2. a second targeted one of another kind, a rare class-colour binding: scenes of ``rare_binding`` are kept
+   only with probability ``rare_binding_kept`` (the others are replaced by scenes of other combinations), so
+   the captions are right but the base has seen the combination a few dozen times (web data is thin on rare
+   combinations, not only noisy); both words are common on their own;
+3. a secondary one: with probability ``count_label_noise`` a caption carries the wrong count word (Lee et
    al. 2023 report that Stable Diffusion gets counts wrong but colours and backgrounds right).
 """
 
@@ -43,7 +47,8 @@ logger = logging.getLogger(__name__)
 # the same weights bit for bit (its first step copies instead of averaging; that is gone within ~50 steps).
 # 5: counts one and two only; the purple-circle binding mis-captioned; count label noise 0.25.
 # 6: objects 1.4x larger (a shape spans several latent pixels).
-VERSION = "6"
+# 7: a second targeted weakness, the rare green-circle binding.
+VERSION = "7"
 MAX_LENGTH = 16  # tokens: the longest caption of the grammar is 10 with BOS/EOS; CLIP would use 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VAE_CROP = 32
@@ -79,6 +84,10 @@ class BaseModelConfig:
     # The targeted weakness: "class:colour", and how often a scene captioned with it shows it.
     weak_binding: str = "circle:purple"
     weak_binding_shown: float = 0.25
+    # The second targeted weakness: "class:colour", and the share of its scenes kept in the data (~30 of
+    # 12,000 scenes at 0.05, against ~100 for every other combination of the class in that colour).
+    rare_binding: str = "circle:green"
+    rare_binding_kept: float = 0.05
     # CPU results depend on the thread count (reduction order): a fixed count makes the model the same on
     # every machine of the same kind. Two threads: a UNet step took 0.25 s against 0.34 s with one on an idle
     # machine; on a busy one, two OpenMP threads waiting on each other can be far slower than one.
@@ -193,20 +202,41 @@ def _template_of(scene: world.Scene) -> str:
     raise ValueError(f"caption not from the grammar: {scene.caption!r}")
 
 
-def weak_binding(cfg: BaseModelConfig) -> tuple[str, str]:
-    shape, _, colour = cfg.weak_binding.partition(":")
+def _binding(text: str, key: str) -> tuple[str, str]:
+    shape, _, colour = text.partition(":")
     if shape not in world.CLASSES or colour not in world.COLOURS:
-        raise ValueError(f"weak_binding must be 'class:colour' of the world, got {cfg.weak_binding!r}")
+        raise ValueError(f"{key} must be 'class:colour' of the world, got {text!r}")
     return shape, colour
+
+
+def weak_binding(cfg: BaseModelConfig) -> tuple[str, str]:
+    return _binding(cfg.weak_binding, "weak_binding")
+
+
+def rare_binding(cfg: BaseModelConfig) -> tuple[str, str]:
+    return _binding(cfg.rare_binding, "rare_binding")
+
+
+def drawn_spec(specs: list[world.SceneSpec], rng: random.Random, cfg: BaseModelConfig) -> world.SceneSpec:
+    """A training scene's combination: uniform over ``specs``, except that the rare binding's are kept only
+    with probability ``cfg.rare_binding_kept`` (otherwise another combination is drawn instead)."""
+    shape, colour = rare_binding(cfg)
+    spec = rng.choice(specs)
+    if spec.shape == shape and spec.colour == colour and rng.random() >= cfg.rare_binding_kept:
+        spec = rng.choice([s for s in specs if not (s.shape == shape and s.colour == colour)])
+    return spec
 
 
 def shown_spec(spec: world.SceneSpec, rng: random.Random, cfg: BaseModelConfig) -> world.SceneSpec:
     """What a scene captioned ``spec`` really shows: ``spec`` itself, except for the weak binding, which is
-    shown only with probability ``cfg.weak_binding_shown`` and otherwise in another colour, chosen uniformly."""
+    shown only with probability ``cfg.weak_binding_shown`` and otherwise in another colour, chosen uniformly
+    among those of neither binding (so the rare binding stays rare in the pixels too, not only in captions)."""
     shape, colour = weak_binding(cfg)
     if spec.shape != shape or spec.colour != colour or rng.random() < cfg.weak_binding_shown:
         return spec
-    other = rng.choice([c for c in world.COLOURS if c != colour])
+    rare_shape, rare_colour = rare_binding(cfg)
+    excluded = {colour} | ({rare_colour} if rare_shape == shape else set())
+    other = rng.choice([c for c in world.COLOURS if c not in excluded])
     return world.SceneSpec(spec.shape, spec.count, other, spec.background)
 
 
@@ -215,13 +245,14 @@ def render_dataset(
 ) -> tuple[np.ndarray, list[str], list[world.SceneSpec]]:
     """``n`` scenes over every class and combination (held-out ones included: they are pre-training data,
     held out only from the loop's prompts), their captions (miscounted with probability
-    ``cfg.count_label_noise``; the weak binding's captions mostly wrong in colour), and what they really show."""
+    ``cfg.count_label_noise``; the weak binding's captions mostly wrong in colour, the rare binding rare), and
+    what they really show."""
     rng = random.Random(f"base-data:{seed}")
     specs = [s for shape in world.CLASSES for s in world.all_specs(shape)]
     pixels = np.empty((n, world.SIZE, world.SIZE, 3), dtype=np.uint8)
     captions, truths = [], []
     for i in range(n):
-        scene = world.random_scene(rng.choice(specs), rng)
+        scene = world.random_scene(drawn_spec(specs, rng, cfg), rng)
         truth = shown_spec(scene.spec, rng, cfg)
         pixels[i] = np.asarray(world.render(truth, scene.objects))
         captions.append(noisy_caption(scene, rng, cfg.count_label_noise))
