@@ -13,7 +13,13 @@ from ccsr.prompter import collect_prompts
 from ccsr.questions import QuestionSet
 from ccsr.roles import JudgeRequest
 from experiments.shapes import world
-from experiments.shapes.backends import GrammarPrompter, MeasuringDetector, MeasuringJudge, RandomJudge
+from experiments.shapes.backends import (
+    GrammarPrompter,
+    MeasuringDetector,
+    MeasuringJudge,
+    NoisyJudge,
+    RandomJudge,
+)
 
 
 def _cfg(class_name: str = "triangle", *overrides: str):
@@ -132,6 +138,33 @@ def test_grammar_prompter_and_random_judge():
         GrammarPrompter(_cfg("giraffe"))
 
 
+def test_noisy_judge_flips_answers_at_its_rate_and_repeats_itself():
+    images = [img for _, img in _renders("circle", 60, seed=9)]
+    cfg = _cfg("circle")
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    requests = [JudgeRequest.rendered(questions, "circle", "one red circle on a white background")] * len(
+        images
+    )
+    exact = [a.answers for a in MeasuringJudge(cfg).answer(images, requests)]
+    assert [
+        a.answers
+        for a in NoisyJudge(_cfg("circle", "judge.model=shapes-measurement")).answer(images, requests)
+    ] == exact
+    noisy = NoisyJudge(_cfg("circle", "judge.model=shapes-measurement+flip=0.25"))
+    answers = [a.answers for a in noisy.answer(images, requests)]
+    flipped = sum(x != y for a, b in zip(answers, exact, strict=True) for x, y in zip(a, b, strict=True))
+    assert 0.18 < flipped / (60 * len(questions)) < 0.32, flipped
+    assert answers == [a.answers for a in noisy.answer(images, requests)]  # seeded: a resume answers alike
+    for bad in (
+        "shapes-measurement+flip=0.7",
+        "shapes-measurement+noise=0.1",
+        "llava",
+        "shapes-measurement+flip=x",
+    ):
+        with pytest.raises(ValueError, match="judge.model of the shapes judge"):
+            NoisyJudge(_cfg("circle", f"judge.model={bad}"))
+
+
 def test_base_data_mis_captions_only_the_weak_binding():
     from experiments.shapes.base_model import BaseModelConfig, render_dataset
 
@@ -161,7 +194,9 @@ def test_base_data_keeps_the_rare_binding_rare_in_captions_and_pixels():
     shown = sum((t.shape, t.colour) == ("circle", "green") for t in truths)
     assert shown == green_circles
     # the rare binding is still captioned right when it is drawn
-    assert all(t == s for s, t in zip(specs, truths, strict=True) if (s.shape, s.colour) == ("circle", "green"))
+    assert all(
+        t == s for s, t in zip(specs, truths, strict=True) if (s.shape, s.colour) == ("circle", "green")
+    )
     with pytest.raises(ValueError, match="rare_binding"):
         render_dataset(2, 0, BaseModelConfig(rare_binding="disc:green"))
 

@@ -170,6 +170,52 @@ class MeasuringJudge:
         pass
 
 
+NOISE_PREFIX = "shapes-measurement"
+
+
+def answer_noise(model: str) -> float:
+    """The answer-flip rate a shapes judge model names: ``shapes-measurement`` (0: the measurement as it is) or
+    ``shapes-measurement+flip=R`` with R in [0, 0.5] (each answer flipped with probability R)."""
+    name, _, option = model.partition("+")
+    key, _, value = option.partition("=")
+    try:
+        rate = float(value) if option else 0.0
+    except ValueError:
+        rate = -1.0
+    if name != NOISE_PREFIX or (option and key != "flip") or not 0.0 <= rate <= 0.5:
+        raise ValueError(
+            f"judge.model of the shapes judge must be {NOISE_PREFIX!r} or '{NOISE_PREFIX}+flip=R' with R in "
+            f"[0, 0.5]; got {model!r}"
+        )
+    return rate
+
+
+class NoisyJudge(MeasuringJudge):
+    """The measuring judge with answers of a chosen accuracy: each answer is flipped with the probability
+    ``judge.model`` names (``shapes-measurement+flip=0.1``), seeded by the image's pixels, the question and
+    the run's seed, so a resumed run answers the same.
+
+    Its errors against the proof's evaluator (experiments.shapes.evaluator) are of two kinds, as a VLM's: the
+    measurement's own leniencies (rings counted as circles, blue-violet as purple), which are biased and
+    repeat on every image alike, and the flips, which are not. ``flip=0`` is the perfect-measurement end of
+    the judge-quality sweep (docs/proof.md).
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.flip = answer_noise(cfg.judge.model)
+
+    def answer(self, images: list[Image.Image], requests: list[JudgeRequest]) -> list[JudgeAnswer]:
+        out = []
+        for image, measured in zip(images, super().answer(images, requests), strict=True):
+            rng = random.Random(world.image_seed(image, "flip", self.cfg.seed))
+            answers = [
+                ({"yes": "no", "no": "yes"}[a] if rng.random() < self.flip else a) for a in measured.answers
+            ]
+            out.append(JudgeAnswer(answers=answers, p_yes=[float(a == "yes") for a in answers]))
+        return out
+
+
 class RandomJudge:
     """The 'without the judge' ablation: every answer a fair coin, seeded by the image's pixels (so a resumed
     run answers the same). The best eq. (1) score of a prompt is then a random subset of its candidates."""
