@@ -223,7 +223,10 @@ def quick_base_model(tmp_path_factory):
 
 
 def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
-    from experiments.shapes import proof
+    import gzip
+
+    from experiments.shapes import evaluator, proof
+    from experiments.shapes.protocol import PROTOCOL, QUICK_VARIANTS
 
     work, out = tmp_path / "proof", tmp_path / "docs"
     out.mkdir()
@@ -232,38 +235,72 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
     # Threshold 0: an untrained base draws no recognisable shape, and every stage must still run.
     argv = ["--quick", "--base-model", str(quick_base_model), "--work-dir", str(work), "--out-dir", str(out)]
     assert proof.main([*argv, "--set", "filter.detection_threshold=0"]) == 0
-    it = work / "ccsr" / "iterations" / "001"
+    seed = PROTOCOL.loop_seeds[0]
+    it = work / "runs" / f"ccsr@{seed}" / "iterations" / "001"
     stages = json.loads((it / "stages.json").read_text())
     assert {"prompts", "candidates", "judge", "filter", "train", "eval"} <= set(stages), stages
     assert (it / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    # threshold 0: every prompt yields its filter.top_k best candidates
     top_k = load_config("configs/shapes.yaml").filter.top_k
-    assert len((it / "pairs.jsonl").read_text().splitlines()) == 3 * top_k
+    assert len((it / "pairs.jsonl").read_text().splitlines()) == 3 * top_k  # threshold 0: top_k per prompt
+    # the gate never sees a target prompt, and the loop never trains on a gate prompt
+    gate = (work / "gate-prompts-circle.txt").read_text().splitlines()
+    assert gate == PROTOCOL.gate_prompts() and not set(gate) & set(PROTOCOL.target_prompts())
+    trained = [json.loads(line)["prompt"] for line in (it / "prompts.jsonl").read_text().splitlines()]
+    assert not set(trained) & set(gate)
+
+    # the matched control: the same prompts, as many pairs per prompt as ccsr's preference pairs
+    control = work / "runs" / f"control@{seed}" / "iterations" / "001"
+    assert (control / "prompts.jsonl").read_text() == (it / "prompts.jsonl").read_text()
+
+    def per_prompt(path):
+        counts = {}
+        for line in path.read_text().splitlines():
+            pid = json.loads(line)["prompt_id"]
+            counts[pid] = counts.get(pid, 0) + 1
+        return counts
+
+    assert per_prompt(control / "preferences.jsonl") == per_prompt(it / "preferences.jsonl")
+    assert json.loads((control / "stages.json").read_text())["filter"]["short"] == 0
+    assert (control / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
     results = json.loads((out / "proof.json").read_text())
-    prompts = proof.PROTOCOL.target_prompts()
-    n_images = len(prompts) * proof.QUICK_SEEDS
-    assert len(prompts) == 3 and all("purple circle" in p for p in prompts)
-    assert results["primary_metric"] == proof.PROTOCOL.primary_metric and results["minutes"] > 0
-    assert results["protocol"]["target_prompts"] == prompts and results["protocol"]["seed_set"] == "final"
-    assert results["base"]["images"] == n_images
-    assert set(results["variants"]) == set(proof.QUICK_VARIANTS)
+    targets = PROTOCOL.target_prompts()
+    assert len(targets) == 24 and results["target_prompts"] == targets
+    n_target = len(targets) * proof.QUICK_SEEDS
+    assert results["primary_metric"] == PROTOCOL.primary_metric and results["minutes"] > 0
+    assert results["protocol"]["seed_set"] == "final" and results["loop_seeds"] == [seed]
+    assert results["base"]["images"] == n_target
+    assert set(results["variants"]) == set(QUICK_VARIANTS)
     for name, v in results["variants"].items():
-        for m in [v["final"], *v["secondary"].values()]:
+        for m in [v["exact"], v["colour"], v["count"], *v["by_weakness"]["purple"].values()]:
             assert set(m) >= {"value", "delta_vs_base", "ci95", "images"}, name
             assert m["value"] == pytest.approx(m["base_value"] + m["delta_vs_base"], abs=0.011), name
-            assert m["ci95"][0] <= m["delta_vs_base"] <= m["ci95"][1], name
-        images = 3 * 1 if name == "best-of-10" else n_images  # best-of-10: one seed group per prompt
-        assert v["final"]["images"] == images, name
-        assert len(list((work / "final" / name).glob("*.png"))) == images, name
-        if name != "best-of-10":
-            assert v["final"]["base_value"] == results["base"]["value"], name
-    assert results["variants"]["base"]["final"]["delta_vs_base"] == 0
+            assert m["ci95"][0] <= m["delta_vs_base"] + 1e-9 and m["delta_vs_base"] <= m["ci95"][1] + 1e-9, (
+                name
+            )
+        assert v["exact"]["images"] == (len(targets) if name == "best-of-10" else n_target), name
+    assert results["variants"]["base"]["exact"]["delta_vs_base"] == 0
+    assert set(results["variants"]["ccsr"]["per_loop_seed"]) == {str(seed)}
+    assert set(results["non_inferiority"]) == {
+        "count, target prompts",
+        "exact, circle, other colours",
+        "exact, other classes, weak colours",
+    }
+    assert results["control_delta"]["loop_seeds"] == [seed]
+    assert 0 <= results["judge"]["on_base_images"]["accuracy"] <= 100
+    # every final model's per-image rows, from which the numbers are recomputed
+    rows = [json.loads(x) for x in gzip.open(out / "proof-rows" / f"ccsr@{seed}.jsonl.gz", "rt")]
+    guards = sum(len(g) for g in PROTOCOL.guard_prompts().values())
+    assert len(rows) == n_target + guards  # guard prompts at one seed in --quick
+    exact = 100 * sum(r["exact"] for r in rows if r["prompt"] in targets) / n_target
+    assert exact == pytest.approx(results["variants"]["ccsr"]["exact"]["value"], abs=0.01)
     # ground-truth trained as many steps as the ccsr run's LoRA took
-    assert results["variants"]["ground-truth"]["ground_truth"]["steps"] == stages["train"]["steps"]
-    assert (work / "ground-truth" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (
+        results["variants"]["ground-truth"]["runs"]["ground-truth"]["ground_truth"]["steps"]
+        == stages["train"]["steps"]
+    )
     renders = sorted((work / "ground-truth" / "images").glob("*.png"))
-    assert len(renders) == 3 * top_k  # the ccsr run's 3 prompts, filter.top_k renders each
+    assert len(renders) == 3 * top_k
     for path in renders:
         prompt_id = path.stem.rsplit("-", 1)[0]
         (record,) = [
@@ -271,91 +308,111 @@ def test_shortened_proof_runs_every_stage(quick_base_model, tmp_path):
             for r in map(json.loads, (it / "prompts.jsonl").read_text().splitlines())
             if r["id"] == prompt_id
         ]
-        spec = world.parse_caption(record["prompt"])
-        assert world.accuracy(spec, world.measure(Image.open(path))).exact, path
-    assert "iterations" in results["variants"]["ccsr"]["loop"]
+        assert evaluator.grade_image(record["prompt"], Image.open(path).convert("RGB"))["exact"], path
 
     text = (out / "proof-results.md").read_text()
-    assert "do not edit by hand" in text and "| ground-truth |" in text and "## Selection" in text
-    grid = Image.open(out / "proof-grid.png")
-    side = world.SIZE * proof.GRID_SCALE
-    rows = len(prompts) * (proof.GRID_STRIP + 3 * side)  # base, ccsr, ground-truth
-    assert grid.size == (proof.GRID_LABEL_WIDTH + proof.QUICK_SEEDS * side, proof.GRID_STRIP + rows)
+    assert "do not edit by hand" in text and "| ground-truth |" in text and "matched control" in text
+    assert Image.open(out / "proof-grid.png").size[1] > 0
     assert (out / "proof.md").read_bytes() == hand_written
 
 
-def test_paired_comparison_with_the_base():
+def test_hierarchical_bootstrap_pairs_images_and_widens_for_prompt_clusters():
     import numpy as np
 
-    from experiments.shapes.measure_final import bootstrap_ci, compare
+    from experiments.shapes import stats
 
     rng = np.random.default_rng(1)
-    keys = [(f"prompt {p}", s) for p in range(3) for s in range(40)]
-    base = {
-        k: dict.fromkeys(("colour", "count", "exact", "any_shape_colour"), bool(rng.random() < 0.3))
-        for k in keys
-    }
-    # the model gets 12 of the base's wrong images right and 2 of its right ones wrong
-    wrong = [k for k in keys if not base[k]["colour"]]
-    right = [k for k in keys if base[k]["colour"]]
+    keys = [(f"prompt {p}", s) for p in range(6) for s in range(40)]
+    base = {k: {"exact": bool(rng.random() < 0.3)} for k in keys}
+    # the model gets 24 of the base's wrong images right and 4 of its right ones wrong
+    wrong = [k for k in keys if not base[k]["exact"]]
+    right = [k for k in keys if base[k]["exact"]]
     model = {k: dict(v) for k, v in base.items()}
-    for k in wrong[:12]:
-        model[k]["colour"] = True
-    for k in right[:2]:
-        model[k]["colour"] = False
-    # pairing is by (prompt, seed), whatever the order of the rows
-    m = compare(dict(reversed(list(model.items()))), base)["final"]
-    assert m["images"] == 120 and m["delta_vs_base"] == round(100 * 10 / 120, 2)
-    assert m["value"] == pytest.approx(m["base_value"] + m["delta_vs_base"], abs=0.011)
-    assert 0 < m["ci95"][0] < m["delta_vs_base"] < m["ci95"][1]
-    diffs = np.array([100.0 * (model[k]["colour"] - base[k]["colour"]) for k in sorted(keys)])
-    assert m["ci95"] == [round(x, 2) for x in bootstrap_ci(diffs)]  # numpy seed 0: the same every time
-    same = compare(base, base)["secondary"]["count"]
-    assert same["value"] == same["base_value"] and same["delta_vs_base"] == 0 and same["ci95"] == [0.0, 0.0]
+    for k in wrong[:24]:
+        model[k]["exact"] = True
+    for k in right[:4]:
+        model[k]["exact"] = False
+    m = stats.versus([dict(reversed(list(model.items())))], base, "exact")  # pairing by key, any order
+    assert m["images"] == 240 and m["delta"] == round(100 * 20 / 240, 2) and m["runs"] == 1
+    assert m["value"] == pytest.approx(m["reference_value"] + m["delta"], abs=0.011)
+    assert 0 < m["ci95"][0] < m["delta"] < m["ci95"][1]
+    assert stats.versus([model], base, "exact")["ci95"] == m["ci95"]  # seeded: the same every time
+    same = stats.versus([base], base, "exact")
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]
+    # the same 20-point gain made by 2 of the 6 prompts only: the prompt level must widen the interval
+    clustered = {k: dict(v) for k, v in base.items()}
+    for k in keys:
+        if k[0] in ("prompt 0", "prompt 1"):
+            clustered[k]["exact"] = True  # these two prompts always right; the other four as the base
+    c = stats.versus([clustered], base, "exact")
+    diffs = np.array([100.0 * (clustered[k]["exact"] - base[k]["exact"]) for k in keys])
+    flat = np.percentile(diffs[rng.integers(0, len(diffs), (2000, len(diffs)))].mean(1), [2.5, 97.5])
+    assert c["ci95"][1] - c["ci95"][0] > 1.5 * (flat[1] - flat[0])
+    # several loop seeds: the delta is their mean, the runs' spread enters the interval
+    lucky = {k: {"exact": True} for k in keys}
+    mean = stats.versus([base, lucky, base], base, "exact")
+    assert mean["runs"] == 3 and mean["delta"] == pytest.approx(100 * len(wrong) / 240 / 3, abs=0.01)
+    assert mean["ci95"][0] <= 0.01
+    with pytest.raises(ValueError, match="missing"):
+        stats.versus([{keys[0]: base[keys[0]]}], base, "exact")
 
 
-def test_best_of_n_picks_what_the_judge_and_detector_prefer():
-    from experiments.shapes.measure_final import Picker
+def test_protocol_prompt_sets_are_disjoint_and_held_out():
+    from experiments.shapes.protocol import PROTOCOL
 
-    pick = Picker(_cfg("circle"))
-    rng = random.Random(2)
-    prompt = "one purple circle on a white background"
-    right = world.SceneSpec("circle", 1, "purple", "white")
-    wrong = [world.SceneSpec("circle", 1, "red", "white"), world.SceneSpec("circle", 2, "purple", "white")]
-    images = [world.render(s, world.place_objects(s, rng)) for s in [*wrong, right, wrong[0]]]
-    assert pick(prompt, images) == 2
-    blank = [Image.new("RGB", (64, 64), world.BACKGROUNDS["white"])] * 3
-    assert pick(prompt, blank) is None  # nothing passes the detector: the caller keeps the base's image
+    targets, gate = PROTOCOL.target_prompts(), PROTOCOL.gate_prompts()
+    guards = [p for group in PROTOCOL.guard_prompts().values() for p in group]
+    assert len(targets) == len(set(targets)) == 24 and len(gate) == len(set(gate)) == 12
+    assert not set(targets) & set(gate) and not set(guards) & set(gate) and not set(targets) & set(guards)
+    for p in targets:
+        spec = world.parse_caption(p)
+        assert world.is_held_out(spec) and spec.shape == "circle" and spec.colour in PROTOCOL.colours
+    gate_specs = [world.parse_caption(p) for p in gate]
+    assert not any(world.is_held_out(s) for s in gate_specs)  # the loop's combinations...
+    assert {s.colour for s in gate_specs} >= set(PROTOCOL.colours)  # ...with the weak colours among them
+    target_combos = {(s.count, s.background) for s in map(world.parse_caption, targets)}
+    assert not target_combos & {(s.count, s.background) for s in gate_specs}
+    cfg = load_config("configs/shapes.yaml")
+    assert cfg.prompter.n_validation == len(gate) and len(cfg.evaluator.seeds) * len(gate) >= 192
+    assert not set(PROTOCOL.final_seeds) & set(PROTOCOL.dev_seeds)
+    assert not set(cfg.evaluator.seeds) & (set(PROTOCOL.final_seeds) | set(PROTOCOL.dev_seeds))
 
 
-def test_dev_run_uses_the_dev_seeds_and_loop_seed_1(monkeypatch, tmp_path):
+def test_dev_run_uses_the_dev_seeds_and_dev_loop_seeds(monkeypatch, tmp_path):
     import ccsr.cli
     from experiments.shapes import proof
     from experiments.shapes.measure_final import EXTRA_SEED_BASE
+    from experiments.shapes.protocol import PROTOCOL, tasks
 
-    p = proof.PROTOCOL
-    evaluator = set(load_config("configs/shapes.yaml").evaluator.seeds)
-    assert not set(p.final_seeds) & set(p.dev_seeds) and not evaluator & (
-        set(p.final_seeds) | set(p.dev_seeds)
-    )
+    p = PROTOCOL
     assert EXTRA_SEED_BASE > max(p.final_seeds[-1], p.dev_seeds[-1])
+    assert not set(p.loop_seeds) & set(p.dev_loop_seeds)
     calls = []
     monkeypatch.setattr(ccsr.cli, "main", lambda argv: calls.append(argv) or 0)
     for dev in (False, True):
         s = proof.Settings(dev=dev, work_dir=tmp_path, base_model="m")
         assert s.seeds == (p.dev_seeds if dev else p.final_seeds)
-        proof.run_loop(s, "no-gate")
+        names = tasks(["base", "ccsr", "control", "no-gate"], s.loop_seeds)
+        seeds = p.dev_loop_seeds if dev else p.loop_seeds
+        assert names == [
+            "base",
+            *(f"ccsr@{x}" for x in seeds),
+            *(f"control@{x}" for x in seeds),
+            f"no-gate@{seeds[0]}",
+        ]
+        proof.run_loop(s, names[-1])
     reported, dev_run = calls
-    assert "seed=1" in dev_run and not any(a.startswith("seed=") for a in reported)
+    assert f"seed={p.loop_seeds[0]}" in reported and f"seed={p.dev_loop_seeds[0]}" in dev_run
     assert "gate.enabled=false" in reported and "generator.model=m" in reported
 
 
-def test_ground_truth_needs_the_ccsr_variant(capsys):
+def test_variants_that_read_another_need_it(capsys):
     from experiments.shapes.proof import main
 
-    with pytest.raises(SystemExit):
-        main(["--variants", "base", "ground-truth"])
-    assert "add ccsr" in capsys.readouterr().err
+    for variants in (["base", "ground-truth"], ["base", "control"]):
+        with pytest.raises(SystemExit):
+            main(["--variants", *variants])
+        assert "add ccsr" in capsys.readouterr().err
 
 
 def test_base_model_saves_v_prediction_zero_terminal_snr(quick_base_model):
@@ -423,13 +480,6 @@ def test_cached_base_model_trains_once_into_its_versioned_folder(tmp_path, monke
     assert list((tmp_path / "other").iterdir()) == [tmp_path / "other" / f".{first.name}.lock"]
 
 
-def test_shapes_config_validation_prompts_fit_every_class():
-    cfg = load_config("configs/shapes.yaml")
-    for shape in world.CLASSES:
-        captions = world.validation_captions(shape, cfg.prompter.n_validation)
-        assert len(set(captions)) == cfg.prompter.n_validation
-
-
 def test_min_score_keeps_only_prompts_whose_best_image_reaches_it(quick_base_model, tmp_path):
     from ccsr.cli import main as ccsr_main
     from ccsr.rundir import read_jsonl
@@ -471,12 +521,16 @@ def test_base_model_training_gives_the_thread_count_back(tmp_path):
         torch.set_num_threads(before)
 
 
-def test_proof_schedule_starts_loops_first_and_dependants_last():
+def test_proof_schedule_starts_loops_first_and_dependants_after_what_they_read():
     from experiments.shapes import proof
+    from experiments.shapes.protocol import DEFAULT_VARIANTS, PROTOCOL, VARIANTS, needs, split, tasks
 
-    order = proof.schedule(list(proof.DEFAULT_VARIANTS))
-    assert sorted(order) == sorted(proof.DEFAULT_VARIANTS)
-    loops = [n for n in order if proof.VARIANTS[n][1] == "loop"]
-    assert order[: len(loops)] == loops and loops[-1] == "paper"
-    for name, needed in proof.NEEDS.items():
-        assert order.index(needed) < order.index(name)
+    names = tasks(list(DEFAULT_VARIANTS), PROTOCOL.loop_seeds)
+    order = proof.schedule(names, PROTOCOL.loop_seeds)
+    assert sorted(order) == sorted(names)
+    loops = [n for n in order if VARIANTS[split(n)[0]][1] == "loop"]
+    assert order[: len(loops)] == loops
+    for name in names:
+        if needs(name, PROTOCOL.loop_seeds) is not None:
+            assert order.index(needs(name, PROTOCOL.loop_seeds)) < order.index(name)
+    assert needs(f"control@{PROTOCOL.loop_seeds[1]}", PROTOCOL.loop_seeds) == f"ccsr@{PROTOCOL.loop_seeds[1]}"

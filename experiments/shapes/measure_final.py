@@ -1,29 +1,27 @@
-"""The proof's reported numbers: every final model draws the target prompts at the protocol's seeds, and
-every image is measured against the world's ground truth.
+"""The proof's reported numbers: every final model draws the protocol's prompts at its seeds, and every image
+is graded by the proof's evaluator (``experiments.shapes.evaluator``), an instrument that no loop role uses.
 
-Each model draws the same (prompt, seed) pairs, so a model is compared with the base pair by pair: the mean
-per-pair difference and its paired bootstrap interval. Images are saved as ``NN-SEED.png`` (NN the target
-prompt's index) in one folder per model, so grids can be redrawn without drawing again.
+Each model draws the same (prompt, seed) pairs, so a model is compared with the base pair by pair
+(``experiments.shapes.stats``). Images are saved as ``NN-SEED.png`` (NN the prompt's index in the plan) in one
+folder per model, so grids can be redrawn and rows recomputed without drawing again.
 
 Best-of-n is the loop's selection without the training: per (prompt, seed), n candidates from the base (the
-base's own image and n - 1 more), the measuring judge and detector pick one by the paper's rule
+base's own image and n - 1 more), the run's judge and detector pick one by the loop's rule
 (``ccsr.selection``). It shows what the selection alone gains: the picks are what a LoRA of the loop is
 trained to draw.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from ccsr.config_files import resolve_data_path
 from ccsr.roles import JudgeRequest
-from experiments.shapes import world
-from experiments.shapes.calibrate import any_shape_colour
+from experiments.shapes import evaluator, world
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,16 +30,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PRIMARY = "colour"  # world.accuracy(...).colour: at least one circle measured, every circle in the colour
-SECONDARY = ("count", "exact", "any_shape_colour")
-METRICS = (PRIMARY, *SECONDARY)
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_SEED = 0
+# The evaluator's grades (what is reported) and the loop measurement's lenient reading of the same image
+# (world.measure: what the judge sees, for the differential-error check).
+METRICS = ("exact", "colour", "count", "background", "ring", "two_tone", "lenient_colour", "lenient_exact")
 # Seeds of best-of-n's extra candidates: far from every protocol seed, distinct per (seed, candidate).
 EXTRA_SEED_BASE = 10_000_000
 
 Key = tuple[str, int]  # (prompt, seed)
 Rows = dict[Key, dict[str, bool]]
+Plan = list[tuple[str, list[int]]]  # (prompt, its seeds), in drawing order
 
 
 def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
@@ -49,58 +46,63 @@ def image_path(folder: Path, prompt_index: int, seed: int) -> Path:
 
 
 def score_image(prompt: str, image: Image.Image) -> dict[str, bool]:
-    """The per-image metrics of the protocol: colour (primary), count, exact, any_shape_colour."""
+    """The per-image metrics of the protocol (``METRICS``)."""
+    grade = evaluator.grade_image(prompt, image)
     spec = world.parse_caption(prompt)
-    if spec is None:
-        raise ValueError(f"prompt {prompt!r} is not a caption of the shapes grammar")
-    m = world.measure(image)
-    acc = world.accuracy(spec, m)
-    return {
-        "colour": acc.colour,
-        "count": acc.count,
-        "exact": acc.exact,
-        "any_shape_colour": any_shape_colour(spec, m),
-    }
+    lenient = world.accuracy(spec, world.measure(image))
+    row = {m: bool(grade[m]) for m in METRICS if not m.startswith("lenient_")}
+    return row | {"lenient_colour": lenient.colour, "lenient_exact": lenient.exact}
 
 
-def save_rows(rows: Rows, folder: Path, prompts: list[str]) -> None:
-    """``rows.jsonl`` next to the images: one line per image with its metrics."""
-    import json
-
-    index = {p: i for i, p in enumerate(prompts)}
+def save_rows(rows: Rows, path: Path, plan: Plan) -> None:
+    """One JSON line per image (prompt, seed, file, metrics), gzip-compressed: what every reported number of
+    the model is recomputed from."""
+    index = {p: i for i, (p, _) in enumerate(plan)}
     lines = [
-        json.dumps({"prompt": p, "seed": s, "file": image_path(folder, index[p], s).name} | m)
+        json.dumps({"prompt": p, "seed": s, "file": image_path(Path(), index[p], s).name} | m)
         for (p, s), m in sorted(rows.items(), key=lambda kv: (index[kv[0][0]], kv[0][1]))
     ]
-    (folder / "rows.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mtime 0: the same rows give the same bytes
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write(("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def load_rows(path: Path) -> Rows:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return {(r["prompt"], r["seed"]): {m: r[m] for m in METRICS} for r in lines}
 
 
 def draw_and_measure(
-    cfg: Config,
-    prompts: list[str],
-    seeds: Iterable[int],
-    folder: Path,
-    lora: Path | None = None,
-    scale: float = 1.0,
-    label: str = "",
+    cfg: Config, plan: Plan, folder: Path, lora: Path | None = None, scale: float = 1.0, label: str = ""
 ) -> Rows:
-    """Every prompt x every seed drawn with ``cfg``'s generator (``lora`` at ``scale``, or the base), saved
-    into ``folder`` and measured."""
+    """Every prompt of ``plan`` at each of its seeds, drawn with ``cfg``'s generator (``lora`` at ``scale``, or
+    the base), saved into ``folder`` and graded."""
     from ccsr.backends import load_backend
 
-    seeds = list(seeds)
     folder.mkdir(parents=True, exist_ok=True)
     generator = load_backend("generator", cfg)
     rows: Rows = {}
-    for i, prompt in enumerate(prompts):
-        logger.info("%s: drawing %d images of %r (%d/%d)", label, len(seeds), prompt, i + 1, len(prompts))
+    for i, (prompt, seeds) in enumerate(plan):
+        logger.info("%s: drawing %d images of %r (%d/%d)", label, len(seeds), prompt, i + 1, len(plan))
         images = generator.images([prompt] * len(seeds), seeds, lora=lora, scale=scale)
         for seed, image in zip(seeds, images, strict=True):
             image.save(image_path(folder, i, seed))
             rows[(prompt, seed)] = score_image(prompt, image)
     generator.close()
-    save_rows(rows, folder, prompts)
     return rows
+
+
+def regrade(folder: Path, plan: Plan) -> Rows:
+    """The rows of images already drawn into ``folder`` (after a change of the evaluator, say)."""
+    from PIL import Image
+
+    return {
+        (prompt, seed): score_image(prompt, Image.open(image_path(folder, i, seed)).convert("RGB"))
+        for i, (prompt, seeds) in enumerate(plan)
+        for seed in seeds
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,16 +110,16 @@ def draw_and_measure(
 
 
 class Picker:
-    """The loop's pick among a prompt's candidates: the measuring judge's eq. (1) score, the best-tied images
-    to the measuring detector, ``choose_image`` at ``filter.detection_threshold`` (ccsr.loop's judge and filter)."""
+    """The loop's pick among a prompt's candidates: the config's judge's eq. (1) score, the best-tied images to
+    its detector, ``choose_image`` at ``filter.detection_threshold`` (ccsr.loop's judge and filter)."""
 
     def __init__(self, cfg: Config):
+        from ccsr.backends import load_backend
         from ccsr.questions import QuestionSet
-        from experiments.shapes.backends import MeasuringDetector, MeasuringJudge
 
         self.cfg = cfg
-        self.judge = MeasuringJudge(cfg)
-        self.detector = MeasuringDetector(cfg)
+        self.judge = load_backend("judge", cfg)
+        self.detector = load_backend("detector", cfg)
         self.questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
 
     def __call__(self, prompt: str, images: list[Image.Image]) -> int | None:
@@ -140,12 +142,11 @@ class Picker:
         return None if choice.detection is None else choice.detection.index
 
 
-def best_of_n(
-    cfg: Config, prompts: list[str], seeds: list[int], n: int, base_folder: Path, folder: Path
-) -> tuple[Rows, dict]:
-    """Per prompt and seed s: the base's own image (read from ``base_folder``) and n - 1 more drawn with seeds
-    ``EXTRA_SEED_BASE + (n - 1) * s + j``; the pick (the base's image when none passes the detector) is saved
-    into ``folder`` and measured. Returns the rows and how often each case happened."""
+def best_of_n(cfg: Config, plan: Plan, n: int, base_folder: Path, folder: Path) -> tuple[Rows, dict]:
+    """Per prompt of ``plan`` (the first prompts of the base's plan, so indices match) and seed s: the base's
+    own image (read from ``base_folder``) and n - 1 more drawn with seeds ``EXTRA_SEED_BASE + (n - 1) * s + j``;
+    the pick (the base's image when none passes the detector) is saved into ``folder`` and graded. Returns the
+    rows and how often each case happened."""
     from PIL import Image
 
     from ccsr.backends import load_backend
@@ -154,8 +155,8 @@ def best_of_n(
     generator = load_backend("generator", cfg)
     pick = Picker(cfg)
     rows: Rows = {}
-    info = {"candidates": n, "groups": len(prompts) * len(seeds), "base_image_picked": 0, "none_passed": 0}
-    for i, prompt in enumerate(prompts):
+    info = {"candidates": n, "groups": sum(len(s) for _, s in plan), "base_image_picked": 0, "none_passed": 0}
+    for i, (prompt, seeds) in enumerate(plan):
         logger.info("best-of-%d: %d candidates for each of %d seeds of %r", n, n, len(seeds), prompt)
         extra = [EXTRA_SEED_BASE + (n - 1) * s + j for s in seeds for j in range(n - 1)]
         drawn = generator.images([prompt] * len(extra), extra)
@@ -169,39 +170,39 @@ def best_of_n(
             chosen.save(image_path(folder, i, seed))
             rows[(prompt, seed)] = score_image(prompt, chosen)
     generator.close()
-    save_rows(rows, folder, prompts)
     return rows, info
 
 
 # --------------------------------------------------------------------------------------------------------------
-# against the base
+# the judge against the evaluator
+
+# The questions whose truth the evaluator knows, and the grade each one asks about.
+QUESTION_GRADES = {"Q3": "present", "Q4": "count", "Q5": "colour", "Q8": "background", "Q10": "exact"}
 
 
-def bootstrap_ci(diffs: np.ndarray) -> tuple[float, float]:
-    """95% interval of the mean of paired differences: ``BOOTSTRAP_DRAWS`` resamples of the pairs."""
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    means = diffs[rng.integers(0, len(diffs), (BOOTSTRAP_DRAWS, len(diffs)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def judge_accuracy(cfg: Config, folder: Path, plan: Plan) -> dict:
+    """How often the config's judge answers the questions the evaluator can grade (``QUESTION_GRADES``) as the
+    evaluator does, on the images of ``plan`` drawn into ``folder``: overall and per question."""
+    from PIL import Image
 
+    from ccsr.backends import load_backend
+    from ccsr.questions import QuestionSet
 
-def versus_base(rows: Rows, base: Rows, metric: str) -> dict:
-    """One metric of a model against the base's images of the same (prompt, seed), in percentage points."""
-    keys = sorted(rows)
-    x = np.array([rows[k][metric] for k in keys], dtype=np.float64) * 100
-    b = np.array([base[k][metric] for k in keys], dtype=np.float64) * 100
-    lo, hi = bootstrap_ci(x - b)
+    questions = QuestionSet.load(resolve_data_path(cfg.judge.questions))
+    judge = load_backend("judge", cfg)
+    ids = questions.ids
+    hits = {q: [] for q in QUESTION_GRADES}
+    for i, (prompt, seeds) in enumerate(plan):
+        images = [Image.open(image_path(folder, i, s)).convert("RGB") for s in seeds]
+        request = JudgeRequest.rendered(questions, cfg.class_name, prompt)
+        for image, answer in zip(images, judge.answer(images, [request] * len(images)), strict=True):
+            truth = evaluator.grade_image(prompt, image)
+            for q, grade in QUESTION_GRADES.items():
+                hits[q].append((answer.answers[ids.index(q)] == "yes") == bool(truth[grade]))
+    judge.close()
+    every = [h for q in hits.values() for h in q]
     return {
-        "value": round(float(x.mean()), 2),
-        "base_value": round(float(b.mean()), 2),
-        "delta_vs_base": round(float((x - b).mean()), 2),
-        "ci95": [round(lo, 2), round(hi, 2)],
-        "images": len(keys),
-    }
-
-
-def compare(rows: Rows, base: Rows) -> dict:
-    """The primary metric (``final``) and the secondary ones of a model against the base."""
-    return {
-        "final": versus_base(rows, base, PRIMARY),
-        "secondary": {m: versus_base(rows, base, m) for m in SECONDARY},
+        "accuracy": round(100.0 * sum(every) / len(every), 2),
+        "per_question": {q: round(100.0 * sum(h) / len(h), 2) for q, h in hits.items()},
+        "answers": len(every),
     }

@@ -152,19 +152,6 @@ def validation_specs(shape: str) -> list[SceneSpec]:
     return [s for s in all_specs(shape) if is_held_out(s)]
 
 
-def validation_captions(shape: str, n: int, seed: int = 0) -> list[str]:
-    """``n`` held-out captions of ``shape`` (first template, so the text is the plainest possible)."""
-    specs = validation_specs(shape)
-    random.Random(f"val:{shape}:{seed}").shuffle(specs)
-    if n > len(specs):
-        raise ValueError(f"only {len(specs)} held-out combinations for {shape}, asked for {n}")
-    # Balanced over counts first: sort the shuffled list by count rank within each round.
-    by_count = {k: [s for s in specs if s.count == k] for k in COUNTS}
-    ordered = [s for row in zip(*by_count.values(), strict=False) for s in row]
-    ordered += [s for s in specs if s not in ordered]
-    return [caption(s) for s in ordered[:n]]
-
-
 def sample_captions(shape: str, n: int, rng: random.Random, held_out: bool = False) -> list[str]:
     specs = validation_specs(shape) if held_out else training_specs(shape)
     return [caption(rng.choice(specs), rng.randrange(len(TEMPLATES))) for _ in range(n)]
