@@ -329,6 +329,9 @@ class EvaluatorConfig(_Section):
 # The evaluation's summary per scale: what each gate metric needs it to compute.
 GATE_METRICS = ("win_rate", "clip_score", "judge_score", "detection_rate")
 _NEEDS_JUDGE_AND_DETECT = ("judge_score", "detection_rate")
+GATE_RULES = ("mean", "paired_bootstrap")
+# The gate metrics an evaluation image has a value of (``ccsr.evaluation.per_image``; detection as 0/1).
+PER_IMAGE_METRICS = ("clip_score", "judge_score", "detection_rate")
 
 
 @dataclass
@@ -338,10 +341,30 @@ class GateConfig(_Section):
     enabled: bool = True  # accept a LoRA only if it beats the champion
     metric: str = "win_rate"
     margin: float = 0.0  # the new LoRA must beat the champion by more than this
+    # mean: the best scale's mean metric beats the champion's by more than margin. paired_bootstrap: that
+    # scale's per-image metric, paired with the champion's by (prompt, seed), gains more than margin at the
+    # lower end of a two-sided interval (ccsr.gate); needs a per-image metric, so not win_rate.
+    rule: str = "mean"
+    bootstrap_draws: int = 2000  # paired_bootstrap: resamples (prompts, then seeds within each prompt)
+    confidence: float = 0.95  # paired_bootstrap: the interval's two-sided level
 
     def validate(self) -> None:
         super().validate()
         self._one_of("metric", GATE_METRICS)
+        self._one_of("rule", GATE_RULES)
+        self._require(
+            isinstance(self.bootstrap_draws, int) and not isinstance(self.bootstrap_draws, bool),
+            "bootstrap_draws",
+            "must be an integer",
+        )
+        self._require(self.bootstrap_draws >= 100, "bootstrap_draws", "must be >= 100")
+        self._require(0.0 < self.confidence < 1.0, "confidence", "must be within (0, 1)")
+        # win_rate counts wins against the base; an image has no win-rate of its own to pair with the champion's.
+        if self.rule == "paired_bootstrap" and self.metric not in PER_IMAGE_METRICS:
+            raise ConfigError(
+                f"'gate.rule' paired_bootstrap pairs per-image values, and gate.metric {self.metric} has none; "
+                f"use gate.metric {', '.join(PER_IMAGE_METRICS)} (or gate.rule mean)"
+            )
 
 
 DEVICES = ("auto", "cpu", "mps", "cuda")  # or cuda:N

@@ -5,6 +5,15 @@ if its gate metric, at its best non-zero LoRA scale, beats the current champion'
 ``gate.margin``. The base model's win-rate against itself is 0 (every pair a tie); for the other metrics the
 base's value is read at scale 0 of the same evaluation. ``gate.enabled: false`` accepts every evaluated LoRA.
 
+``gate.rule: paired_bootstrap`` asks more than a higher mean: the candidate scale is chosen as above, then its
+per-image metric is paired with the champion's by (held-out prompt id, evaluator seed), and the LoRA is
+accepted only if the two-sided ``gate.confidence`` interval of the mean paired gain, from a hierarchical
+bootstrap (prompts resampled, then seeds within each), lies above ``gate.margin``. A small mean gain that is
+noise across prompts is rejected. Choosing the best of several scales first and testing only that one is
+optimistic (the interval does not pay for the choice); the entry records how many scales were looked at.
+Keys that do not match (the held-out prompts or ``evaluator.seeds`` changed, a champion's records lost) are a
+rejection with the counts in the reason: the champion stays, the run goes on, the entry says why.
+
 ``champion.json``: ``{"champion": {iteration, scale, metric[, lora]}, "history": [entry per iteration]}``;
 written only here (atomically), read by status and report as plain JSON.
 """
@@ -69,6 +78,25 @@ def current_champion(run: RunDir) -> tuple[Path | None, float]:
     return run.root / champion["lora"], float(champion["scale"])
 
 
+# (held-out prompt id, evaluator seed): one evaluation image at one scale
+ImageKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class PairedImages:
+    """What ``rule: paired_bootstrap`` tests, read from the run by the caller so that ``decide`` stays pure.
+
+    ``by_scale``: iteration k's evaluation, scale -> image key -> the gate metric of that image (detection as
+    0/1; scale 0 the base model). ``champion``: the champion's images (its own iteration's evaluation at its
+    scale); None when the champion is the base model, read at scale 0 of ``by_scale``. ``seed``: the
+    bootstrap's, derived from the config seed and k, so a redone gate decides identically.
+    """
+
+    by_scale: dict[float, dict[ImageKey, float]]
+    champion: dict[ImageKey, float] | None
+    seed: int
+
+
 def _metric(values: dict[str, Any], metric: str, scale: str) -> float:
     value = values.get(metric)
     if value is None:
@@ -79,11 +107,19 @@ def _metric(values: dict[str, Any], metric: str, scale: str) -> float:
     return value
 
 
-def decide(gate: GateConfig, k: int, summary: dict | None, champion: Champion, reason: str) -> dict:
+def decide(
+    gate: GateConfig,
+    k: int,
+    summary: dict | None,
+    champion: Champion,
+    reason: str,
+    images: PairedImages | None = None,
+) -> dict:
     """Iteration k's history entry: accepted or not, with the metric, scale and the reason. Pure.
 
     ``summary`` is the evaluation summary (``by_scale``: metric values per scale, "0" the base); None when
-    nothing was evaluated, then the entry is a rejection for ``reason``.
+    nothing was evaluated, then the entry is a rejection for ``reason``. ``images``: the per-image values
+    ``rule: paired_bootstrap`` needs (unused by ``rule: mean``).
     """
     entry = {"iteration": k, "accepted": False, "metric_name": gate.metric, "metric": None, "scale": None}
     if summary is None:
@@ -103,12 +139,85 @@ def decide(gate: GateConfig, k: int, summary: dict | None, champion: Champion, r
     entry["champion_metric"] = reference
     if not gate.enabled:
         entry["accepted"], entry["reason"] = True, "gate disabled"
+    elif gate.rule == "paired_bootstrap":
+        entry.update(_paired_test(gate, best, len(scored), images))
     elif scored[best] > reference + gate.margin:
         entry["accepted"] = True
         entry["reason"] = f"{gate.metric} {scored[best]:.4f} > {reference:.4f} + margin {gate.margin:g}"
     else:
         entry["reason"] = f"{gate.metric} {scored[best]:.4f} <= {reference:.4f} + margin {gate.margin:g}"
     return entry
+
+
+def _paired_test(gate: GateConfig, scale: float, n_scales: int, images: PairedImages | None) -> dict:
+    """``rule: paired_bootstrap``: the fields it adds to the entry (accepted, reason and the statistics)."""
+    if images is None:
+        raise GateError("gate.rule paired_bootstrap needs the per-image values of the evaluation (images)")
+    candidate = images.by_scale.get(scale, {})
+    reference = images.by_scale.get(0.0, {}) if images.champion is None else images.champion
+    out: dict[str, Any] = {"rule": gate.rule, "scales_considered": n_scales}
+    missing = len(candidate.keys() - reference.keys())  # candidate images without a champion image
+    extra = len(reference.keys() - candidate.keys())  # champion images without a candidate image
+    if missing or extra or not candidate:
+        out["reason"] = (
+            f"paired_bootstrap: the images do not pair by (prompt, seed): {missing} of the {len(candidate)} "
+            f"at scale {scale:g} have no champion image, {extra} of the champion's {len(reference)} have "
+            "no image here (held-out prompts or evaluator.seeds changed?); the champion stays"
+        )
+        out["unpaired"] = {"candidate": missing, "champion": extra}
+        return out
+    keys = sorted(candidate)
+    differences = {key: candidate[key] - reference[key] for key in keys}
+    mean, low, high = paired_interval(differences, gate.bootstrap_draws, gate.confidence, images.seed)
+    out |= {
+        "mean_difference": round(mean, 6),
+        "interval": [round(low, 6), round(high, 6)],
+        "confidence": gate.confidence,
+        "prompts": len({prompt for prompt, _ in keys}),
+        "images": len(keys),
+        "bootstrap_draws": gate.bootstrap_draws,
+        "bootstrap_seed": images.seed,
+    }
+    figures = (
+        f"{gate.metric} gain {mean:+.4f}, {gate.confidence * 100:.4g}% interval [{low:+.4f}, {high:+.4f}] over "
+        f"{out['images']} paired images of {out['prompts']} prompts at scale {scale:g} (best of {n_scales})"
+    )
+    out["accepted"] = low > gate.margin
+    out["reason"] = f"{figures}: lower end {'>' if out['accepted'] else '<='} margin {gate.margin:g}"
+    return out
+
+
+def paired_interval(
+    differences: dict[ImageKey, float], draws: int, confidence: float, seed: int
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean paired difference and its two-sided ``confidence`` percentile interval.
+
+    Hierarchical bootstrap, because images of one prompt are not independent (their seeds share the prompt):
+    each draw resamples the prompts with replacement, then each drawn prompt's seeds with replacement, and
+    takes the mean over the drawn images. The draws follow from ``seed`` alone and the keys are sorted, so
+    the same inputs give the same interval.
+    """
+    import numpy as np
+
+    rows: dict[str, list[float]] = {}
+    for (prompt, _), value in sorted(differences.items()):
+        rows.setdefault(prompt, []).append(value)
+    counts = np.array([len(r) for r in rows.values()])
+    # One row per prompt, padded to the most seeds any prompt has (all of them, when every key pairs).
+    table = np.zeros((len(rows), counts.max()))
+    for i, row in enumerate(rows.values()):
+        table[i, : len(row)] = row
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, len(rows), size=(draws, len(rows)))  # each draw: which prompts
+    n = counts[prompts][..., None]  # the seed count of each drawn prompt
+    seeds = (rng.random((draws, len(rows), table.shape[1])) * n).astype(int)  # its seeds, with replacement
+    used = np.arange(table.shape[1]) < n  # a prompt with fewer seeds draws only as many
+    drawn = table[prompts[..., None], seeds] * used
+    means = drawn.sum(axis=(1, 2)) / used.sum(axis=(1, 2))
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    mean = sum(differences.values()) / len(differences)
+    return float(mean), float(low), float(high)
 
 
 def record(run: RunDir, entry: dict) -> None:
@@ -128,10 +237,15 @@ def record(run: RunDir, entry: dict) -> None:
 
 
 def gate_iteration(
-    gate: GateConfig, run: RunDir, k: int, summary: dict | None, reason: str = "no LoRA this iteration"
+    gate: GateConfig,
+    run: RunDir,
+    k: int,
+    summary: dict | None,
+    reason: str = "no LoRA this iteration",
+    images: PairedImages | None = None,
 ) -> dict:
     """Decide on iteration k's LoRA against the champion before k, record it, emit the "gate" event."""
-    entry = decide(gate, k, summary, champion_before(run, k), reason)
+    entry = decide(gate, k, summary, champion_before(run, k), reason, images)
     record(run, entry)
     run.event("gate", **entry)
     return {key: entry[key] for key in ("accepted", "reason", "metric", "scale")}

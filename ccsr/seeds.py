@@ -2,7 +2,8 @@
 what it is for, so a resumed or re-sharded run draws exactly what the uninterrupted one-process run drew.
 
 The loop's draws take a seed from ``derive_seed(seed, purpose, ...)`` (a candidate image:
-``("candidate", k, prompt_id, j)``; an evaluation image: ``("eval", ...)``); the trainer's come from
+``("candidate", k, prompt_id, j)``; an evaluation image: ``("eval", ...)``; the paired gate's bootstrap of
+iteration k: ``("gate", k)``); the trainer's come from
 ``seeded_generator`` with the stream keys below.
 
 A generator is seeded by ``(seed, stream, *position)``: the stream keys below, then where in the stream the
