@@ -324,9 +324,10 @@ def test_hierarchical_bootstrap_pairs_images_and_widens_for_prompt_clusters():
     rng = np.random.default_rng(1)
     keys = [(f"prompt {p}", s) for p in range(6) for s in range(40)]
     base = {k: {"exact": bool(rng.random() < 0.3)} for k in keys}
-    # the model gets 24 of the base's wrong images right and 4 of its right ones wrong
+    # the model gets 24 of the base's wrong images right and 4 of its right ones wrong, spread over prompts
     wrong = [k for k in keys if not base[k]["exact"]]
     right = [k for k in keys if base[k]["exact"]]
+    wrong = [wrong[i] for i in rng.permutation(len(wrong))]
     model = {k: dict(v) for k, v in base.items()}
     for k in wrong[:24]:
         model[k]["exact"] = True

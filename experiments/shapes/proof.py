@@ -68,6 +68,7 @@ QUICK = [
     "filter.min_score=null",
     "evaluator.seeds=[0, 1]",
     "evaluator.scales=[0.0, 1.0]",
+    "gate.bootstrap_draws=200",
 ]
 QUICK_SEEDS = 2
 
