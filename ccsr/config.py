@@ -330,7 +330,7 @@ class EvaluatorConfig(_Section):
 GATE_METRICS = ("win_rate", "clip_score", "judge_score", "detection_rate")
 _NEEDS_JUDGE_AND_DETECT = ("judge_score", "detection_rate")
 GATE_RULES = ("mean", "paired_bootstrap")
-# The gate metrics an evaluation image has a value of (``ccsr.evaluation.per_image``; detection as 0/1).
+# The gate metrics an evaluation image has a value of (``ccsr.gate.per_image``; detection as 0/1).
 PER_IMAGE_METRICS = ("clip_score", "judge_score", "detection_rate")
 
 

@@ -156,23 +156,6 @@ def summarise(records: list[dict], scales: list[float], tie_band: float) -> dict
     }
 
 
-# The record field each per-image gate metric is read from (``gate.rule: paired_bootstrap``).
-_PER_IMAGE_FIELDS = {"clip_score": "clip_score", "judge_score": "judge_score", "detection_rate": "detected"}
-
-
-def per_image(run: RunDir, k: int, metric: str) -> dict[float, dict[tuple[str, int], float]]:
-    """Iteration k's evaluation images as the paired gate reads them: scale -> (prompt id, seed) -> the
-    image's ``metric`` (``gate.metric``; detection as 0/1). An image without the measure is left out, so
-    it fails to pair rather than counting as 0; no records (none written, or lost): an empty mapping."""
-    field = _PER_IMAGE_FIELDS[metric]
-    out: dict[float, dict[tuple[str, int], float]] = {}
-    for r in read_records(run.eval_dir(k) / "records.jsonl", EvalRecord):
-        value = getattr(r, field)
-        if value is not None:
-            out.setdefault(float(r.scale), {})[(r.prompt_id, r.seed)] = float(value)
-    return out
-
-
 # --- the procedure ----------------------------------------------------------------------------------------
 
 

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ccsr.records import EvalRecord, read_records
 from ccsr.rundir import RunDir, atomic_write_json, read_json
+from ccsr.seeds import derive_seed
 
 if TYPE_CHECKING:
-    from ccsr.config import GateConfig
+    from ccsr.config import Config, GateConfig
 
 
 class GateError(ValueError):
@@ -95,6 +97,38 @@ class PairedImages:
     by_scale: dict[float, dict[ImageKey, float]]
     champion: dict[ImageKey, float] | None
     seed: int
+
+
+# The record field each per-image gate metric is read from (``gate.rule: paired_bootstrap``).
+_PER_IMAGE_FIELDS = {"clip_score": "clip_score", "judge_score": "judge_score", "detection_rate": "detected"}
+
+
+def per_image(run: RunDir, k: int, metric: str) -> dict[float, dict[ImageKey, float]]:
+    """Iteration k's evaluation images as the paired gate reads them: scale -> (prompt id, seed) -> the
+    image's ``metric`` (``gate.metric``; detection as 0/1). An image without the measure is left out, so
+    it fails to pair rather than counting as 0; no records (none written, or lost): an empty mapping."""
+    field = _PER_IMAGE_FIELDS[metric]
+    out: dict[float, dict[tuple[str, int], float]] = {}
+    for r in read_records(run.eval_dir(k) / "records.jsonl", EvalRecord):
+        value = getattr(r, field)
+        if value is not None:
+            out.setdefault(float(r.scale), {})[(r.prompt_id, r.seed)] = float(value)
+    return out
+
+
+def paired_images(cfg: Config, run: RunDir, k: int) -> PairedImages | None:
+    """What ``gate.rule: paired_bootstrap`` tests (None under ``mean``), read from the run: iteration k's
+    per-image gate metric at every scale and the champion's at its scale, from the champion iteration's own
+    evaluation (None for the base model: scale 0 of k's). The bootstrap seed follows from the config seed and
+    k, so a gate redone after a crash draws the same resamples."""
+    g = cfg.gate
+    if g.rule != "paired_bootstrap":
+        return None
+    champion = champion_before(run, k)
+    theirs = None
+    if champion.iteration is not None:
+        theirs = per_image(run, champion.iteration, g.metric).get(float(champion.scale), {})
+    return PairedImages(per_image(run, k, g.metric), theirs, derive_seed(cfg.seed, "gate", k))
 
 
 def _metric(values: dict[str, Any], metric: str, scale: str) -> float:

@@ -29,7 +29,7 @@ from ccsr.config_files import resolve_data_path
 from ccsr.console import CONSOLE, duration, stage_line
 from ccsr.devices import free_memory, in_batches, keep_cpu_threads
 from ccsr.distributed import Ranks, StopRequested, run_sharded
-from ccsr.evaluation import evaluate, open_image, per_image
+from ccsr.evaluation import evaluate, open_image
 from ccsr.questions import load_question_set
 from ccsr.records import (
     Candidate,
@@ -241,12 +241,10 @@ class Loop:
         earlier = [
             p.prompt for j in range(1, k) for p in read_records(self.run.files(j)["prompts"], PromptRecord)
         ]
-        avoid = earlier + [v.prompt for v in validation]
-        seed = stream_seed(self.cfg, k)
+        seed, held_out = stream_seed(self.cfg, k), [v.prompt for v in validation]
         with self._model_call("prompts"):
-            batch = collect_prompts(
-                prompter, self.cfg, self.cfg.class_name, self.cfg.prompter.n_prompts, avoid, seed
-            )
+            n = self.cfg.prompter.n_prompts
+            batch = collect_prompts(prompter, self.cfg, self.cfg.class_name, n, earlier, seed, held_out)
         prompter.close()
         records = [
             PromptRecord(f"{k:03d}-{i:03d}", p, self.cfg.class_name) for i, p in enumerate(batch.prompts)
@@ -433,29 +431,12 @@ class Loop:
             summary = evaluate(self.cfg, self.run, k, scales, out, on_scale, self.ranks, load=self.load)
         if summary is None:  # not the main process: its share is merged there
             return {}
-        summary["gate"] = gate.gate_iteration(
-            self.cfg.gate, self.run, k, summary, images=self._gate_images(k)
-        )
+        images = gate.paired_images(self.cfg, self.run, k)
+        summary["gate"] = gate.gate_iteration(self.cfg.gate, self.run, k, summary, images=images)
         atomic_write_json(self.run.eval_path(k), summary)
         clip, best = summary["clip_score_by_scale"], summary["best_scale"]
         figures = {"win_rate": summary["win_rate"], "best_scale": best, "clip_score": clip.get(f"{best:g}")}
         return figures | {"base_clip_score": clip.get("0"), "gate": summary["gate"]}
-
-    def _gate_images(self, k: int) -> gate.PairedImages | None:
-        """What ``gate.rule: paired_bootstrap`` tests (None under ``mean``), read from the run: iteration k's
-        per-image gate metric at every scale and the champion's at its scale, from the champion iteration's
-        own evaluation (None for the base model: scale 0 of k's). The bootstrap seed follows from the config
-        seed and k, so a gate redone after a crash draws the same resamples."""
-        g = self.cfg.gate
-        if g.rule != "paired_bootstrap":
-            return None
-        champion = gate.champion_before(self.run, k)
-        theirs = None
-        if champion.iteration is not None:
-            theirs = per_image(self.run, champion.iteration, g.metric).get(float(champion.scale), {})
-        return gate.PairedImages(
-            per_image(self.run, k, g.metric), theirs, derive_seed(self.cfg.seed, "gate", k)
-        )
 
     def _eval_skipped(self, k: int, reason: str) -> dict:
         """Nothing to evaluate: the gate records iteration k as rejected (main process), the stage as skipped."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -255,14 +256,22 @@ def stream_seed(cfg: Config, stream: int) -> int:
 
 
 def collect_prompts(
-    backend: Prompter, cfg: Config, class_name: str, n: int, avoid: list[str], seed: int
+    backend: Prompter,
+    cfg: Config,
+    class_name: str,
+    n: int,
+    avoid: list[str],
+    seed: int,
+    held_out: Sequence[str] = (),
 ) -> PromptBatch:
     """Ask until ``n`` new prompts are collected or ``max_attempts`` calls are spent.
 
     Uses the sample seeds ``seed .. seed + seeds_per_collection(cfg) - 1`` (call a gets the block starting
     at ``seed + a * MAX_SAMPLES_PER_CALL``); collections of one run take their ``seed`` from ``stream_seed``.
     A prompt is dropped when it is too short, or nearly the same (similarity above the threshold) as one
-    already kept, one of an earlier iteration or a validation prompt (``avoid``).
+    already kept or one of ``avoid`` (an earlier iteration's), or as a validation prompt (``held_out``). A
+    validation prompt itself (similarity 1) is dropped whatever the threshold: a threshold of 1, which keeps
+    repeats of earlier iterations' prompts, must not let the loop train on what its gate evaluates.
     """
     pc = cfg.prompter
     batch = PromptBatch(prompts=[], dropped={"near_duplicate": 0, "unparsable": 0})
@@ -283,7 +292,11 @@ def collect_prompts(
                 if cfg.prompter.ensure_class and class_name.lower() not in prompt.lower():
                     # Class-conditioned: a prompt that lost its subject would train on something else.
                     prompt = f"{class_name}, {prompt}"
-                if any(similarity(prompt, p) > pc.similarity_threshold for p in batch.prompts + avoid):
+                near = [similarity(prompt, p) for p in batch.prompts + avoid]
+                held = [similarity(prompt, p) for p in held_out]
+                if any(x > pc.similarity_threshold for x in near) or any(
+                    x > pc.similarity_threshold or x >= 1.0 for x in held
+                ):
                     batch.dropped["near_duplicate"] += 1
                     continue
                 if len(batch.prompts) < n:

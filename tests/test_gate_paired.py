@@ -1,7 +1,7 @@
 """``gate.rule: paired_bootstrap``: the paired, hierarchical-bootstrap test of a LoRA's gain over the champion.
 
 No model is built: the per-image values are made here, either handed to ``gate.decide`` directly or written as
-evaluation records and read back the way the loop reads them (``Loop._gate_images``)."""
+evaluation records and read back the way the loop reads them (``gate.paired_images``)."""
 
 from __future__ import annotations
 
@@ -164,7 +164,9 @@ def make_loop(tmp_path, **settings) -> Loop:
 
 def gate_from_records(loop: Loop, k: int, summary: dict) -> dict:
     """What ``Loop.stage_eval`` does after the evaluation: read the images, decide, record."""
-    return gate.gate_iteration(loop.cfg.gate, loop.run, k, summary, images=loop._gate_images(k))
+    return gate.gate_iteration(
+        loop.cfg.gate, loop.run, k, summary, images=gate.paired_images(loop.cfg, loop.run, k)
+    )
 
 
 def test_the_champion_is_the_base_then_an_earlier_iteration(tmp_path):
@@ -229,7 +231,7 @@ def test_detection_is_paired_as_0_or_1(tmp_path):
     loop = make_loop(tmp_path, metric="detection_rate")
     never = dict.fromkeys(base_scores(), 0.0)
     write_eval(loop.run, 1, {0.0: never, 1.0: shifted(never, 5.0)})  # detected where the score is >= 3
-    images = loop._gate_images(1)
+    images = gate.paired_images(loop.cfg, loop.run, 1)
     assert set(images.by_scale[0.0].values()) == {0.0} and set(images.by_scale[1.0].values()) == {1.0}
     summary = {"by_scale": {"0": {"detection_rate": 0.0}, "1": {"detection_rate": 1.0}}}
     assert gate_from_records(loop, 1, summary)["accepted"]
@@ -238,7 +240,7 @@ def test_detection_is_paired_as_0_or_1(tmp_path):
 
 def test_the_mean_rule_reads_no_images(tmp_path):
     loop = make_loop(tmp_path, rule="mean")
-    assert loop._gate_images(1) is None
+    assert gate.paired_images(loop.cfg, loop.run, 1) is None
 
 
 # --- config ------------------------------------------------------------------------------------------------

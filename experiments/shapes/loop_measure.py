@@ -19,12 +19,14 @@ from experiments.shapes import evaluator, world
 GRADES = ("count", "colour", "background", "exact")
 
 
-def _grade(path: Path, prompt: str) -> dict:
+def _grade(path: Path, prompt: str, pixels: bool = False) -> dict:
+    """The evaluator's grades of one saved image; with ``pixels``, a 32 px copy for the diversity measure."""
     image = Image.open(path).convert("RGB")
     grade = evaluator.grade_image(prompt, image)
-    return {g: bool(grade[g]) for g in GRADES} | {
-        "pixels": np.asarray(image.resize((32, 32)), dtype=np.float32) / 255.0
-    }
+    out = {g: bool(grade[g]) for g in GRADES}
+    if pixels:
+        out["pixels"] = np.asarray(image.resize((32, 32)), dtype=np.float32) / 255.0
+    return out
 
 
 def _diversity(rows: list[dict]) -> float | None:
@@ -59,7 +61,7 @@ def measure_eval(run: RunDir, k: int) -> dict[str, dict]:
     records = read_records(run.iteration_dir(k) / "eval" / "records.jsonl", EvalRecord)
     rows = [
         {"prompt_id": r.prompt_id, "seed": r.seed, "scale": float(r.scale), "score": r.judge_score}
-        | _grade(run.root / r.path, r.prompt)
+        | _grade(run.root / r.path, r.prompt, pixels=True)
         for r in records
     ]
     base = {(r["prompt_id"], r["seed"]): r for r in rows if r["scale"] == 0.0}

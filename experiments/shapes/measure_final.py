@@ -32,7 +32,17 @@ logger = logging.getLogger(__name__)
 
 # The evaluator's grades (what is reported) and the loop measurement's lenient reading of the same image
 # (world.measure: what the judge sees, for the differential-error check).
-METRICS = ("exact", "colour", "count", "background", "ring", "two_tone", "lenient_colour", "lenient_exact")
+METRICS = (
+    "exact",
+    "colour",
+    "count",
+    "background",
+    "present",
+    "ring",
+    "two_tone",
+    "lenient_colour",
+    "lenient_exact",
+)
 # Seeds of best-of-n's extra candidates: far from every protocol seed, distinct per (seed, candidate).
 EXTRA_SEED_BASE = 10_000_000
 
@@ -68,12 +78,6 @@ def save_rows(rows: Rows, path: Path, plan: Plan) -> None:
         f.write(("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def load_rows(path: Path) -> Rows:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return {(r["prompt"], r["seed"]): {m: r[m] for m in METRICS} for r in lines}
-
-
 def draw_and_measure(
     cfg: Config, plan: Plan, folder: Path, lora: Path | None = None, scale: float = 1.0, label: str = ""
 ) -> Rows:
@@ -92,17 +96,6 @@ def draw_and_measure(
             rows[(prompt, seed)] = score_image(prompt, image)
     generator.close()
     return rows
-
-
-def regrade(folder: Path, plan: Plan) -> Rows:
-    """The rows of images already drawn into ``folder`` (after a change of the evaluator, say)."""
-    from PIL import Image
-
-    return {
-        (prompt, seed): score_image(prompt, Image.open(image_path(folder, i, seed)).convert("RGB"))
-        for i, (prompt, seeds) in enumerate(plan)
-        for seed in seeds
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -180,9 +173,10 @@ def best_of_n(cfg: Config, plan: Plan, n: int, base_folder: Path, folder: Path) 
 QUESTION_GRADES = {"Q3": "present", "Q4": "count", "Q5": "colour", "Q8": "background", "Q10": "exact"}
 
 
-def judge_accuracy(cfg: Config, folder: Path, plan: Plan) -> dict:
+def judge_accuracy(cfg: Config, folder: Path, plan: Plan, rows: Rows) -> dict:
     """How often the config's judge answers the questions the evaluator can grade (``QUESTION_GRADES``) as the
-    evaluator does, on the images of ``plan`` drawn into ``folder``: overall and per question."""
+    evaluator graded them (``rows``), on the images of ``plan`` drawn into ``folder``: overall and per
+    question."""
     from PIL import Image
 
     from ccsr.backends import load_backend
@@ -195,8 +189,8 @@ def judge_accuracy(cfg: Config, folder: Path, plan: Plan) -> dict:
     for i, (prompt, seeds) in enumerate(plan):
         images = [Image.open(image_path(folder, i, s)).convert("RGB") for s in seeds]
         request = JudgeRequest.rendered(questions, cfg.class_name, prompt)
-        for image, answer in zip(images, judge.answer(images, [request] * len(images)), strict=True):
-            truth = evaluator.grade_image(prompt, image)
+        for seed, answer in zip(seeds, judge.answer(images, [request] * len(images)), strict=True):
+            truth = rows[(prompt, seed)]
             for q, grade in QUESTION_GRADES.items():
                 hits[q].append((answer.answers[ids.index(q)] == "yes") == bool(truth[grade]))
     judge.close()

@@ -137,6 +137,7 @@ def judge_record(s: Settings, done: dict) -> dict:
     from experiments.shapes.proof import common_overrides
 
     plan = s.plan()[: len(s.protocol.target_prompts())]
+    base = done["base"]["rows"]
     cfg = load_config(s.config, common_overrides(s), class_name=s.protocol.class_name)
     flip = answer_noise(cfg.judge.model)
     by_flip = {}
@@ -145,16 +146,17 @@ def judge_record(s: Settings, done: dict) -> dict:
         judged = load_config(
             s.config, [*common_overrides(s), f"judge.model={model}"], class_name=cfg.class_name
         )
-        by_flip[str(rate)] = measure_final.judge_accuracy(judged, s.final_dir("base"), plan)["accuracy"]
+        by_flip[str(rate)] = measure_final.judge_accuracy(judged, s.final_dir("base"), plan, base)["accuracy"]
     out = {
         "name": f"{cfg.judge.backend} ({cfg.judge.model})",
         "flip": flip,
         "by_flip": by_flip,
-        "on_base_images": measure_final.judge_accuracy(cfg, s.final_dir("base"), plan),
+        "on_base_images": measure_final.judge_accuracy(cfg, s.final_dir("base"), plan, base),
     }
     first = task("ccsr", s.loop_seeds[0])
     if first in done:
-        out["on_final_images"] = measure_final.judge_accuracy(cfg, s.final_dir(first), plan)
+        rows = done[first]["rows"]
+        out["on_final_images"] = measure_final.judge_accuracy(cfg, s.final_dir(first), plan, rows)
     return out
 
 

@@ -28,7 +28,7 @@ Key = tuple[str, int]  # (prompt, image seed)
 Rows = Mapping[Key, Mapping[str, bool]]
 
 
-def _cube(rows_by_run: Sequence[Rows], base: Rows, metric: str) -> tuple[np.ndarray, list[str], list[int]]:
+def _cube(rows_by_run: Sequence[Rows], base: Rows, metric: str) -> np.ndarray:
     """Paired differences in points as an array [run, prompt, seed] (every run must hold every base key)."""
     prompts = sorted({p for p, _ in base})
     seeds = sorted({s for _, s in base})
@@ -42,7 +42,7 @@ def _cube(rows_by_run: Sequence[Rows], base: Rows, metric: str) -> tuple[np.ndar
         for i, p in enumerate(prompts):
             for j, s in enumerate(seeds):
                 out[r, i, j] = 100.0 * (float(rows[(p, s)][metric]) - float(base[(p, s)][metric]))
-    return out, prompts, seeds
+    return out
 
 
 def hierarchical_ci(diffs: np.ndarray, draws: int = DRAWS, seed: int = SEED) -> tuple[float, float]:
@@ -68,7 +68,7 @@ def versus(rows_by_run: Sequence[Rows], reference: Rows | Sequence[Rows], metric
     if len(references) != len(rows_by_run):
         raise ValueError(f"{len(rows_by_run)} runs against {len(references)} references")
     cubes = [
-        _cube([{k: rows[k] for k in ref if k in rows}], ref, metric)[0][0]
+        _cube([{k: rows[k] for k in ref if k in rows}], ref, metric)[0]
         for rows, ref in zip(rows_by_run, references, strict=True)
     ]
     diffs = np.stack(cubes)
