@@ -330,6 +330,7 @@ class EvaluatorConfig(_Section):
 GATE_METRICS = ("win_rate", "clip_score", "judge_score", "detection_rate")
 _NEEDS_JUDGE_AND_DETECT = ("judge_score", "detection_rate")
 GATE_RULES = ("mean", "paired_bootstrap")
+GATE_RESAMPLING = ("prompts", "prompts_and_seeds")
 # The gate metrics an evaluation image has a value of (``ccsr.gate.per_image``; detection as 0/1).
 PER_IMAGE_METRICS = ("clip_score", "judge_score", "detection_rate")
 
@@ -345,13 +346,17 @@ class GateConfig(_Section):
     # scale's per-image metric, paired with the champion's by (prompt, seed), gains more than margin at the
     # lower end of a two-sided interval (ccsr.gate); needs a per-image metric, so not win_rate.
     rule: str = "mean"
-    bootstrap_draws: int = 2000  # paired_bootstrap: resamples (prompts, then seeds within each prompt)
+    bootstrap_draws: int = 2000  # paired_bootstrap: resamples of the held-out prompts
     confidence: float = 0.95  # paired_bootstrap: the interval's two-sided level
+    # paired_bootstrap: prompts (whole prompts, each with all its images) or prompts_and_seeds (the seeds within
+    # each drawn prompt too: counts the seed noise twice, wider)
+    resample: str = "prompts"
 
     def validate(self) -> None:
         super().validate()
         self._one_of("metric", GATE_METRICS)
         self._one_of("rule", GATE_RULES)
+        self._one_of("resample", GATE_RESAMPLING)
         self._require(
             isinstance(self.bootstrap_draws, int) and not isinstance(self.bootstrap_draws, bool),
             "bootstrap_draws",

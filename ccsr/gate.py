@@ -7,9 +7,12 @@ base's value is read at scale 0 of the same evaluation. ``gate.enabled: false`` 
 
 ``gate.rule: paired_bootstrap`` asks more than a higher mean: the candidate scale is chosen as above, then its
 per-image metric is paired with the champion's by (held-out prompt id, evaluator seed), and the LoRA is
-accepted only if the two-sided ``gate.confidence`` interval of the mean paired gain, from a hierarchical
-bootstrap (prompts resampled, then seeds within each), lies above ``gate.margin``. A small mean gain that is
-noise across prompts is rejected. Choosing the best of several scales first and testing only that one is
+accepted only if the two-sided ``gate.confidence`` interval of the mean paired gain, from a bootstrap over
+the held-out prompts, lies above ``gate.margin``. A small mean gain that is noise across prompts is rejected.
+``gate.resample: prompts`` (the default) resamples whole prompts, each with all its images: a prompt's seed
+noise is already in the spread of the prompt means, so this is the interval of a clustered sample; with one
+prompt only its seeds are resampled. ``prompts_and_seeds`` resamples the seeds within each drawn prompt as
+well, which counts the seed noise a second time: wider, conservative. Choosing the best of several scales first and testing only that one is
 optimistic (the interval does not pay for the choice); the entry records how many scales were looked at.
 Keys that do not match (the held-out prompts or ``evaluator.seeds`` changed, a champion's records lost) are a
 rejection with the counts in the reason: the champion stays, the run goes on, the entry says why.
@@ -202,11 +205,14 @@ def _paired_test(gate: GateConfig, scale: float, n_scales: int, images: PairedIm
         return out
     keys = sorted(candidate)
     differences = {key: candidate[key] - reference[key] for key in keys}
-    mean, low, high = paired_interval(differences, gate.bootstrap_draws, gate.confidence, images.seed)
+    mean, low, high = paired_interval(
+        differences, gate.bootstrap_draws, gate.confidence, images.seed, seeds_too=gate.resample != "prompts"
+    )
     out |= {
         "mean_difference": round(mean, 6),
         "interval": [round(low, 6), round(high, 6)],
         "confidence": gate.confidence,
+        "resample": gate.resample,
         "prompts": len({prompt for prompt, _ in keys}),
         "images": len(keys),
         "bootstrap_draws": gate.bootstrap_draws,
@@ -222,14 +228,15 @@ def _paired_test(gate: GateConfig, scale: float, n_scales: int, images: PairedIm
 
 
 def paired_interval(
-    differences: dict[ImageKey, float], draws: int, confidence: float, seed: int
+    differences: dict[ImageKey, float], draws: int, confidence: float, seed: int, seeds_too: bool = False
 ) -> tuple[float, float, float]:
     """(mean, low, high): the mean paired difference and its two-sided ``confidence`` percentile interval.
 
-    Hierarchical bootstrap, because images of one prompt are not independent (their seeds share the prompt):
-    each draw resamples the prompts with replacement, then each drawn prompt's seeds with replacement, and
-    takes the mean over the drawn images. The draws follow from ``seed`` alone and the keys are sorted, so
-    the same inputs give the same interval.
+    Images of one prompt are not independent (their seeds share the prompt), so each draw resamples the
+    prompts with replacement, every drawn prompt with all its images, and takes the mean over the drawn
+    images. ``seeds_too`` resamples each drawn prompt's seeds with replacement as well (a two-stage
+    bootstrap, wider). With a single prompt its seeds are resampled. The draws follow from ``seed`` alone and
+    the keys are sorted, so the same inputs give the same interval.
     """
     import numpy as np
 
@@ -244,7 +251,10 @@ def paired_interval(
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, len(rows), size=(draws, len(rows)))  # each draw: which prompts
     n = counts[prompts][..., None]  # the seed count of each drawn prompt
-    seeds = (rng.random((draws, len(rows), table.shape[1])) * n).astype(int)  # its seeds, with replacement
+    if seeds_too or len(rows) == 1:
+        seeds = (rng.random((draws, len(rows), table.shape[1])) * n).astype(int)  # with replacement
+    else:
+        seeds = np.broadcast_to(np.arange(table.shape[1]), (draws, len(rows), table.shape[1]))  # all of them
     used = np.arange(table.shape[1]) < n  # a prompt with fewer seeds draws only as many
     drawn = table[prompts[..., None], seeds] * used
     means = drawn.sum(axis=(1, 2)) / used.sum(axis=(1, 2))

@@ -66,6 +66,7 @@ def test_a_clearly_better_lora_is_accepted_and_the_statistics_are_recorded():
     assert entry["interval"] == pytest.approx([1.0, 1.0]), "every image gains exactly 1: no spread"
     assert (entry["prompts"], entry["images"]) == (12, 48)
     assert (entry["bootstrap_draws"], entry["bootstrap_seed"], entry["confidence"]) == (2000, 11, 0.95)
+    assert entry["resample"] == "prompts"
     assert "lower end > margin 0" in entry["reason"] and "best of 2" in entry["reason"]
 
 
@@ -104,21 +105,48 @@ def test_same_inputs_give_the_same_decision_whatever_the_order_of_the_keys():
     reordered = {s: dict(reversed(list(v.items()))) for s, v in reversed(list(by_scale.items()))}
     again = gate.decide(paired(), 2, summary, gate.Champion(), "", gate.PairedImages(reordered, None, 5))
     assert again == first
-    other = gate.decide(paired(), 2, summary, gate.Champion(), "", gate.PairedImages(by_scale, None, 6))
-    assert other["interval"] != first["interval"], "the interval is drawn from the bootstrap seed"
+    # Two-stage draws: a mean of resampled images takes many values, so another seed moves the quantiles
+    # (the prompt-level mean of 12 prompts takes few, and two seeds can give the same interval).
+    two_stage = paired(resample="prompts_and_seeds")
+    one = gate.decide(two_stage, 2, summary, gate.Champion(), "", gate.PairedImages(by_scale, None, 5))
+    other = gate.decide(two_stage, 2, summary, gate.Champion(), "", gate.PairedImages(by_scale, None, 6))
+    assert other["interval"] != one["interval"], "the interval is drawn from the bootstrap seed"
 
 
-def test_the_bootstrap_resamples_prompts_then_seeds_within_them():
+@pytest.mark.parametrize("seeds_too", [False, True])
+def test_the_bootstrap_resamples_prompts(seeds_too):
     """Half the prompts gain 1 on every seed, half gain nothing: the spread is between prompts, which a
     resampling of prompts sees (an interval of prompt means), and a zero difference never varies."""
     differences = {(p, s): float(i % 2) for i, p in enumerate(PROMPTS) for s in SEEDS}
-    mean, low, high = gate.paired_interval(differences, 4000, 0.95, seed=1)
+    mean, low, high = gate.paired_interval(differences, 4000, 0.95, seed=1, seeds_too=seeds_too)
     assert mean == pytest.approx(0.5)
     assert low < 0.3 and high > 0.7, "12 prompts, 6 gaining: the interval is wide"
-    assert gate.paired_interval(dict.fromkeys(differences, 0.0), 500, 0.95, seed=1) == (0.0, 0.0, 0.0)
+    zero = dict.fromkeys(differences, 0.0)
+    assert gate.paired_interval(zero, 500, 0.95, seed=1, seeds_too=seeds_too) == (0.0, 0.0, 0.0)
     uneven = {("a", 0): 1.0, ("a", 1): 1.0, ("b", 0): 3.0}  # prompts with different seed counts
-    mean, low, high = gate.paired_interval(uneven, 500, 0.95, seed=1)
+    mean, low, high = gate.paired_interval(uneven, 500, 0.95, seed=1, seeds_too=seeds_too)
     assert mean == pytest.approx(5 / 3) and 1.0 <= low <= high <= 3.0
+
+
+def test_resampling_seeds_within_prompts_counts_their_noise_twice():
+    """Every prompt gains the same on average, each seed is noisy: there is no spread between prompts beyond
+    what the seeds put into the prompt means. The prompt-level interval has the width of the mean's standard
+    error; the two-stage one is wider by about the square root of 2."""
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in range(40)]
+    differences = {(p, s): 0.5 + float(rng.normal()) for p in prompts for s in range(16)}
+    _, low, high = gate.paired_interval(differences, 4000, 0.95, seed=2)
+    _, low2, high2 = gate.paired_interval(differences, 4000, 0.95, seed=2, seeds_too=True)
+    values = np.array(list(differences.values()))
+    se = values.std() / np.sqrt(len(values))
+    assert (high - low) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.2)
+    assert (high2 - low2) / (high - low) == pytest.approx(np.sqrt(2), abs=0.25)
+
+
+def test_one_prompt_resamples_its_seeds():
+    differences = {("only", s): float(s % 2) for s in range(20)}
+    mean, low, high = gate.paired_interval(differences, 2000, 0.95, seed=1)
+    assert mean == pytest.approx(0.5) and low < 0.4 and high > 0.6, "not the zero width of one prompt"
 
 
 def test_paired_rule_without_the_per_image_values_is_an_error():
@@ -259,6 +287,7 @@ def test_the_defaults_keep_the_mean_rule():
         ({"bootstrap_draws": 2000.0}, r"'gate\.bootstrap_draws' must be an integer"),
         ({"confidence": 1.0}, r"'gate\.confidence' must be within \(0, 1\)"),
         ({"confidence": 0.0}, r"'gate\.confidence' must be within \(0, 1\)"),
+        ({"resample": "images"}, r"'gate\.resample' must be one of prompts, prompts_and_seeds"),
         ({"rule": "paired_bootstrap"}, r"'gate\.rule' paired_bootstrap pairs per-image values"),
         ({"rule": "paired_bootstrap", "metric": "win_rate"}, r"gate\.metric win_rate has none"),
     ],
