@@ -535,3 +535,19 @@ def test_proof_schedule_starts_loops_first_and_dependants_after_what_they_read()
         if needs(name, PROTOCOL.loop_seeds) is not None:
             assert order.index(needs(name, PROTOCOL.loop_seeds)) < order.index(name)
     assert needs(f"control@{PROTOCOL.loop_seeds[1]}", PROTOCOL.loop_seeds) == f"ccsr@{PROTOCOL.loop_seeds[1]}"
+
+
+def test_judge_accuracy_reads_the_answers_as_the_score_does(tmp_path):
+    """An image with no circle: the measuring judge says no to Q3 and whatever to Q4-Q7, which the score reads
+    as 'nan'. Graded against the evaluator (no circle: count and colour wrong), a perfect judge agrees on
+    every question, the dependents included."""
+    from experiments.shapes import measure_final
+
+    prompt = "one purple circle on a white background"
+    square = world.SceneSpec("square", 1, "purple", "white")
+    image = world.render(square, world.place_objects(square, random.Random(0)))
+    image.save(measure_final.image_path(tmp_path, 0, 3))
+    rows = {(prompt, 3): measure_final.score_image(prompt, image)}
+    assert not rows[(prompt, 3)]["present"] and not rows[(prompt, 3)]["colour"]
+    got = measure_final.judge_accuracy(_cfg("circle", "judge.model=shapes-measurement"), tmp_path, [(prompt, [3])], rows)
+    assert got["per_question"] == dict.fromkeys(measure_final.QUESTION_GRADES, 100.0)

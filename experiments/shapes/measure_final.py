@@ -191,8 +191,11 @@ def judge_accuracy(cfg: Config, folder: Path, plan: Plan, rows: Rows) -> dict:
         request = JudgeRequest.rendered(questions, cfg.class_name, prompt)
         for seed, answer in zip(seeds, judge.answer(images, [request] * len(images)), strict=True):
             truth = rows[(prompt, seed)]
+            # As the score reads them: a 'no' to Q3 makes Q4-Q7 'nan' (no class seen, so no count or colour
+            # of it to be right), which grades as 'no'.
+            effective = questions.apply_dependencies(list(answer.answers))
             for q, grade in QUESTION_GRADES.items():
-                hits[q].append((answer.answers[ids.index(q)] == "yes") == bool(truth[grade]))
+                hits[q].append((effective[ids.index(q)] == "yes") == bool(truth[grade]))
     judge.close()
     every = [h for q in hits.values() for h in q]
     return {
