@@ -549,5 +549,7 @@ def test_judge_accuracy_reads_the_answers_as_the_score_does(tmp_path):
     image.save(measure_final.image_path(tmp_path, 0, 3))
     rows = {(prompt, 3): measure_final.score_image(prompt, image)}
     assert not rows[(prompt, 3)]["present"] and not rows[(prompt, 3)]["colour"]
-    got = measure_final.judge_accuracy(_cfg("circle", "judge.model=shapes-measurement"), tmp_path, [(prompt, [3])], rows)
+    got = measure_final.judge_accuracy(
+        _cfg("circle", "judge.model=shapes-measurement"), tmp_path, [(prompt, [3])], rows
+    )
     assert got["per_question"] == dict.fromkeys(measure_final.QUESTION_GRADES, 100.0)
