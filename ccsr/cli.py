@@ -380,6 +380,11 @@ def cmd_eval(args) -> int:
     scales = args.scales or cfg.evaluator.scales
     if any(not 0.0 <= sc <= 1.0 for sc in scales):  # NaN fails the comparison too
         raise UserError(f"--scales must be within [0, 1], got {scales}")
+    if not any(scales):
+        raise UserError(
+            f"--scales {' '.join(f'{sc:g}' for sc in scales)} evaluates only the base model, not iteration "
+            f"{k}'s LoRA; give a scale above 0, e.g. --scales 0.5 1"
+        )
     check_models(cfg)
     from ccsr import lora
 

@@ -110,3 +110,24 @@ def test_eval_with_the_users_config_repeating_the_run_passes_the_rule(tmp_path, 
     assert "trust-run-config" not in line  # it gets as far as the LoRA, which is not a LoRA
     line = refused(["eval", str(root), "--config", TINY, "--set", "seed=5"], capsys)
     assert ": seed is 1234 but your config says 5" in line
+
+
+def test_generate_run_refuses_a_champion_outside_the_run(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    root = saved_run(tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    champion = {"champion": {"iteration": 1, "lora": "../elsewhere", "scale": 1.0}}
+    (root / "champion.json").write_text(json.dumps(champion))
+    line = refused(["generate", "--run", str(root), "--prompt", "a giraffe", "--out", str(tmp_path / "x.png")], capsys)
+    assert "champion.json" in line and "outside the run directory" in line
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("scales", [["0"], ["0", "0"]])
+def test_eval_at_scale_zero_only_is_refused(tmp_path, monkeypatch, capsys, scales):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    root = saved_run(tmp_path / "run")
+    line = refused(["eval", str(root), "--scales", *scales], capsys)
+    assert "only the base model" in line and "iteration 1" in line
