@@ -82,6 +82,9 @@ class PrompterConfig(_Section):
     n_prompts: int = 100  # new training prompts per iteration (paper: 100)
     n_validation: int = 50  # held-out validation prompts (paper: 50), unless validation_file lists them
     validation_file: str | None = None  # one prompt per line
+    # At most this many validation prompts (a file or n_validation): every evaluation draws each of them at
+    # every scale and seed, so a file of 100,000 lines would take days per iteration. Raise it on purpose.
+    max_validation: int = 1000
     temperature: float = 0.7  # paper section 3
     top_p: float = 0.95  # paper section 3
     max_new_tokens: int = 512
@@ -100,7 +103,12 @@ class PrompterConfig(_Section):
         super().validate()
         self._backend()
         self._positive("n_prompts", "n_validation", "max_new_tokens", "prompts_per_call", "max_attempts")
-        self._positive("max_words")
+        self._positive("max_words", "max_validation")
+        self._require(
+            self.n_validation <= self.max_validation,
+            "n_validation",
+            f"must be at most prompter.max_validation ({self.max_validation}); raise that key on purpose",
+        )
         self._unit_interval("similarity_threshold", "top_p")
         self._require(0.0 < self.temperature <= 5.0, "temperature", "must be within (0, 5]")
         self._require(

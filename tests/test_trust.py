@@ -131,3 +131,24 @@ def test_eval_at_scale_zero_only_is_refused(tmp_path, monkeypatch, capsys, scale
     root = saved_run(tmp_path / "run")
     line = refused(["eval", str(root), "--scales", *scales], capsys)
     assert "only the base model" in line and "iteration 1" in line
+
+
+def test_a_huge_validation_file_is_refused_at_the_door(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    prompts = tmp_path / "validation.txt"
+    prompts.write_text("".join(f"a giraffe number {i}\n" for i in range(100_000)))
+    line = refused(["validate", "--config", TINY, "--set", f"prompter.validation_file={prompts}"], capsys)
+    assert "holds 100000 prompts" in line and "prompter.max_validation (1000)" in line
+    raised = ["--set", f"prompter.validation_file={prompts}", "--set", "prompter.max_validation=100000"]
+    assert main(["validate", "--config", TINY, *raised]) == 0
+
+
+def test_a_binary_system_prompt_file_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    binary = tmp_path / "system.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    line = refused(["validate", "--config", TINY, "--set", f"prompter.system_prompt={binary}"], capsys)
+    assert "prompter.system_prompt" in line and "UTF-8" in line
+    binary.write_bytes(b"you write prompts\x00\x01\x02")
+    line = refused(["validate", "--config", TINY, "--set", f"prompter.system_prompt={binary}"], capsys)
+    assert "prompter.system_prompt" in line and "binary" in line
