@@ -278,6 +278,11 @@ class TrainerConfig(_Section):
         self._one_of("init_from", ("previous", "fresh"))
         self._positive("rank", "batch_size", "epochs", "resolution", "gradient_accumulation_steps")
         self._positive("checkpoints_kept", "learning_rate", "alpha")
+        self._require(
+            bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+            "target_modules",
+            "must list at least one module name, e.g. [to_q, to_k, to_v, to_out.0]",
+        )
         self._positive_or_none("max_steps", "snr_gamma")
         self._non_negative(
             "lr_warmup_steps", "checkpoint_every", "noise_offset", "prior_weight", "max_grad_norm"
@@ -409,6 +414,7 @@ class Config(_Section):
         self._one_of("dtype", ("float32", "float16", "bfloat16"))
         self._positive("iterations")
         self._non_negative("seed")
+        self._require(self.seed < 2**63, "seed", "must be below 2**63 (torch seeds are 64-bit)")
         device, _, index = self.device.partition(":")
         if (
             device not in DEVICES

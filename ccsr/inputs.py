@@ -281,7 +281,21 @@ def _read_text(key: str, value: str) -> str:
     return text
 
 
+def check_device(cfg: Config) -> None:
+    """A CUDA device named by the config must be there (``auto`` picks the CPU without one)."""
+    kind, _, index = cfg.device.partition(":")
+    if kind != "cuda":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= int(index or 0):
+        found = f"{count} CUDA device(s)" if count else "no CUDA GPU (or a torch built without CUDA)"
+        raise UserError(f"device: {cfg.device} asked for, but this machine has {found}; use device: auto or cpu")
+
+
 def check_config(cfg: Config) -> None:
-    """Everything a run reads from outside: its models (``check_models``) and data files."""
+    """Everything a run reads from outside: its device, its models (``check_models``) and data files."""
+    check_device(cfg)
     check_models(cfg)
     check_data_files(cfg)
