@@ -152,3 +152,17 @@ def test_a_binary_system_prompt_file_is_refused(tmp_path, monkeypatch, capsys):
     binary.write_bytes(b"you write prompts\x00\x01\x02")
     line = refused(["validate", "--config", TINY, "--set", f"prompter.system_prompt={binary}"], capsys)
     assert "prompter.system_prompt" in line and "binary" in line
+
+
+def test_report_of_a_class_name_with_dollars_and_carets(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from tests.test_report import make_run
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    root = make_run(tmp_path / "run", extended=True)
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["class_name"] = "$gir^$ and $^$"
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["report", str(root)]) == 0, capsys.readouterr().err
+    assert (root / "report" / "across-iterations.png").stat().st_size > 0
