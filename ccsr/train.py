@@ -180,6 +180,8 @@ def make_job(
     images and resolve the setup's fingerprint. ``prior_dir`` defaults to ``out_dir/prior``."""
     # A config changed in place (as tests and notebooks do) is checked here; a loaded one already was.
     cfg.trainer.validate()
+    if init_lora is not None:
+        lora.check_rank(init_lora, cfg.trainer.rank)
     objective = trainer_class(cfg)
     preferences = preferences or []
     objective.check_examples(pairs, preferences, reference_lora)

@@ -878,3 +878,15 @@ def test_a_cuda_device_without_a_gpu_is_refused_by_validate_and_run(tmp_path, ca
     assert f"device: {device} asked for, but this machine has no CUDA GPU" in line
     assert not (tmp_path / "run").exists()
     assert refused(["validate", "--config", TINY, "--set", f"device={device}"], capsys) == line
+
+
+def test_a_previous_lora_of_another_rank_is_refused_before_training(tmp_path, good_lora):
+    from ccsr.config_files import load_config
+    from ccsr.inputs import UserError
+    from ccsr.train import make_job
+
+    cfg = load_config(TINY, ["trainer.rank=8"], class_name="giraffe")
+    with pytest.raises(UserError, match=r"this LoRA has rank 4 but trainer.rank is 8") as raised:
+        make_job(cfg, [], tmp_path / "out", init_lora=good_lora)
+    assert str(raised.value).startswith(str(good_lora / LORA_FILE))
+    assert "\n" not in str(raised.value)
