@@ -158,6 +158,8 @@ def _resume_config(run: RunDir, cfg: Config, trust: bool = False) -> Config:
         )
     saved.iterations = cfg.iterations
     set_offline(saved)
+    if diff:
+        check_config(saved)  # the run's own models and files, where they are not the ones just checked
     return saved
 
 

@@ -166,3 +166,15 @@ def test_report_of_a_class_name_with_dollars_and_carets(tmp_path, monkeypatch, c
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["report", str(root)]) == 0, capsys.readouterr().err
     assert (root / "report" / "across-iterations.png").stat().st_size > 0
+
+
+def test_a_trusted_run_config_naming_a_missing_model_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    root = tmp_path / "run"
+    root.mkdir()
+    missing = tmp_path / "no" / "such" / "model"
+    save_config(load_config(TINY, [f"judge.model={missing}"], class_name="giraffe"), root / "config.yaml")
+    args = ["run", "--config", TINY, "--class", "giraffe", "--run-dir", str(root), "--trust-run-config"]
+    line = refused(args, capsys)
+    assert line.startswith("ccsr: error: judge.model") and "does not exist" in line
+    assert not (root / "iterations").exists()
