@@ -178,3 +178,19 @@ def test_a_trusted_run_config_naming_a_missing_model_is_one_line(tmp_path, monke
     line = refused(args, capsys)
     assert line.startswith("ccsr: error: judge.model") and "does not exist" in line
     assert not (root / "iterations").exists()
+
+
+def test_python_m_ccsr_does_not_import_from_the_current_folder(tmp_path):
+    """``python -m`` puts the current folder first on sys.path: run from inside a run directory, a planted
+    ``yaml.py`` would stand in for the library ccsr imports first."""
+    import os
+    import subprocess
+
+    marker = tmp_path / "imported"
+    (tmp_path / "yaml.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "ccsr", "status", "."], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "not a ccsr run directory" in done.stderr, done.stderr
+    assert not marker.exists()
