@@ -29,6 +29,7 @@ from ccsr.config_files import load_config, save_config
 from ccsr.distributed import Ranks
 from ccsr.inputs import UserError, check_config, check_models, set_offline
 from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name
+from ccsr.trust import TRUST_FLAG, check_resumed, check_run_only
 
 logger = logging.getLogger("ccsr")
 
@@ -137,8 +138,9 @@ def _open_run(args, cfg: Config) -> RunDir:
     return run
 
 
-def _resume_config(run: RunDir, cfg: Config) -> Config:
-    """The saved config of a run wins (so a resumed run stays the same run); only the budget may change."""
+def _resume_config(run: RunDir, cfg: Config, trust: bool = False) -> Config:
+    """The saved config of a run wins (so a resumed run stays the same run); only the budget may change.
+    Its code, model paths and seed must repeat the user's (``ccsr.trust``)."""
     if not run.config_path.exists():
         save_config(cfg, run.config_path)
         return cfg
@@ -147,6 +149,7 @@ def _resume_config(run: RunDir, cfg: Config) -> Config:
         raise UserError(
             f"{run.root} holds a run for class {saved.class_name!r}, not {cfg.class_name!r}; pick another --run-dir"
         )
+    check_resumed(saved, cfg, run.config_path, trust)
     diff = _diff(saved.to_dict(), cfg.to_dict())
     diff.discard("iterations")
     if diff:
@@ -155,6 +158,8 @@ def _resume_config(run: RunDir, cfg: Config) -> Config:
         )
     saved.iterations = cfg.iterations
     set_offline(saved)
+    if diff:
+        check_config(saved)  # the run's own models and files, where they are not the ones just checked
     return saved
 
 
@@ -184,7 +189,7 @@ def cmd_run(args, daemon: bool = False) -> int:
             try:
                 run = _open_run(args, cfg)
                 held.enter_context(run_lock(run))
-                cfg = _resume_config(run, cfg)
+                cfg = _resume_config(run, cfg, args.trust_run_config)
                 if ranks.world > 1:
                     # Embedded models are built by the main process before the others need them: a model's
                     # save_pretrained on a rank other than 0 of a process group writes no weights.
@@ -198,7 +203,7 @@ def cmd_run(args, daemon: bool = False) -> int:
                 f"{run.root}: the main process could not open the run (its error says why)"
             )
         if not ranks.is_main:
-            cfg = _resume_config(run, cfg)
+            cfg = _resume_config(run, cfg, args.trust_run_config)
         if ranks.is_main:
             _setup_logging(**_log_options(args), log_file=run.log_path)
         else:  # the other ranks: warnings only, and no second writer of the run's log file
@@ -291,11 +296,25 @@ def _output_paths(out: Path, num: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(num)]
 
 
+def _run_config(run_dir: Path, args) -> Config:
+    """The saved config of a run directory read by a command given the run (``eval``, ``generate --run``),
+    checked against the trust rule: against the user's ``--config`` when given, else on its own."""
+    path = run_dir / "config.yaml"
+    saved = load_config(path)
+    if args.config:
+        check_resumed(saved, load_config(args.config, args.set or []), path, args.trust_run_config)
+    else:
+        check_run_only(saved, path, args.trust_run_config)
+    return saved
+
+
 def cmd_generate(args) -> int:
     if args.run:
         run_dir = Path(args.run)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--run {run_dir}: not a ccsr run directory (no config.yaml)")
+        if not args.config:
+            _run_config(run_dir, args)
         args.config = args.config or str(run_dir / "config.yaml")
     elif not args.config:
         raise UserError("give --config CONFIG, or --run RUN_DIR to draw with that run's champion")
@@ -351,7 +370,7 @@ def cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a ccsr run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = _run_config(run_dir, args)
     set_offline(cfg)
     run = RunDir(run_dir)
     trained = [k for k in run.iterations() if run.lora_file(k).is_file()]
@@ -363,6 +382,11 @@ def cmd_eval(args) -> int:
     scales = args.scales or cfg.evaluator.scales
     if any(not 0.0 <= sc <= 1.0 for sc in scales):  # NaN fails the comparison too
         raise UserError(f"--scales must be within [0, 1], got {scales}")
+    if not any(scales):
+        raise UserError(
+            f"--scales {' '.join(f'{sc:g}' for sc in scales)} evaluates only the base model, not iteration "
+            f"{k}'s LoRA; give a scale above 0, e.g. --scales 0.5 1"
+        )
     check_models(cfg)
     from ccsr import lora
 
@@ -463,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
 
+    def add_trust(p):
+        p.add_argument(
+            TRUST_FLAG,
+            dest="trust_run_config",
+            action="store_true",
+            help="accept the run's own backends, model paths and seed where they differ from your config "
+            "(docs/trust.md)",
+        )
+
     def add_config(p, required=True):
         p.add_argument(
             "--config", required=required, help="YAML config (configs/tiny.yaml, configs/paper.yaml)"
@@ -479,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--class", dest="class_name", required=True, help="object class, e.g. giraffe")
         p.add_argument("--run-dir", help="default: runs/<class-slug>")
         p.add_argument("--iterations", type=int, help="iteration budget (overrides the config)")
+        add_trust(p)
 
     p = add_command("status", "what a run directory holds")
     p.add_argument("run_dir")
@@ -496,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1)
     p.add_argument("--out", required=True, help="output PNG path")
+    add_trust(p)
 
     p = add_command("validate", "check a config without running anything")
     add_config(p)
@@ -504,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--iteration", type=int, help="default: the newest iteration with a LoRA")
     p.add_argument("--scales", type=float, nargs="+", help="LoRA scales (0 is always added: the base)")
+    p.add_argument("--config", help="your own config: the run's backends and model paths must repeat it")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=argparse.SUPPRESS)
+    add_trust(p)
     add_debug(p)
 
     p = add_command("report", "write RUN_DIR/report.html (static, opens from disk)")

@@ -82,6 +82,9 @@ class PrompterConfig(_Section):
     n_prompts: int = 100  # new training prompts per iteration (paper: 100)
     n_validation: int = 50  # held-out validation prompts (paper: 50), unless validation_file lists them
     validation_file: str | None = None  # one prompt per line
+    # At most this many validation prompts (a file or n_validation): every evaluation draws each of them at
+    # every scale and seed, so a file of 100,000 lines would take days per iteration. Raise it on purpose.
+    max_validation: int = 1000
     temperature: float = 0.7  # paper section 3
     top_p: float = 0.95  # paper section 3
     max_new_tokens: int = 512
@@ -100,7 +103,12 @@ class PrompterConfig(_Section):
         super().validate()
         self._backend()
         self._positive("n_prompts", "n_validation", "max_new_tokens", "prompts_per_call", "max_attempts")
-        self._positive("max_words")
+        self._positive("max_words", "max_validation")
+        self._require(
+            self.n_validation <= self.max_validation,
+            "n_validation",
+            f"must be at most prompter.max_validation ({self.max_validation}); raise that key on purpose",
+        )
         self._unit_interval("similarity_threshold", "top_p")
         self._require(0.0 < self.temperature <= 5.0, "temperature", "must be within (0, 5]")
         self._require(
@@ -270,6 +278,11 @@ class TrainerConfig(_Section):
         self._one_of("init_from", ("previous", "fresh"))
         self._positive("rank", "batch_size", "epochs", "resolution", "gradient_accumulation_steps")
         self._positive("checkpoints_kept", "learning_rate", "alpha")
+        self._require(
+            bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+            "target_modules",
+            "must list at least one module name, e.g. [to_q, to_k, to_v, to_out.0]",
+        )
         self._positive_or_none("max_steps", "snr_gamma")
         self._non_negative(
             "lr_warmup_steps", "checkpoint_every", "noise_offset", "prior_weight", "max_grad_norm"
@@ -406,6 +419,7 @@ class Config(_Section):
         self._one_of("dtype", ("float32", "float16", "bfloat16"))
         self._positive("iterations")
         self._non_negative("seed")
+        self._require(self.seed < 2**63, "seed", "must be below 2**63 (torch seeds are 64-bit)")
         device, _, index = self.device.partition(":")
         if (
             device not in DEVICES

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ccsr.records import EvalRecord, read_records
-from ccsr.rundir import RunDir, atomic_write_json, read_json
+from ccsr.rundir import RunDir, RunDirError, atomic_write_json, read_json
 from ccsr.seeds import derive_seed
 
 if TYPE_CHECKING:
@@ -80,7 +80,13 @@ def current_champion(run: RunDir) -> tuple[Path | None, float]:
     champion = (read_json(run.champion_path, default={}) or {}).get("champion") or {}
     if champion.get("iteration") is None:
         return None, 0.0
-    return run.root / champion["lora"], float(champion["scale"])
+    lora = run.root / champion["lora"]
+    if not lora.resolve().is_relative_to(run.root.resolve()):
+        raise RunDirError(
+            f"{run.champion_path}: the champion LoRA {champion['lora']!r} is outside the run directory; "
+            "a run's champion is one of its own iterations' LoRAs (give --lora to draw with another)"
+        )
+    return lora, float(champion["scale"])
 
 
 # (held-out prompt id, evaluator seed): one evaluation image at one scale

@@ -247,15 +247,22 @@ def check_data_files(cfg: Config) -> None:
         value = _value(cfg, key)
         if value is not None and not resolve_data_path(value).is_file():
             raise UserError(f"{key}: file {value} not found; give an existing file (see prompts/)")
+    for key in ("prompter.system_prompt", "prompter.examples"):
+        if _value(cfg, key) is not None:
+            _read_text(key, _value(cfg, key))
     validation = cfg.prompter.validation_file
     if validation is not None:
-        try:
-            text = resolve_data_path(validation).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"prompter.validation_file: {validation} cannot be read ({exc})") from None
+        text = _read_text("prompter.validation_file", validation)
         if not text.strip():  # the evaluation would have no prompt to score, the gate nothing to compare
             raise UserError(
                 f"prompter.validation_file: {validation} holds no prompt; give one prompt per line"
+            )
+        count = sum(1 for line in text.splitlines() if line.strip())
+        if count > cfg.prompter.max_validation:
+            raise UserError(
+                f"prompter.validation_file: {validation} holds {count} prompts, more than "
+                f"prompter.max_validation ({cfg.prompter.max_validation}); every evaluation draws each one, so "
+                "shorten the file or raise prompter.max_validation on purpose"
             )
     try:
         load_question_set(cfg.judge.questions)
@@ -263,7 +270,32 @@ def check_data_files(cfg: Config) -> None:
         raise UserError(f"judge.questions: {exc}") from None
 
 
+def _read_text(key: str, value: str) -> str:
+    """The UTF-8 text of the data file ``key`` names; a binary or unreadable file is a UserError naming it."""
+    try:
+        text = resolve_data_path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{key}: {value} cannot be read as UTF-8 text ({exc})") from None
+    if "\x00" in text:
+        raise UserError(f"{key}: {value} is a binary file, not UTF-8 text; give a text file")
+    return text
+
+
+def check_device(cfg: Config) -> None:
+    """A CUDA device named by the config must be there (``auto`` picks the CPU without one)."""
+    kind, _, index = cfg.device.partition(":")
+    if kind != "cuda":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count <= int(index or 0):
+        found = f"{count} CUDA device(s)" if count else "no CUDA GPU (or a torch built without CUDA)"
+        raise UserError(f"device: {cfg.device} asked for, but this machine has {found}; use device: auto or cpu")
+
+
 def check_config(cfg: Config) -> None:
-    """Everything a run reads from outside: its models (``check_models``) and data files."""
+    """Everything a run reads from outside: its device, its models (``check_models``) and data files."""
+    check_device(cfg)
     check_models(cfg)
     check_data_files(cfg)

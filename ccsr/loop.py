@@ -411,7 +411,8 @@ class Loop:
             return {"skipped": True, "reason": reason}
         with self._model_call("train"):
             job = train.iteration_job(self.cfg, self.run, k)
-            result = train.run_job(self.cfg, job)
+            # The stage's unit is one optimizer step: a stop request is honoured after the step in flight.
+            result = train.run_job(self.cfg, job, should_stop=lambda: self.ranks.any(self.should_stop()))
         return train.stage_info(self.cfg, self.run, k, job, result)
 
     # --- stage 6: eval -------------------------------------------------------------------------

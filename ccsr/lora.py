@@ -232,6 +232,17 @@ def check(path: str | Path, model: str | None = None, model_cache: str | None = 
 # into and out of a UNet's peft adapters
 
 
+def check_rank(path: str | Path, rank: int) -> None:
+    """A LoRA to continue training from must have the trainer's rank; raises UserError naming both."""
+    peft_state, _alphas = unet_state(path)
+    ranks = sorted({v.shape[0] for k, v in peft_state.items() if ".lora_A." in k})
+    if ranks != [rank]:
+        raise UserError(
+            f"{weights_file(path)}: this LoRA has rank {', '.join(map(str, ranks))} but trainer.rank is {rank}; "
+            "set trainer.rank to match, or trainer.init_from: fresh"
+        )
+
+
 def load_into(unet, path: str | Path, rank: int) -> None:
     """Set the trained adapter's weights (already made with ``rank``) from a LoRA folder or file.
 

@@ -42,7 +42,7 @@ def _figure(n_panels: int, title: str):
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for extra in axes[n_panels:]:
         extra.set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(title, parse_math=False)  # a class name such as "$x^$" is text, not TeX
     return fig, axes[:n_panels]
 
 

@@ -180,6 +180,8 @@ def make_job(
     images and resolve the setup's fingerprint. ``prior_dir`` defaults to ``out_dir/prior``."""
     # A config changed in place (as tests and notebooks do) is checked here; a loaded one already was.
     cfg.trainer.validate()
+    if init_lora is not None:
+        lora.check_rank(init_lora, cfg.trainer.rank)
     objective = trainer_class(cfg)
     preferences = preferences or []
     objective.check_examples(pairs, preferences, reference_lora)
@@ -236,17 +238,23 @@ def build_trainer(cfg: Config, job: TrainJob) -> LoRATrainer:
     )
 
 
-def run_job(cfg: Config, job: TrainJob, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def run_job(
+    cfg: Config,
+    job: TrainJob,
+    on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
     """Train the job's LoRA, resuming from its newest intact checkpoint; at once if it is already trained.
 
     ``on_step(step, loss)`` is called after every optimizer step (and its checkpoint): the loop uses it for
-    progress and stop requests (an exception raised there stops training, resumable).
+    progress and stop requests (an exception raised there stops training, resumable); ``should_stop``
+    (asked after every step) stops it at that step, checkpointed (``LoRATrainer.train``).
     """
     done = finished_result(job)
     if done is not None:
         logger.info("LoRA in %s is already trained for this setup; nothing to do", job.out_dir)
         return done
-    return build_trainer(cfg, job).train(on_step)
+    return build_trainer(cfg, job).train(on_step, should_stop)
 
 
 def train_lora(
@@ -260,6 +268,7 @@ def train_lora(
     preferences: list[PreferencePair] | None = None,
     reference_lora: Path | None = None,
     reference_scale: float = 1.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Fine-tune a LoRA on the UNet of ``cfg.generator.model`` and write it to ``out_dir``.
 
@@ -293,4 +302,4 @@ def train_lora(
         encode_cache_dir=encode_cache_dir,
         prior_dir=prior_dir,
     )
-    return run_job(cfg, job, on_step)
+    return run_job(cfg, job, on_step, should_stop)

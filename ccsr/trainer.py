@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ccsr import checkpoints, lora
 from ccsr.batches import DenoisingBatch, MicroBatchStream, epoch_layout
-from ccsr.distributed import all_reduce_gradients, check_ranks_in_sync
+from ccsr.distributed import StopRequested, all_reduce_gradients, check_ranks_in_sync
 from ccsr.rundir import atomic_write_text
 from ccsr.seeds import PAIRS_DRAWS, PAIRS_ORDER, PRIOR_DRAWS, PRIOR_ORDER
 from ccsr.training_data import (
@@ -461,8 +461,16 @@ class LoRATrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
-    def train(self, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-        """Resume, run the remaining steps (log, checkpoint, ``on_step`` after each), save the LoRA."""
+    def train(
+        self,
+        on_step: Callable[[int, float], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Resume, run the remaining steps (log, checkpoint, ``on_step`` after each), save the LoRA.
+
+        ``should_stop`` is asked after every optimizer step (the training stage's unit; with several
+        processes it must answer the same on all of them): when it says stop, the step just taken is
+        checkpointed and ``StopRequested`` raised, so a restart continues from exactly that step."""
         from ccsr.console import bar
 
         start_step, resumed = self.resume()
@@ -487,17 +495,28 @@ class LoRATrainer:
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             self._log(done, logs, lr)
-            if self.is_main and self.cfg.checkpoint_every and done % self.cfg.checkpoint_every == 0:
-                if done < self.total_steps:
-                    self.checkpoint(done, loss)
+            scheduled = bool(self.cfg.checkpoint_every) and done % self.cfg.checkpoint_every == 0
+            if self.is_main and scheduled and done < self.total_steps:
+                self.checkpoint(done, loss)
             if on_step is not None:
                 on_step(done, loss)
+            if should_stop is not None and done < self.total_steps and should_stop():
+                progress.close()
+                self._stop_at(done, loss, checkpointed=scheduled)
         progress.close()
         if self.tracking:
             # Not accelerator.end_training(): it also destroys the process group, which the caller may reuse.
             for tracker in self.accelerator.trackers:
                 tracker.finish()
         return self.save(loss)
+
+    def _stop_at(self, done: int, loss: float, checkpointed: bool) -> None:
+        """Stop after step ``done``: its checkpoint is on disk (written now unless it already was)."""
+        if self.is_main and not checkpointed:
+            self.checkpoint(done, loss)
+        self.accelerator.wait_for_everyone()
+        logger.info("training stopped after step %d of %d (checkpointed)", done, self.total_steps)
+        raise StopRequested
 
     def _log(self, done: int, logs: dict[str, float], lr: float) -> None:
         """One line of ``train_log.jsonl`` (main process) and the tracker."""

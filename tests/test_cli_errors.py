@@ -127,6 +127,10 @@ def fake_folders(tmp_path) -> dict[str, Path]:
         ("generator.generation_scale=.nan", "'generator.generation_scale' must be a finite number"),
         ("gate.margin=.nan", "'gate.margin' must be a finite number"),  # would reject every LoRA silently
         ("trainer.learning_rate=.inf", "'trainer.learning_rate' must be a finite number, got inf"),
+        # Each of these passed validate and crashed later (a torch seed is 64-bit; peft needs a module).
+        ("seed=18446744073709551616", "'seed' must be below 2**63"),
+        ("trainer.target_modules=[]", "'trainer.target_modules' must list at least one module name"),
+        ("prompter.n_validation=5000", "'prompter.n_validation' must be at most prompter.max_validation"),
     ],
 )
 def test_config_values_are_refused_before_anything_is_written(tmp_path, capsys, override, expected):
@@ -865,3 +869,24 @@ def test_python_dash_m_ccsr_is_the_cli(tmp_path):
         env=env,
     )
     assert bad.returncode == EXIT_BAD_INPUT and "missing.yaml" in bad.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_cuda_device_without_a_gpu_is_refused_by_validate_and_run(tmp_path, capsys, device):
+    line = refused(run_args(tmp_path / "run", f"device={device}"), capsys)
+    assert f"device: {device} asked for, but this machine has no CUDA GPU" in line
+    assert not (tmp_path / "run").exists()
+    assert refused(["validate", "--config", TINY, "--set", f"device={device}"], capsys) == line
+
+
+def test_a_previous_lora_of_another_rank_is_refused_before_training(tmp_path, good_lora):
+    from ccsr.config_files import load_config
+    from ccsr.inputs import UserError
+    from ccsr.train import make_job
+
+    cfg = load_config(TINY, ["trainer.rank=8"], class_name="giraffe")
+    with pytest.raises(UserError, match=r"this LoRA has rank 4 but trainer.rank is 8") as raised:
+        make_job(cfg, [], tmp_path / "out", init_lora=good_lora)
+    assert str(raised.value).startswith(str(good_lora / LORA_FILE))
+    assert "\n" not in str(raised.value)

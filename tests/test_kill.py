@@ -137,6 +137,23 @@ def test_sigterm_mid_stage_exits_cleanly_and_resumes(tmp_path, repo_root, refere
         assert got[key] == reference[key], key
 
 
+def test_sigterm_in_training_stops_within_one_step_and_resumes(tmp_path, repo_root, reference):
+    """Training's unit is one optimizer step: a signal there does not wait for the remaining steps."""
+    run_dir = tmp_path / "giraffe"
+    proc = start(run_dir, repo_root)
+    assert wait_for_stage(proc, run_dir, "train")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    assert read_jsonl(run_dir / "events.jsonl")[-1]["event"] == "stopped"
+    stages = json.loads((run_dir / "iterations" / "001" / "stages.json").read_text())
+    assert "train" not in stages, "training ran to its end before stopping"
+    final = subprocess.run(daemon_cmd(run_dir), cwd=repo_root, env=env(), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    got = snapshot(run_dir)
+    for key in reference:
+        assert got[key] == reference[key], key
+
+
 def test_stop_file_stops_and_is_consumed(tmp_path, repo_root):
     run_dir = tmp_path / "giraffe"
     proc = start(run_dir, repo_root)

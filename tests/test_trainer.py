@@ -124,6 +124,29 @@ def test_resume_after_interruption_equals_uninterrupted(sd_models, pairs, refere
     )
 
 
+def test_a_stop_request_is_honoured_after_the_step_in_flight_and_resumes_exactly(
+    sd_models, pairs, reference_run, tmp_path
+):
+    from ccsr.distributed import StopRequested
+
+    cfg = make_cfg(sd_models["epsilon"], max_steps=6, checkpoint_every=2)
+    asked = []
+
+    def stop_after_3() -> bool:
+        asked.append(True)
+        return len(asked) == 3
+
+    with pytest.raises(StopRequested):
+        train_lora(cfg, pairs, tmp_path, should_stop=stop_after_3)
+    assert len(asked) == 3  # asked after every step, not only at a checkpoint
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert not (tmp_path / LORA_WEIGHTS_NAME).exists()
+    train_lora(cfg, pairs, tmp_path)
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(reference_run)) < 1e-6
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_fp16_loss_scale_survives_a_checkpoint(sd_models, pairs, tmp_path):
     """accelerate's GradScaler (fp16 on a GPU) is checkpointed and restored; on the CPU one stands in for it."""
     from ccsr.train import build_trainer, make_job

@@ -1,0 +1,69 @@
+"""The trust rule: a run directory is data, never code (docs/trust.md).
+
+Run directories are copied between machines, shared, restored and edited by hand, so nothing a run's saved
+``config.yaml`` says may make ccsr import or unpickle something the user did not name. The keys that can
+(an import-path backend ``package.module:Class``, a model path, and the seed every committed unit was drawn
+with) come only from the user's own ``--config`` and ``--set``; the run's config may only repeat them.
+``--trust-run-config`` accepts the run's values instead. This module is the one place that rule is applied.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ccsr.inputs import UserError
+from ccsr.models import is_embedded
+from ccsr.roles import BACKENDS, MODEL_KEYS, is_import_path
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ccsr.config import Config
+
+TRUST_FLAG = "--trust-run-config"
+
+# Model keys whose file is a pickle when it is not an embedded model (a YOLO-World .pt checkpoint).
+PICKLED_MODEL_KEYS = ("detector.model",)
+
+
+def _value(cfg: Config, key: str):
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+
+
+def guarded_keys(cfg: Config) -> list[str]:
+    """The keys of ``cfg`` that only the user may set: import-path backends, model paths and the seed."""
+    backends = [f"{role}.backend" for role in BACKENDS if is_import_path(getattr(cfg, role).backend)]
+    return ["seed", *backends, *MODEL_KEYS]
+
+
+def check_resumed(saved: Config, user: Config, config_path: Path, trust: bool) -> None:
+    """Refuse a run whose saved config differs from the user's on a guarded key (unless ``trust``)."""
+    if trust:
+        return
+    for key in dict.fromkeys(guarded_keys(saved) + guarded_keys(user)):
+        if _value(saved, key) != _value(user, key):
+            raise UserError(
+                f"{config_path}: {key} is {_value(saved, key)!r} but your config says {_value(user, key)!r}; "
+                f"a run's config may only repeat it: fix the run's file, or pass {TRUST_FLAG} to use its value"
+            )
+
+
+def check_run_only(saved: Config, config_path: Path, trust: bool) -> None:
+    """For a command given only a run directory: refuse to import a backend or unpickle a model file that
+    the run's config alone names (unless ``trust``). Built-in backends and embedded models are fine."""
+    if trust:
+        return
+    for role in BACKENDS:
+        name = getattr(saved, role).backend
+        if is_import_path(name):
+            raise UserError(
+                f"{config_path}: {role}.backend {name!r} is code named only by the run; pass --config with "
+                f"your own config naming it, or {TRUST_FLAG} to import it"
+            )
+    for key in PICKLED_MODEL_KEYS:
+        if not is_embedded(_value(saved, key)):
+            raise UserError(
+                f"{config_path}: {key} {_value(saved, key)!r} is a pickle named only by the run; pass --config "
+                f"with your own config naming it, or {TRUST_FLAG} to load it"
+            )
