@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ccsr.cli import EXIT_BAD_INPUT, main
+from ccsr.cli import main
 from ccsr.config_files import load_config, save_config
 from ccsr.rundir import RunDir
+from tests.test_cli_errors import refused
 
 TINY = "configs/tiny.yaml"
 
@@ -18,20 +19,6 @@ TINY = "configs/tiny.yaml"
 @pytest.fixture(autouse=True)
 def _clean_sys_path(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))  # the code under test may add the current folder
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("ccsr: error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
-def refused(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    assert main(argv) == EXIT_BAD_INPUT
-    return one_error_line(capsys)
 
 
 def saved_run(root: Path, *sets: str) -> Path:
