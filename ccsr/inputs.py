@@ -291,7 +291,9 @@ def check_device(cfg: Config) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count <= int(index or 0):
         found = f"{count} CUDA device(s)" if count else "no CUDA GPU (or a torch built without CUDA)"
-        raise UserError(f"device: {cfg.device} asked for, but this machine has {found}; use device: auto or cpu")
+        raise UserError(
+            f"device: {cfg.device} asked for, but this machine has {found}; use device: auto or cpu"
+        )
 
 
 def check_config(cfg: Config) -> None:

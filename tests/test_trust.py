@@ -77,7 +77,9 @@ def test_eval_does_not_unpickle_a_detector_file_named_only_by_the_run(tmp_path, 
     assert "detector.model" in line and "--trust-run-config" in line
 
 
-@pytest.mark.parametrize("key, value", [("detector.model", "PT"), ("seed", "99"), ("judge.model", "other/llava")])
+@pytest.mark.parametrize(
+    "key, value", [("detector.model", "PT"), ("seed", "99"), ("judge.model", "other/llava")]
+)
 def test_resume_refuses_a_run_config_that_differs_on_a_guarded_key(tmp_path, monkeypatch, capsys, key, value):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)
     pt = tmp_path / "weights.pt"
@@ -107,7 +109,9 @@ def test_generate_run_refuses_a_champion_outside_the_run(tmp_path, monkeypatch, 
     (tmp_path / "elsewhere").mkdir()
     champion = {"champion": {"iteration": 1, "lora": "../elsewhere", "scale": 1.0}}
     (root / "champion.json").write_text(json.dumps(champion))
-    line = refused(["generate", "--run", str(root), "--prompt", "a giraffe", "--out", str(tmp_path / "x.png")], capsys)
+    line = refused(
+        ["generate", "--run", str(root), "--prompt", "a giraffe", "--out", str(tmp_path / "x.png")], capsys
+    )
     assert "champion.json" in line and "outside the run directory" in line
     assert not (tmp_path / "x.png").exists()
 
