@@ -29,7 +29,7 @@ from ccsr.config_files import load_config, save_config
 from ccsr.distributed import Ranks
 from ccsr.inputs import UserError, check_config, check_models, set_offline
 from ccsr.rundir import RunDir, RunDirError, run_lock, slugify, validate_class_name
-from ccsr.trust import TRUST_FLAG, check_resumed, check_run_only
+from ccsr.trust import TRUST_FLAG, check_resumed, read_run_config
 
 logger = logging.getLogger("ccsr")
 
@@ -296,25 +296,13 @@ def _output_paths(out: Path, num: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(num)]
 
 
-def _run_config(run_dir: Path, args) -> Config:
-    """The saved config of a run directory read by a command given the run (``eval``, ``generate --run``),
-    checked against the trust rule: against the user's ``--config`` when given, else on its own."""
-    path = run_dir / "config.yaml"
-    saved = load_config(path)
-    if args.config:
-        check_resumed(saved, load_config(args.config, args.set or []), path, args.trust_run_config)
-    else:
-        check_run_only(saved, path, args.trust_run_config)
-    return saved
-
-
 def cmd_generate(args) -> int:
     if args.run:
         run_dir = Path(args.run)
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--run {run_dir}: not a ccsr run directory (no config.yaml)")
         if not args.config:
-            _run_config(run_dir, args)
+            read_run_config(run_dir, None, [], args.trust_run_config)
         args.config = args.config or str(run_dir / "config.yaml")
     elif not args.config:
         raise UserError("give --config CONFIG, or --run RUN_DIR to draw with that run's champion")
@@ -370,7 +358,7 @@ def cmd_eval(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a ccsr run directory (no config.yaml)")
-    cfg = _run_config(run_dir, args)
+    cfg = read_run_config(run_dir, args.config, args.set or [], args.trust_run_config)
     set_offline(cfg)
     run = RunDir(run_dir)
     trained = [k for k in run.iterations() if run.lora_file(k).is_file()]

@@ -9,6 +9,7 @@ with) come only from the user's own ``--config`` and ``--set``; the run's config
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ccsr.inputs import UserError
@@ -16,8 +17,6 @@ from ccsr.models import is_embedded
 from ccsr.roles import BACKENDS, MODEL_KEYS, is_import_path
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ccsr.config import Config
 
 TRUST_FLAG = "--trust-run-config"
@@ -67,3 +66,18 @@ def check_run_only(saved: Config, config_path: Path, trust: bool) -> None:
                 f"{config_path}: {key} {_value(saved, key)!r} is a pickle named only by the run; pass --config "
                 f"with your own config naming it, or {TRUST_FLAG} to load it"
             )
+
+
+def read_run_config(run_dir: Path, user_config: str | None, overrides: list[str], trust: bool) -> Config:
+    """The saved config of a run directory, for a command given the run (``eval``, ``generate --run``),
+    checked by the rule: against the user's own config (``user_config`` with ``overrides``) when given, else
+    on its own."""
+    from ccsr.config_files import load_config
+
+    path = Path(run_dir) / "config.yaml"
+    saved = load_config(path)
+    if user_config:
+        check_resumed(saved, load_config(user_config, overrides), path, trust)
+    else:
+        check_run_only(saved, path, trust)
+    return saved
