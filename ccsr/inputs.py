@@ -97,9 +97,10 @@ def set_offline(cfg: Config) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _value(cfg: Config, key: str) -> str | None:
-    section, field_name = key.split(".")
-    return getattr(getattr(cfg, section), field_name)
+def config_value(cfg: Config, key: str):
+    """The value of a dotted config key (``detector.model``) or a top-level one (``seed``)."""
+    section, _, name = key.rpartition(".")
+    return getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
 
 
 def _on_disk(name: str) -> bool:
@@ -136,7 +137,7 @@ def all_models_local(cfg: Config) -> bool:
     ``check_models`` refuses before anything runs: either way the run is not an offline one. So this needs
     no hub library, and can run before the offline switches are set.
     """
-    return all(_on_disk(_value(cfg, key)) for key in _models_in_use(cfg))
+    return all(_on_disk(config_value(cfg, key)) for key in _models_in_use(cfg))
 
 
 def _check_readable(key: str, path: Path) -> None:
@@ -233,7 +234,7 @@ def check_models(cfg: Config) -> None:
         if key == "detector.model":
             _check_detector(cfg)
         else:
-            _check_folder(key, _value(cfg, key))
+            _check_folder(key, config_value(cfg, key))
 
 
 # --- the data files a config names -------------------------------------------------------------------------
@@ -244,12 +245,12 @@ def check_data_files(cfg: Config) -> None:
     from ccsr.questions import load_question_set
 
     for key in ("prompter.system_prompt", "prompter.examples", "prompter.validation_file"):
-        value = _value(cfg, key)
+        value = config_value(cfg, key)
         if value is not None and not resolve_data_path(value).is_file():
             raise UserError(f"{key}: file {value} not found; give an existing file (see prompts/)")
     for key in ("prompter.system_prompt", "prompter.examples"):
-        if _value(cfg, key) is not None:
-            _read_text(key, _value(cfg, key))
+        if config_value(cfg, key) is not None:
+            _read_text(key, config_value(cfg, key))
     validation = cfg.prompter.validation_file
     if validation is not None:
         text = _read_text("prompter.validation_file", validation)

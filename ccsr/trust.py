@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccsr.inputs import UserError
+from ccsr.inputs import UserError, config_value
 from ccsr.models import is_embedded
 from ccsr.roles import BACKENDS, MODEL_KEYS, is_import_path
 
@@ -23,11 +23,6 @@ TRUST_FLAG = "--trust-run-config"
 
 # Model keys whose file is a pickle when it is not an embedded model (a YOLO-World .pt checkpoint).
 PICKLED_MODEL_KEYS = ("detector.model",)
-
-
-def _value(cfg: Config, key: str):
-    section, _, name = key.rpartition(".")
-    return getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
 
 
 def guarded_keys(cfg: Config) -> list[str]:
@@ -41,9 +36,9 @@ def check_resumed(saved: Config, user: Config, config_path: Path, trust: bool) -
     if trust:
         return
     for key in dict.fromkeys(guarded_keys(saved) + guarded_keys(user)):
-        if _value(saved, key) != _value(user, key):
+        if config_value(saved, key) != config_value(user, key):
             raise UserError(
-                f"{config_path}: {key} is {_value(saved, key)!r} but your config says {_value(user, key)!r}; "
+                f"{config_path}: {key} is {config_value(saved, key)!r} but your config says {config_value(user, key)!r}; "
                 f"a run's config may only repeat it: fix the run's file, or pass {TRUST_FLAG} to use its value"
             )
 
@@ -61,9 +56,9 @@ def check_run_only(saved: Config, config_path: Path, trust: bool) -> None:
                 f"your own config naming it, or {TRUST_FLAG} to import it"
             )
     for key in PICKLED_MODEL_KEYS:
-        if not is_embedded(_value(saved, key)):
+        if not is_embedded(config_value(saved, key)):
             raise UserError(
-                f"{config_path}: {key} {_value(saved, key)!r} is a pickle named only by the run; pass --config "
+                f"{config_path}: {key} {config_value(saved, key)!r} is a pickle named only by the run; pass --config "
                 f"with your own config naming it, or {TRUST_FLAG} to load it"
             )
 
